@@ -1,0 +1,34 @@
+"""`dinoserve models`: list the backbones dinoserve can build."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("models")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per alias instead of a table.")
+def models(pattern: str, as_json: bool) -> None:
+    """List DINO aliases and timm resnet*/vit* architectures matching PATTERN (wildcards).
+
+    \b
+    Example:
+      dinoserve models 'vit_small*'
+    """
+    from dinoserve.models import ALIASES, list_models
+
+    for name in list_models(pattern):
+        alias = ALIASES.get(name)
+        if as_json:
+            row = {"name": name, "alias": alias is not None}
+            if alias:
+                row.update(arch=alias.arch, weights=alias.weights, knn_top1=alias.knn_top1,
+                           linear_top1=alias.linear_top1)
+            click.echo(json.dumps(row))
+        elif alias:
+            click.echo(f"{name:<16} {alias.arch:<24} k-NN {alias.knn_top1:.1f} / linear "
+                       f"{alias.linear_top1:.1f}  {alias.weights}")
+        else:
+            click.echo(name)

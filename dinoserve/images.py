@@ -1,0 +1,253 @@
+"""Decode, validate and preprocess images (PIL + numpy only, never torch).
+
+Every part of dinoserve that turns an image into model input goes through this module:
+training evaluation, export verification, the client, the index and the app. That is
+what makes an embedding computed in one place equal to one computed in another.
+
+Accepted inputs (:data:`ImageInput`): a path, raw encoded bytes, a PIL image, or a numpy
+array (``HxW`` grayscale or ``HxWxC`` with 1, 3 or 4 channels; uint8, or uint16 for
+16-bit data).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dinoserve.errors import ImageDecodeError, ImageError, ImageNotFoundError, ImageTooLargeError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+#: Pixel limit of one decoded image: Pillow's own bomb threshold (about 89 megapixels,
+#: a 9459 x 9459 image). Larger images are refused before any pixel is decoded.
+MAX_PIXELS = 89_478_485
+
+#: Encoded size limit for a single image file or byte string.
+MAX_BYTES = 64 * 1024 * 1024
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The DINO evaluation crop: resize the shorter side to size / 0.875 (256 for 224), then
+#: centre-crop ``size``.
+DEFAULT_CROP_PCT = 0.875
+
+
+def describe(image: object) -> str:
+    """A short human name for an input, used in every error message."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(image)} bytes>"
+    if isinstance(image, Image.Image):
+        return f"<PIL image {image.mode} {image.width}x{image.height}>"
+    if isinstance(image, np.ndarray):
+        return f"<array {image.dtype} {tuple(image.shape)}>"
+    return f"<{type(image).__name__}>"
+
+
+def load_image(image: ImageInput, *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Decode any supported input into an 8-bit RGB PIL image.
+
+    EXIF orientation is applied; palette and alpha images are composited on white;
+    grayscale, CMYK and 16-bit images are converted to 8-bit RGB.
+
+    Raises:
+        ImageNotFoundError: a path that does not exist.
+        ImageDecodeError: empty, truncated, corrupt or non-image data.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    label = name or describe(image)
+    if isinstance(image, np.ndarray):
+        return _check_size(_from_array(image, label), max_pixels, label)
+    if isinstance(image, Image.Image):
+        _check_size(image, max_pixels, label)
+        return _to_rgb(ImageOps.exif_transpose(image), label)
+    data = _read_bytes(image, label)
+    return _decode(data, max_pixels, label)
+
+
+def _read_bytes(image: object, label: str) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageNotFoundError(f"{label}: no such image file; check the path")
+        if path.stat().st_size > MAX_BYTES:
+            raise ImageTooLargeError(
+                f"{label}: file is {path.stat().st_size / 2**20:.0f} MiB, over the "
+                f"{MAX_BYTES // 2**20} MiB limit for one image; downscale it first"
+            )
+        data = path.read_bytes()
+    else:
+        raise ImageError(
+            f"{label}: unsupported input type {type(image).__name__}; pass a path, bytes, "
+            "a PIL image or a numpy array"
+        )
+    if not data:
+        raise ImageDecodeError(f"{label}: empty file, not an image")
+    if len(data) > MAX_BYTES:
+        raise ImageTooLargeError(f"{label}: {len(data)} bytes is over the {MAX_BYTES} byte limit")
+    return data
+
+
+def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its own limit; we refuse by our limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(img, max_pixels, label)  # header only: no pixels decoded yet
+            img.load()
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{label}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{label}: not an image Pillow can read (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"{label}: corrupt or truncated image ({e})") from None
+    return _to_rgb(ImageOps.exif_transpose(img), label)
+
+
+def _check_size(img: Image.Image, max_pixels: int, label: str) -> Image.Image:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{label}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{label}: {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
+            f"{max_pixels / 1e6:.0f} megapixels (decompression-bomb guard); downscale the image"
+        )
+    return img
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        img = Image.fromarray(_sixteen_to_eight(arr.astype(np.uint32)), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" or img.mode == "1":
+        has_alpha = img.mode == "P" and "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    if img.mode in ("LA", "La", "RGBa", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode != "RGB":
+        try:
+            img = img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+        except (ValueError, OSError) as e:
+            raise ImageDecodeError(f"{label}: cannot convert mode {img.mode} to RGB ({e})") from None
+    return img
+
+
+def _sixteen_to_eight(arr: np.ndarray) -> np.ndarray:
+    # 16-bit data uses the full 0..65535 range; keep the top byte. Values above 65535
+    # (32-bit "I" images) are clipped rather than wrapped.
+    return (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+
+
+def _from_array(arr: np.ndarray, label: str) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype == np.uint16:
+        arr = _sixteen_to_eight(arr)
+    elif arr.dtype != np.uint8:
+        raise ImageError(
+            f"{label}: array dtype must be uint8 (or uint16 for 16-bit images), got {arr.dtype}; "
+            "convert with (x * 255).clip(0, 255).astype(np.uint8) for float images in [0, 1]"
+        )
+    if arr.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(arr), "L").convert("RGB")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        img = Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+        return _to_rgb(img, label)
+    raise ImageError(
+        f"{label}: array must be HxW or HxWxC with C in (1, 3, 4), got shape {tuple(arr.shape)} "
+        "(channels-first arrays need .transpose(1, 2, 0))"
+    )
+
+
+def resize_and_crop(img: Image.Image, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> Image.Image:
+    """The evaluation transform: bicubic resize of the shorter side to ``size / crop_pct``,
+    then a centre crop of ``size`` x ``size``."""
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    short = max(size, int(round(size / crop_pct)))
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = short, max(short, int(round(h * short / w)))
+    else:
+        new_w, new_h = max(short, int(round(w * short / h))), short
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = (new_w - size) // 2
+    top = (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(
+    image: ImageInput,
+    size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    name: str | None = None,
+) -> np.ndarray:
+    """Decode one image and apply the evaluation transform.
+
+    Returns a uint8 array ``[3, size, size]`` (RGB, channels first): the exact input of an
+    exported model, whose graph converts to float and normalises.
+    """
+    img = resize_and_crop(load_image(image, max_pixels=max_pixels, name=name), size, crop_pct)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def preprocess_batch(
+    images: Sequence[ImageInput] | Iterable[ImageInput],
+    size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    *,
+    on_error: str = "raise",
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Preprocess many images into one uint8 batch ``[N, 3, size, size]``.
+
+    With ``on_error="raise"`` the first bad image raises an :class:`ImageError` that names
+    its position; with ``"skip"`` bad images are left out.
+
+    Returns the batch, the input positions it holds, and ``(position, message)`` for each
+    skipped input.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    arrays, kept, skipped = [], [], []
+    for i, image in enumerate(images):
+        try:
+            arrays.append(preprocess(image, size, crop_pct))
+        except ImageError as e:
+            if on_error == "raise":
+                raise type(e)(f"image #{i}: {e}") from None
+            skipped.append((i, str(e)))
+            continue
+        kept.append(i)
+    batch = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
+    return batch, kept, skipped
+
+
+def normalize(batch: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """uint8 ``[N, 3, H, W]`` to float32 normalised with ``mean``/``std`` (what the graph does)."""
+    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return (batch.astype(np.float32) / 255.0 - m) / s
