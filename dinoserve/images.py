@@ -109,7 +109,10 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{label}: refused as a decompression bomb ({e})") from None
+        raise ImageTooLargeError(
+            f"{label}: refused as a decompression bomb, over the limit of {max_pixels / 1e6:.0f} "
+            f"megapixels ({e}); downscale the image"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{label}: not an image Pillow can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -326,13 +326,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if blocked:
             raise UnsafeCheckpointError(
                 f"{path}: refused: loading it would execute code or build objects other than "
-                f"tensors and argparse.Namespace. There is no unsafe fallback; re-save the "
-                f"state dict alone (torch.save(model.state_dict(), ...)). Detail: {str(e).splitlines()[0]}"
+                f"tensors and argparse.Namespace ({blocked[0]}). There is no unsafe fallback; "
+                f"re-save the state dict alone (torch.save(model.state_dict(), ...))."
             ) from None
-        raise WeightsError(f"{path}: not a PyTorch checkpoint ({e})") from None
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (unreadable pickle data)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a PyTorch checkpoint or truncated ({str(e).splitlines()[0]})") from None
     if not isinstance(obj, dict):
@@ -518,7 +519,11 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
             parts.append(f"unexpected keys: {show(unexpected)}")
         if mis_shaped:
             parts.append(f"shape mismatch: {show(mis_shaped)}")
-        raise IncompatibleWeightsError("; ".join(parts) + ". Check --arch (or omit it to infer it).")
+        try:
+            looks_like = f" The file looks like {_arch_from_checkpoint({}, sd)[0]} weights."
+        except WeightsError:
+            looks_like = ""
+        raise IncompatibleWeightsError("; ".join(parts) + f".{looks_like} Check --arch (or omit it to infer it).")
     model.load_state_dict(sd, strict=True)
 
 

@@ -1,0 +1,5 @@
+"""`python -m dinoserve` runs the CLI."""
+
+from dinoserve.cli import main
+
+main()

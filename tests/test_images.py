@@ -1,0 +1,180 @@
+"""Image decoding: every odd or bad kind of input gives the expected pixels or a clear error."""
+
+from __future__ import annotations
+
+import io
+import sys
+import subprocess
+import zlib
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinoserve.errors import ImageDecodeError, ImageError, ImageNotFoundError, ImageTooLargeError
+from dinoserve.images import load_image, preprocess, preprocess_batch, resize_and_crop
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+def test_rgb_png_roundtrips_exactly(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    p = tmp_path / "a.png"
+    Image.fromarray(arr).save(p)
+    for src in (p, str(p), p.read_bytes(), Image.open(p), arr):
+        np.testing.assert_array_equal(rgb(load_image(src)), arr)
+
+
+def test_grayscale_inputs_become_three_equal_channels():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    for src in (gray, gray[:, :, None], encode(Image.fromarray(gray, "L"))):
+        out = rgb(load_image(src))
+        assert out.shape == (3, 4, 3)
+        for c in range(3):
+            np.testing.assert_array_equal(out[:, :, c], gray)
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (255, 0, 0, 0)  # fully transparent red -> white
+    rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    out = rgb(load_image(encode(Image.fromarray(rgba, "RGBA"))))
+    assert tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[0, 1]) == (255, 255, 255)
+    assert 120 <= out[1, 0, 0] <= 135 and len(set(out[1, 0])) == 1
+    # the same through a numpy array input
+    np.testing.assert_array_equal(rgb(load_image(rgba)), out)
+
+
+def test_palette_with_transparency_and_grey_alpha():
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 255] + [0, 255, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.putpixel((1, 0), 1)
+    out = rgb(load_image(encode(pal, transparency=1)))
+    assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[0, 1]) == (255, 255, 255)
+    la = Image.new("LA", (1, 1), (0, 0))  # black, fully transparent
+    assert tuple(rgb(load_image(encode(la)))[0, 0]) == (255, 255, 255)
+
+
+def test_cmyk_jpeg_converts_to_rgb():
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    out = rgb(load_image(encode(cmyk, "JPEG", quality=95)))
+    r, g, b = out[4, 4].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_sixteen_bit_png_keeps_the_top_byte():
+    arr16 = np.array([[0, 256 * 100 + 17, 65535]], dtype=np.uint16)
+    img = Image.fromarray(arr16)  # mode I;16
+    out = rgb(load_image(encode(img)))
+    np.testing.assert_array_equal(out[0, :, 0], [0, 100, 255])
+    np.testing.assert_array_equal(rgb(load_image(arr16))[0, :, 1], [0, 100, 255])
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = 255  # white left half, landscape
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = rgb(load_image(encode(img, "JPEG", exif=exif, quality=100)))
+    assert out.shape == (20, 10, 3)  # now portrait
+    assert out[2, 5].mean() > 200 and out[-3, 5].mean() < 50  # white on top
+
+
+def test_missing_empty_and_non_image_files_name_the_input(tmp_path):
+    with pytest.raises(ImageNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty.jpg.*empty"):
+        load_image(empty)
+    text = tmp_path / "notes.png"
+    text.write_text("hello, not an image")
+    with pytest.raises(ImageDecodeError, match="notes.png"):
+        load_image(text)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(arr), "JPEG", quality=90)
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="cut.jpg.*truncated"):
+        load_image(p)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A real 1-bit PNG of width x height, all zeros: tiny on disk, huge decoded."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    comp = zlib.compressobj(9)
+    raw = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_bomb_png(30000, 30000))  # 900 megapixels
+    assert p.stat().st_size < 2_000_000
+    with pytest.raises(ImageTooLargeError, match="bomb.png.*megapixels"):
+        load_image(p)
+    # A smaller limit applies to ordinary images too.
+    small = encode(Image.new("RGB", (100, 100)))
+    with pytest.raises(ImageTooLargeError):
+        load_image(small, max_pixels=5000)
+
+
+def test_bad_array_inputs():
+    with pytest.raises(ImageError, match="float32"):
+        load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ImageError, match="channels-first"):
+        load_image(np.zeros((3, 4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="unsupported input type"):
+        load_image(12345)
+
+
+def test_resize_and_crop_follows_the_evaluation_protocol():
+    img = Image.new("RGB", (300, 200))
+    out = resize_and_crop(img, 224)
+    assert out.size == (224, 224)
+    arr = preprocess(np.full((50, 80, 3), 7, np.uint8), 32)
+    assert arr.shape == (3, 32, 32) and arr.dtype == np.uint8 and (arr == 7).all()
+
+
+def test_centre_crop_keeps_the_centre():
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, 100:200] = 255  # a white centre band one third wide
+    out = preprocess(arr, 64, crop_pct=1.0)
+    # The crop is the central 100x100 square, all white but for bicubic ringing at its edges
+    # (where the black sides begin); a left- or right-aligned crop would be half black.
+    assert (out[:, :, 3:-3] >= 250).all()
+
+
+def test_batch_names_the_position_or_skips():
+    good = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ImageDecodeError, match="image #1"):
+        preprocess_batch([good, b"junk", good], 16)
+    batch, kept, skipped = preprocess_batch([good, b"junk", good], 16, on_error="skip")
+    assert batch.shape == (2, 3, 16, 16) and kept == [0, 2] and skipped[0][0] == 1
+
+
+def test_images_module_does_not_import_torch():
+    code = "import sys, dinoserve.images, dinoserve.errors; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
