@@ -18,6 +18,7 @@ from dinoserve.errors import DinoserveError
 
 #: verb -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
+    "eval": "dinoserve.commands.eval:eval_",
     "models": "dinoserve.commands.models:models",
 }
 

@@ -1,0 +1,361 @@
+"""k-NN evaluation of backbone features, the DINO protocol.
+
+Bank and query images go through the one evaluation transform
+(:func:`dinoserve.images.preprocess`: shorter side to ``size / crop_pct``, centre crop),
+then the backbone's own mean/std. Features are L2-normalised; each query takes its ``k``
+most cosine-similar bank images, which vote for their label with weight
+``exp(similarity / temperature)`` (k = 20, T = 0.07 as in the paper's eval_knn.py).
+
+Decoding dominates the cost on a CPU, so it is split from feature extraction: a
+:class:`KnnSet` holds the preprocessed uint8 pixels of bank and queries and can be
+evaluated many times (every few epochs of a training run, or along a benchmark curve)
+without decoding again. :func:`evaluate_knn` does both steps at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinoserve.errors import DataError, ImageError
+from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageInput, preprocess
+from training.filelist import read_file_list
+
+__all__ = [
+    "KnnResult",
+    "KnnSet",
+    "IMAGE_SUFFIXES",
+    "preprocess_items",
+    "features_from_pixels",
+    "extract_features",
+    "raw_pixel_features",
+    "knn_classify",
+    "prepare_knn_set",
+    "evaluate_knn_set",
+    "evaluate_knn",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+#: Bank and query splits of a CSV file list (the openclipart protocol).
+BANK_SPLIT = "knn_train"
+QUERY_SPLIT = "knn_val"
+
+
+@dataclass
+class KnnResult:
+    """Top-1/top-5 accuracy in percent, set sizes, and how many images were skipped."""
+
+    top1: float
+    top5: float
+    n_bank: int
+    n_query: int
+    skipped: int
+    k: int = 20
+    temperature: float = 0.07
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class KnnSet:
+    """Preprocessed bank and query images with integer labels; decode once, evaluate often."""
+
+    bank_pixels: np.ndarray  # uint8 [N, 3, S, S]
+    bank_labels: np.ndarray  # int64 [N]
+    query_pixels: np.ndarray  # uint8 [Q, 3, S, S]
+    query_labels: np.ndarray  # int64 [Q]
+    classes: list[str]
+    image_size: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------------------
+# Pixels and features
+# --------------------------------------------------------------------------------------
+
+
+def preprocess_items(
+    items: Sequence[ImageInput],
+    image_size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    num_workers: int | None = None,
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Decode and transform images in parallel threads (Pillow releases the GIL).
+
+    Returns uint8 ``[N, 3, S, S]`` of the readable ones, their positions in ``items``, and
+    ``(position, reason)`` for each unreadable image (skipped, never raised).
+    """
+
+    def one(item: ImageInput) -> np.ndarray | str:
+        try:
+            return preprocess(item, image_size, crop_pct)
+        except ImageError as e:
+            return str(e)
+
+    workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, items))
+    else:
+        results = [one(item) for item in items]
+    kept = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
+    skipped = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
+    pixels = np.stack([results[i] for i in kept]) if kept else np.zeros((0, 3, image_size, image_size), np.uint8)
+    return pixels, kept, skipped
+
+
+def _mean_std(backbone: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
+    spec = getattr(backbone, "dino_spec", None)
+    return (spec.mean, spec.std) if spec is not None else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+@torch.no_grad()
+def features_from_pixels(
+    backbone: nn.Module,
+    pixels: np.ndarray,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Backbone features ``[N, D]`` (float32, on CPU) of uint8 ``[N, 3, S, S]`` pixels.
+
+    The backbone runs in eval mode on ``device`` and is put back in its previous mode.
+    """
+    device = torch.device(device)
+    mean, std = _mean_std(backbone)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    try:
+        for start in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(pixels[start:start + batch_size]).to(device).float().div_(255)
+            out.append(backbone((x - m) / s).float().cpu())
+    finally:
+        backbone.train(was_training)
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def extract_features(
+    backbone: nn.Module,
+    items: Sequence[ImageInput],
+    image_size: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """Features of images (paths, bytes, PIL images or arrays); unreadable ones skipped.
+
+    Returns ``(features [N_ok, D], kept positions, [(position, reason), ...] skipped)``.
+    """
+    pixels, kept, skipped = preprocess_items(items, image_size, crop_pct)
+    return features_from_pixels(backbone, pixels, batch_size, device), kept, skipped
+
+
+def raw_pixel_features(pixels: np.ndarray, reference: np.ndarray | None = None) -> torch.Tensor:
+    """The raw-pixel baseline: flattened pixels in [0, 1], centred on the mean image of
+    ``reference`` (the bank; default ``pixels`` itself)."""
+    x = torch.from_numpy(pixels).float().div_(255).flatten(1)
+    ref = x if reference is None else torch.from_numpy(reference).float().div_(255).flatten(1)
+    return x - ref.mean(dim=0, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------
+# The classifier
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def knn_classify(
+    bank_feats: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted k-NN class scores ``[Q, num_classes]`` (the DINO protocol).
+
+    Features are L2-normalised here; each query's ``k`` nearest bank items by cosine
+    similarity add ``exp(sim / temperature)`` to their class. ``k`` is capped at the bank
+    size. Queries are processed in chunks so memory stays ``chunk x N``.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    if len(bank_feats) == 0:
+        raise ValueError("the k-NN bank is empty")
+    bank_labels = bank_labels.long()
+    if num_classes is None:
+        num_classes = int(bank_labels.max()) + 1
+    bank = F.normalize(bank_feats.float(), dim=1)
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(query_feats), chunk):
+        q = F.normalize(query_feats[start:start + chunk].float(), dim=1)
+        sims, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, dtype=sims.dtype)
+        votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    top = min(top, scores.shape[1])
+    hits = (scores.topk(top, dim=1).indices == labels.view(-1, 1)).any(dim=1)
+    return 100.0 * hits.float().mean().item()
+
+
+# --------------------------------------------------------------------------------------
+# Labelled sets: a CSV file list or train/ and val/ class folders
+# --------------------------------------------------------------------------------------
+
+
+def _folder_items(split_dir: Path) -> list[tuple[Path, str]]:
+    items = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((f, class_dir.name))
+    if not items:
+        raise DataError(f"{split_dir}: no images in class subfolders ({split_dir}/<class>/<image>)")
+    return items
+
+
+def labelled_items(
+    data: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """``(bank, queries)`` as ``(path, class name)`` pairs from a CSV or a folder.
+
+    A CSV (``path,category,split``) gives bank = ``knn_train`` and queries = ``knn_val``;
+    a folder needs ``train/<class>/`` and ``val/<class>/`` subfolders.
+    """
+    data = Path(data)
+    if data.is_dir():
+        missing = [s for s in ("train", "val") if not (data / s).is_dir()]
+        if missing:
+            raise DataError(
+                f"{data}: a k-NN folder needs train/<class>/ and val/<class>/ subfolders; "
+                f"missing {', '.join(missing)}/ (or pass a CSV file list with knn_train/knn_val splits)"
+            )
+        return _folder_items(data / "train"), _folder_items(data / "val")
+    if not data.exists():
+        raise DataError(f"{data}: no such k-NN data (a CSV file list or a folder with train/ and val/)")
+    entries = read_file_list(data, splits=[BANK_SPLIT, QUERY_SPLIT], root=root)
+    unlabelled = [e for e in entries if e.category is None]
+    if unlabelled:
+        raise DataError(
+            f"{data}: {len(unlabelled)} {BANK_SPLIT}/{QUERY_SPLIT} row(s) have no category "
+            f"(first: {unlabelled[0].path}); k-NN evaluation needs labels"
+        )
+    bank = [(e.path, e.category) for e in entries if e.split == BANK_SPLIT]
+    queries = [(e.path, e.category) for e in entries if e.split == QUERY_SPLIT]
+    return bank, queries
+
+
+def prepare_knn_set(
+    data: str | os.PathLike,
+    image_size: int,
+    *,
+    root: str | os.PathLike | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    num_workers: int | None = None,
+) -> KnnSet:
+    """Decode and preprocess a labelled set once (see :func:`labelled_items`)."""
+    bank_items, query_items = labelled_items(data, root)
+    classes = sorted({c for _, c in bank_items} | {c for _, c in query_items})
+    index = {c: i for i, c in enumerate(classes)}
+    skipped: list[tuple[str, str]] = []
+
+    def load(items: list[tuple[Path, str]]) -> tuple[np.ndarray, np.ndarray]:
+        pixels, kept, bad = preprocess_items([p for p, _ in items], image_size, crop_pct, num_workers)
+        skipped.extend((str(items[i][0]), reason) for i, reason in bad)
+        return pixels, np.array([index[items[i][1]] for i in kept], dtype=np.int64)
+
+    bank_pixels, bank_labels = load(bank_items)
+    query_pixels, query_labels = load(query_items)
+    if skipped:
+        log.warning("k-NN set %s: skipped %d unreadable image(s), first: %s", data, len(skipped),
+                    "; ".join(reason for _, reason in skipped[:3]))
+    if len(bank_pixels) == 0 or len(query_pixels) == 0:
+        raise DataError(f"{data}: no readable {'bank' if len(bank_pixels) == 0 else 'query'} images")
+    return KnnSet(bank_pixels, bank_labels, query_pixels, query_labels, classes, image_size, skipped)
+
+
+def _score(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int, temperature: float) -> KnnResult:
+    scores = knn_classify(bank, torch.from_numpy(s.bank_labels), queries, k, temperature, s.num_classes)
+    labels = torch.from_numpy(s.query_labels)
+    return KnnResult(_accuracy(scores, labels, 1), _accuracy(scores, labels, 5), len(bank), len(queries),
+                     len(s.skipped), k, temperature)
+
+
+def evaluate_knn_set(
+    backbone: nn.Module | None,
+    knn_set: KnnSet,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> KnnResult:
+    """k-NN accuracy of ``backbone`` on a prepared set; ``None`` scores raw pixels."""
+    if backbone is None:
+        bank = raw_pixel_features(knn_set.bank_pixels)
+        queries = raw_pixel_features(knn_set.query_pixels, reference=knn_set.bank_pixels)
+    else:
+        bank = features_from_pixels(backbone, knn_set.bank_pixels, batch_size, device)
+        queries = features_from_pixels(backbone, knn_set.query_pixels, batch_size, device)
+    return _score(bank, queries, knn_set, k, temperature)
+
+
+def evaluate_knn(
+    backbone: nn.Module | None,
+    data: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> KnnResult:
+    """k-NN top-1/top-5 of ``backbone`` features on a labelled set.
+
+    Args:
+        backbone: a model from :mod:`dinoserve.models` (its mean/std are used), or
+            ``None`` for the raw-pixel baseline.
+        data: a CSV file list (bank = ``knn_train`` rows, queries = ``knn_val`` rows) or a
+            folder with ``train/<class>/`` and ``val/<class>/``.
+        root: folder relative CSV paths resolve against (see :mod:`training.filelist`).
+        image_size: evaluation size; default the backbone's own image size.
+    """
+    if image_size is None:
+        spec = getattr(backbone, "dino_spec", None)
+        if spec is None:
+            raise ValueError("image_size is required for a backbone without a dino_spec or for raw pixels")
+        image_size = spec.image_size
+    knn_set = prepare_knn_set(data, image_size, root=root, crop_pct=crop_pct)
+    return evaluate_knn_set(backbone, knn_set, k=k, temperature=temperature, batch_size=batch_size, device=device)
