@@ -1,0 +1,253 @@
+"""k-NN evaluation (training.knn), CSV file lists (training.filelist) and `dinoserve eval knn`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from click.testing import CliRunner
+from conftest import make_image_folder
+
+from dinoserve.cli import cli
+from dinoserve.errors import DataError
+from dinoserve.images import normalize, preprocess
+from dinoserve.models import create_backbone, load_backbone
+from training.filelist import FileEntry, read_file_list
+from training.knn import evaluate_knn, evaluate_knn_set, extract_features, knn_classify, prepare_knn_set
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def knn_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ (5 per class) and val/ (2 per class) of circle/square/stripes, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("knn")
+    make_image_folder(root / "train", per_class=5, size=40, seed=1)
+    make_image_folder(root / "val", per_class=2, size=40, seed=2)
+    (root / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_backbone("vit_tiny_patch16_224", depth=2, img_size=SIZE).eval()
+
+
+def _save_dinoserve_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """The DESIGN.md checkpoint layout, enough for dinoserve.models.load_backbone."""
+    spec = model.dino_spec
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"teacher": sd, "student": sd, "epoch": 1, "args": {},
+                "meta": {"arch": spec.arch, "model_kwargs": spec.model_kwargs, "image_size": spec.image_size}},
+               path)
+
+
+# --- knn_classify -----------------------------------------------------------------------
+
+
+def test_knn_classify_matches_hand_computation():
+    bank = torch.tensor([[1.0, 0.0], [2.0, 0.2], [0.3, 1.0], [-1.0, 0.1]])
+    labels = torch.tensor([0, 0, 1, 2])
+    query = torch.tensor([[1.0, 1.0]])
+    scores = knn_classify(bank, labels, query, k=3, temperature=0.5, num_classes=3)
+
+    # By hand: cosines of (1,1)/sqrt(2) with the normalised bank rows are
+    # 0.70711, 0.77396, 0.88047 and -0.63330; the top 3 are items 2, 1, 0.
+    expected = [math.exp(0.70711 / 0.5) + math.exp(0.77396 / 0.5), math.exp(0.88047 / 0.5), 0.0]
+    np.testing.assert_allclose(scores.numpy()[0], expected, rtol=1e-4)
+    assert scores.shape == (1, 3)
+
+
+def test_knn_classify_caps_k_and_rejects_bad_arguments():
+    bank, labels = torch.eye(3), torch.tensor([0, 1, 2])
+    scores = knn_classify(bank, labels, torch.eye(3), k=50)  # k > bank size: every item votes
+    assert scores.argmax(1).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="temperature"):
+        knn_classify(bank, labels, bank, temperature=0)
+
+
+def test_knn_separable_clusters_are_classified_perfectly():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 10
+    bank_labels = torch.arange(5).repeat_interleave(30)
+    query_labels = torch.arange(5).repeat_interleave(10)
+    bank = centres[bank_labels] + torch.randn(150, 16, generator=g)
+    queries = centres[query_labels] + torch.randn(50, 16, generator=g)
+    scores = knn_classify(bank, bank_labels, queries, k=20, temperature=0.07)
+    assert (scores.argmax(1) == query_labels).all()
+
+
+# --- features and evaluate_knn ------------------------------------------------------------
+
+
+def test_extract_features_uses_eval_transform_and_skips_unreadable(tiny_vit, knn_folder):
+    good = sorted((knn_folder / "val" / "square").glob("*.png"))
+    items = [good[0], knn_folder / "train" / "circle" / "broken.png", good[1]]
+    feats, kept, skipped = extract_features(tiny_vit, items, SIZE, batch_size=2)
+    assert kept == [0, 2] and [i for i, _ in skipped] == [1]
+    assert "broken.png" in skipped[0][1]
+    # Reference: the shared transform + ImageNet normalisation, run directly.
+    x = torch.from_numpy(normalize(np.stack([preprocess(p, SIZE) for p in (good[0], good[1])])))
+    with torch.no_grad():
+        ref = tiny_vit(x)
+    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-5)
+
+
+def _reference_top1(model: torch.nn.Module, root: Path) -> float:
+    """An independent numpy k-NN (k=20, T=0.07) over the folder's readable images."""
+    def load(split: str):
+        feats, labels = [], []
+        for ci, cls in enumerate(sorted(p.name for p in (root / split).iterdir())):
+            for p in sorted((root / split / cls).glob("*.png")):
+                if p.name == "broken.png":
+                    continue
+                x = torch.from_numpy(normalize(preprocess(p, SIZE)[None]))
+                with torch.no_grad():
+                    f = model(x)[0].numpy()
+                feats.append(f / np.linalg.norm(f))
+                labels.append(ci)
+        return np.array(feats), np.array(labels)
+
+    bank, bl = load("train")
+    qs, ql = load("val")
+    correct = 0
+    for q, label in zip(qs, ql):
+        sims = bank @ q
+        top = np.argsort(-sims)[:20]
+        votes = np.zeros(3)
+        np.add.at(votes, bl[top], np.exp(sims[top] / 0.07))
+        correct += int(votes.argmax() == label)
+    return 100.0 * correct / len(ql)
+
+
+def test_evaluate_knn_on_class_folders_matches_reference(tiny_vit, knn_folder):
+    result = evaluate_knn(tiny_vit, knn_folder, image_size=SIZE, batch_size=4)
+    assert (result.n_bank, result.n_query, result.skipped) == (15, 6, 1)
+    assert result.top1 == pytest.approx(_reference_top1(tiny_vit, knn_folder))
+    assert result.top5 == 100.0  # 3 classes: the true class is always among the top 5
+
+
+def test_csv_file_list_gives_the_same_result_as_folders(tiny_vit, knn_folder, tmp_path):
+    rows = ["path,category,split"]
+    for split, name in (("train", "knn_train"), ("val", "knn_val")):
+        for p in sorted((knn_folder / split).rglob("*.png")):
+            rows.append(f"{p.relative_to(knn_folder).as_posix()},{p.parent.name},{name}")
+    rows.append("train/circle/circle_000.png,,pool")  # unlabelled rows of other splits are fine
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+
+    by_csv = evaluate_knn(tiny_vit, csv_path, root=knn_folder, image_size=SIZE)
+    by_folder = evaluate_knn(tiny_vit, knn_folder, image_size=SIZE)
+    assert by_csv == by_folder
+
+
+def test_raw_pixel_baseline_separates_colour_classes(tmp_path):
+    # Two classes of flat colours with a little noise: raw pixels must get them all right.
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(np.array(colour) + rng.normal(0, 10, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+    knn_set = prepare_knn_set(tmp_path, 16)
+    result = evaluate_knn_set(None, knn_set)
+    assert (result.top1, result.n_bank, result.n_query) == (100.0, 12, 6)
+
+
+# --- file lists -----------------------------------------------------------------------------
+
+
+def test_read_file_list_resolves_relative_and_absolute_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    absolute = tmp_path / "elsewhere.png"
+    absolute.write_bytes(b"x")
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text(f"path,category,split\nimgs/a.png,cat,knn_train\n{absolute},,pool\nimgs/b.png,dog,\n")
+
+    entries = read_file_list(csv_path)
+    assert entries == [FileEntry(tmp_path / "imgs" / "a.png", "cat", "knn_train"),
+                       FileEntry(absolute, None, "pool"),
+                       FileEntry(tmp_path / "imgs" / "b.png", "dog", None)]
+    assert read_file_list(csv_path, splits="pool") == [FileEntry(absolute, None, "pool")]
+    other = read_file_list(csv_path, splits=["knn_train"], root=tmp_path / "imgs" / "..")
+    assert other[0].path.resolve() == (tmp_path / "imgs" / "a.png").resolve()
+
+
+def test_read_file_list_errors_name_the_input(tmp_path):
+    with pytest.raises(DataError, match="missing.csv: no such file list"):
+        read_file_list(tmp_path / "missing.csv")
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,x\n")
+    with pytest.raises(DataError, match="missing column.*path"):
+        read_file_list(bad)
+
+    ok = tmp_path / "ok.csv"
+    (tmp_path / "a.png").write_bytes(b"x")
+    ok.write_text("path,category,split\na.png,x,knn_train\na.png,x,pool\n")
+    with pytest.raises(DataError, match=r"unknown split\(s\) 'test'; the file has knn_train, pool"):
+        read_file_list(ok, splits=["knn_train", "test"])
+
+    with pytest.raises(DataError, match=r"none of its 2 listed images exists under .*nowhere.*--data-root"):
+        read_file_list(ok, root=tmp_path / "nowhere")
+
+
+def test_openclipart_list_defaults_to_the_debian_folder_and_says_how_to_install(tmp_path):
+    csv_path = tmp_path / "openclipart_knn.csv"
+    csv_path.write_text("path,category,split\nno_such_topic/x_01.png,x,knn_val\n")
+    with pytest.raises(DataError) as e:
+        read_file_list(csv_path)
+    assert "/usr/share/openclipart/png" in str(e.value)
+    assert "apt-get install -y openclipart-png" in str(e.value)
+
+
+def test_knn_data_errors(tiny_vit, tmp_path):
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="missing val/"):
+        evaluate_knn(tiny_vit, tmp_path / "only_train", image_size=SIZE)
+    csv_path = tmp_path / "pool_only.csv"
+    (tmp_path / "a.png").write_bytes(b"x")
+    csv_path.write_text("path,category,split\na.png,,pool\n")
+    with pytest.raises(DataError, match=r"unknown split\(s\) 'knn_train', 'knn_val'; the file has pool"):
+        evaluate_knn(tiny_vit, csv_path, image_size=SIZE)
+    with pytest.raises(DataError, match="nothing_here: no such k-NN data"):
+        evaluate_knn(tiny_vit, tmp_path / "nothing_here", image_size=SIZE)
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_eval_knn_on_a_saved_checkpoint(tiny_vit, knn_folder, tmp_path):
+    ckpt = tmp_path / "checkpoint.pth"
+    _save_dinoserve_checkpoint(tiny_vit, ckpt)
+    res = CliRunner().invoke(cli, ["eval", "knn", "--weights", str(ckpt), "--data", str(knn_folder),
+                                   "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    expected = evaluate_knn(load_backbone(ckpt), knn_folder, image_size=SIZE)
+    assert out["arch"] == "vit_tiny_patch16_224" and out["image_size"] == SIZE
+    assert (out["top1"], out["top5"], out["n_bank"], out["n_query"], out["skipped"]) == (
+        expected.top1, expected.top5, 15, 6, 1)
+
+    text = CliRunner().invoke(cli, ["eval", "knn", "-w", str(ckpt), "-d", str(knn_folder), "-k", "3",
+                                    "--device", "cpu"])
+    assert text.exit_code == 0 and "top-1" in text.output and "k=3" in text.output
+
+
+def test_cli_eval_knn_bad_inputs_exit_1_with_message(tiny_vit, tmp_path):
+    ckpt = tmp_path / "checkpoint.pth"
+    _save_dinoserve_checkpoint(tiny_vit, ckpt)
+    res = CliRunner().invoke(cli, ["eval", "knn", "-w", str(ckpt), "-d", str(tmp_path / "gone.csv"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 1
+    assert "gone.csv: no such k-NN data" in res.output
+    res = CliRunner().invoke(cli, ["eval", "knn", "-w", str(tmp_path / "none.pth"), "-d", str(tmp_path)])
+    assert res.exit_code == 1 and "none.pth: no such file" in res.output
