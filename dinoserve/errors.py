@@ -99,3 +99,7 @@ class DataError(DinoserveError):
 
 class ConfigError(DinoserveError):
     """An option or preset value is invalid."""
+
+
+class ServerTimeoutError(ServerError):
+    """A request to the server took longer than the client's timeout."""

@@ -1,0 +1,267 @@
+"""The dinoserve Client: images in, DINO embeddings (and attention maps) out.
+
+>>> from dinoserve import Client
+>>> c = Client()                                   # onnxruntime in-process on ./model_repository
+>>> c = Client("http://127.0.0.1:8000")            # a Triton server; grpc://127.0.0.1:8001 for gRPC
+>>> emb = c.embed(["a.jpg", pil_image, array, raw_bytes])   # float32 [N, D], L2-normalised
+
+Images are decoded and preprocessed here with :mod:`dinoserve.images` (the same code as
+training evaluation and export verification), using the image size and crop the model's
+config declares; the model receives uint8 ``[B, 3, S, S]``. Batches run concurrently
+(threads; for Triton each thread has its own connection). This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dinoserve.errors import ConfigError, ImageError, ModelError
+from dinoserve.images import ImageInput, describe, preprocess
+from dinoserve.model_info import ATTENTION, EMBEDDING, ModelInfo
+
+if TYPE_CHECKING:
+    from dinoserve.index import EmbeddingIndex, Hit
+
+_SINGLE = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+
+
+@dataclass
+class Embeddings:
+    """The result of :meth:`Client.embed_detailed`.
+
+    ``vectors[j]`` belongs to input position ``kept[j]``; ``skipped`` holds
+    ``(position, message)`` for inputs left out with ``on_error="skip"``.
+    """
+
+    vectors: np.ndarray
+    kept: list[int]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class ClientStats:
+    """Seconds spent in each stage, summed over worker threads (for benchmarks)."""
+
+    images: int = 0
+    requests: int = 0
+    preprocess_s: float = 0.0
+    infer_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Client:
+    """Embed images with a DINO backbone from a model repository or a Triton server.
+
+    Args:
+        url: ``None`` runs the model in-process with onnxruntime from ``repo``;
+            ``http://host:port`` or ``grpc://host:port`` uses a Triton server.
+        model: model name; ``None`` picks the only model there (an error lists them if several).
+        repo: the Triton model repository (for ``url=None``, and as a fallback for the
+            model's parameters when a server's config lacks them).
+        version: model version; ``None`` is the latest (embedded) / the server's policy (Triton).
+        batch_size: images per request (capped by the model's ``max_batch_size``).
+        timeout: seconds for one request to a server (connect and response).
+        concurrency: batches in flight at once; default 4 for Triton, 2 in-process (one batch
+            is preprocessed while the other runs; in-process inference runs one at a time).
+        retries: retries of a request that failed transiently (server restarting, overloaded).
+    """
+
+    def __init__(self, url: str | None = None, model: str | None = None, repo: str | os.PathLike = "model_repository",
+                 *, version: int | str | None = None, batch_size: int = 32, timeout: float = 60.0,
+                 concurrency: int | None = None, retries: int = 3):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
+        if url:
+            from dinoserve.backends import TritonBackend
+
+            self._backend = TritonBackend(url, model, version, timeout=timeout, retries=retries, repo=repo)
+        else:
+            from dinoserve.backends import EmbeddedBackend
+
+            self._backend = EmbeddedBackend(repo, model, version)
+        self.url = url or None
+        self.repo = Path(repo)
+        info = self._backend.info
+        self.batch_size = min(batch_size, info.max_batch_size) if info.max_batch_size > 0 else batch_size
+        self.concurrency = concurrency or (4 if url else 2)
+        self.stats = ClientStats()
+        self._stats_lock = threading.Lock()
+        self._infer_lock = threading.Lock() if not url else None
+
+    # -- description -----------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        """The model's name, sizes, preprocessing and weights hash."""
+        return self._backend.info
+
+    @property
+    def model(self) -> str:
+        return self.info.name
+
+    @property
+    def dim(self) -> int:
+        return self.info.embed_dim
+
+    def __repr__(self) -> str:
+        return f"Client({self._backend.describe()}, model={self.model!r}, dim={self.dim})"
+
+    def close(self) -> None:
+        """Close server connections (or drop the in-process session)."""
+        self._backend.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public calls ----------------------------------------------------------------------
+    def embed(self, images: ImageInput | Iterable[ImageInput], normalize: bool = True,
+              on_error: str = "raise", names: Sequence[str] | None = None) -> np.ndarray:
+        """Embeddings of ``images`` as float32 ``[N, D]``, L2-normalised unless ``normalize=False``.
+
+        ``images`` is one image or a list mixing paths, bytes, PIL images and numpy arrays.
+        With ``on_error="skip"`` bad images are left out (use :meth:`embed_detailed` to learn
+        which); with ``"raise"`` the first bad one raises an :class:`~dinoserve.errors.ImageError`
+        naming its position and path.
+        """
+        return self.embed_detailed(images, normalize=normalize, on_error=on_error, names=names).vectors
+
+    def embed_detailed(self, images: ImageInput | Iterable[ImageInput], *, normalize: bool = True,
+                       on_error: str = "raise", names: Sequence[str] | None = None,
+                       progress: Callable[[int], None] | None = None) -> Embeddings:
+        """Like :meth:`embed`, also returning which inputs were kept and why others were skipped.
+
+        ``names`` label inputs in error messages (e.g. the path of raw bytes); ``progress`` is
+        called with the number of inputs finished after each batch.
+        """
+        outs = self._run(images, EMBEDDING, on_error, names, progress)
+        vectors = outs.vectors.astype(np.float32, copy=False)
+        if normalize and len(vectors):
+            vectors = l2_normalize(vectors)
+        return Embeddings(vectors, outs.kept, outs.skipped)
+
+    def attention(self, images: ImageInput | Iterable[ImageInput], on_error: str = "raise",
+                  names: Sequence[str] | None = None) -> np.ndarray:
+        """Last-block CLS attention maps, float32 ``[N, heads, h, w]`` (ViT models only)."""
+        if not self.info.has_attention:
+            kind = "a ResNet" if self.info.family == "resnet" else "a model without an 'attention' output"
+            raise ModelError(
+                f"model {self.model!r} ({self.info.arch or self.info.family}) is {kind}: it has no "
+                "attention maps; use a ViT model (e.g. one exported from dino_vits16) for attention"
+            )
+        return self._run(images, ATTENTION, on_error, names, None).vectors.astype(np.float32, copy=False)
+
+    def search(self, images: ImageInput | Iterable[ImageInput], index: "EmbeddingIndex | str | os.PathLike",
+               k: int = 10) -> "list[list[Hit]]":
+        """The ``k`` nearest images in ``index`` for each query image, best first.
+
+        Raises :class:`~dinoserve.errors.IndexMismatchError` if the index was built with
+        another model or preprocessing.
+        """
+        from dinoserve.index import EmbeddingIndex
+
+        if not isinstance(index, EmbeddingIndex):
+            index = EmbeddingIndex.load(index)
+        index.check_model(self.info)
+        return index.search(self.embed(images), k)
+
+    # -- machinery -------------------------------------------------------------------------
+    def _run(self, images, output: str, on_error: str, names, progress) -> Embeddings:
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        items = [images] if _is_single(images) else list(images)
+        if names is not None and len(names) != len(items):
+            raise ConfigError(f"names has {len(names)} entries for {len(items)} images")
+        chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
+
+        def work(positions: list[int]):
+            return self._run_chunk(items, names, positions, output, on_error)
+
+        vectors, kept, skipped = [], [], []
+        for got, kept_j, skipped_j in self._map(work, chunks):
+            if len(got):
+                vectors.append(got)
+            kept += kept_j
+            skipped += skipped_j
+            if progress is not None:
+                progress(len(kept_j) + len(skipped_j))
+        if vectors:
+            out = np.concatenate(vectors)
+        else:
+            out = np.zeros((0, self.dim) if output == EMBEDDING else (0, 0, 0, 0), np.float32)
+        return Embeddings(out, kept, skipped)
+
+    def _map(self, fn, chunks: list) -> Iterator:
+        if self.concurrency == 1 or len(chunks) <= 1:
+            yield from map(fn, chunks)
+            return
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="dinoserve-client")
+        try:
+            # Bounded look-ahead: at most 2x concurrency chunks are in flight (memory stays flat).
+            pending, it = [], iter(chunks)
+            for c in it:
+                pending.append(pool.submit(fn, c))
+                if len(pending) >= 2 * self.concurrency:
+                    break
+            while pending:
+                yield pending.pop(0).result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(fn, nxt))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_chunk(self, items, names, positions, output, on_error):
+        t0 = time.perf_counter()
+        info = self.info
+        arrays, kept, skipped = [], [], []
+        for pos in positions:
+            label = names[pos] if names is not None else describe(items[pos])
+            try:
+                arrays.append(preprocess(items[pos], info.image_size, info.crop_pct, name=label))
+            except ImageError as e:
+                if on_error == "raise":
+                    raise type(e)(f"image #{pos}: {e}") from None
+                skipped.append((pos, str(e)))
+                continue
+            kept.append(pos)
+        t1 = time.perf_counter()
+        got = np.zeros((0,), np.float32)
+        if arrays:
+            batch = np.stack(arrays)
+            if self._infer_lock is not None:
+                with self._infer_lock:
+                    got = self._backend.infer(batch, (output,))[output]
+            else:
+                got = self._backend.infer(batch, (output,))[output]
+        t2 = time.perf_counter()
+        with self._stats_lock:
+            self.stats.images += len(kept)
+            self.stats.requests += 1 if arrays else 0
+            self.stats.preprocess_s += t1 - t0
+            self.stats.infer_s += t2 - t1
+        return got, kept, skipped
+
+
+def _is_single(images) -> bool:
+    return isinstance(images, _SINGLE) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (rows of zeros stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
