@@ -1,0 +1,483 @@
+"""Export a DINO backbone to ONNX into a Triton model repository, verified against PyTorch.
+
+The exported graph (see DESIGN.md, "ONNX and Triton contract"):
+
+- input ``images``: UINT8 ``[B, 3, H, W]``; the graph converts to float and normalises;
+- output ``embedding``: FP32 ``[B, D]``;
+- output ``attention`` (ViTs): FP32 ``[B, heads, H/p, W/p]``, the last block's CLS attention;
+- the batch dimension is dynamic, and so are a ViT's ``H`` and ``W`` (multiples of the patch).
+
+:func:`export_onnx` builds everything in a staging folder next to the repository, runs
+the ONNX file with onnxruntime against the PyTorch model on real (decoded, preprocessed)
+images, and only then renames the new version into place. A failed export leaves the
+repository exactly as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dinoserve.errors import DinoserveError, ExportError
+from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch
+from dinoserve.models import BackboneSpec, backbone_spec, forward_with_attention, load_backbone
+from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version
+
+__all__ = ["ExportResult", "export_onnx", "ExportWrapper", "render_config", "sample_images"]
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+#: Default max abs difference allowed between onnxruntime and PyTorch, per unit of the
+#: reference's largest magnitude (so a backbone with large activations is not failed for
+#: float rounding): fp32 export and fp16 export.
+TOLERANCE_FP32 = 1e-4
+TOLERANCE_FP16 = 5e-2
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote."""
+
+    model_dir: Path
+    version: int
+    onnx_path: Path
+    max_abs_diff: float  # onnxruntime vs PyTorch, over every verified output and size
+    spec: BackboneSpec
+    image_size: int = 0
+    tolerance: float = 0.0
+    sizes_checked: tuple[tuple[int, int], ...] = ()
+
+
+class ExportWrapper(nn.Module):
+    """The exported graph: uint8 images -> normalised float -> backbone -> outputs.
+
+    For ViTs the last block's attention probabilities are captured from its attention
+    dropout (the non-fused path), the mechanism of :func:`dinoserve.models.forward_with_attention`.
+    The backbone is modified (``fused_attn``), so pass a copy.
+    """
+
+    def __init__(self, backbone: nn.Module, fp16: bool = False):
+        super().__init__()
+        spec = backbone_spec(backbone)
+        self.backbone = backbone.half() if fp16 else backbone
+        self.fp16 = fp16
+        self.spec = spec
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self._captured: list[torch.Tensor] = []
+        if spec.family == "vit":
+            attn = backbone.blocks[-1].attn
+            attn.fused_attn = False
+            attn.attn_drop.register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+
+    def forward(self, images: torch.Tensor):
+        # Same arithmetic as dinoserve.images.normalize, so clients and the graph agree.
+        x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
+        if self.fp16:
+            x = x.half()
+        self._captured.clear()
+        features = self.backbone(x).float()
+        if self.spec.family != "vit":
+            return features
+        p = self.spec.patch_size
+        cls_row = self._captured[-1][:, :, 0, self.backbone.num_prefix_tokens:]
+        attention = cls_row.reshape(images.shape[0], self.spec.num_heads, images.shape[2] // p, images.shape[3] // p)
+        return features, attention.float()
+
+
+# --------------------------------------------------------------------------------------
+# Verification inputs
+# --------------------------------------------------------------------------------------
+
+
+def sample_images(n: int = 4, size: int = 96, seed: int = 0) -> list[bytes]:
+    """``n`` small encoded PNG pictures (shapes, gradients, noise) for verification.
+
+    They are decoded and preprocessed by :mod:`dinoserve.images` exactly like user images,
+    so verification exercises the real input path without needing a dataset.
+    """
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = size + 16 * (i % 3), size + 8 * (i % 2)  # varied aspect ratios
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1)
+        noise = rng.integers(0, 40, (h, w, 3))
+        img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(3):
+            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+            x1, y1 = x0 + int(rng.integers(8, w // 2)), y0 + int(rng.integers(8, h // 2))
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x1, y1), fill=colour)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _verify_inputs(images: Sequence[ImageInput] | str | os.PathLike | None, size: int, crop_pct: float) -> np.ndarray:
+    if images is None:
+        images = sample_images()
+    elif isinstance(images, (str, os.PathLike)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise ExportError(f"verify images {folder}: not a folder of images")
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)[:8]
+        if not images:
+            raise ExportError(f"verify images {folder}: holds no .png/.jpg/... images")
+    batch, _, _ = preprocess_batch(list(images), size, crop_pct)
+    return batch
+
+
+# --------------------------------------------------------------------------------------
+# config.pbtxt
+# --------------------------------------------------------------------------------------
+
+
+def render_config(
+    name: str,
+    spec: BackboneSpec,
+    *,
+    image_size: int,
+    max_batch: int,
+    device: str = "cpu",
+    trt_fp16: bool = False,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    weights_sha256: str = "",
+    precision: str = "fp32",
+    queue_delay_us: int = 500,
+) -> str:
+    """The Triton ``config.pbtxt`` of an exported backbone (dims exclude the batch)."""
+    vit = spec.family == "vit"
+    hw = "-1, -1" if vit else f"{image_size}, {image_size}"
+    outputs = [f'  {{ name: "embedding", data_type: TYPE_FP32, dims: [ {spec.embed_dim} ] }}']
+    if vit:
+        outputs.append(f'  {{ name: "attention", data_type: TYPE_FP32, dims: [ {spec.num_heads}, -1, -1 ] }}')
+    params = {
+        "arch": spec.arch,
+        "family": spec.family,
+        "image_size": str(image_size),
+        "crop_pct": repr(float(crop_pct)),
+        "patch_size": str(spec.patch_size),
+        "embed_dim": str(spec.embed_dim),
+        "num_heads": str(spec.num_heads),
+        "weights_sha256": weights_sha256,
+        "mean": ",".join(repr(float(v)) for v in spec.mean),
+        "std": ",".join(repr(float(v)) for v in spec.std),
+        "precision": precision,
+    }
+    kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    lines = [
+        f'name: "{name}"',
+        'backend: "onnxruntime"',
+        f"max_batch_size: {max_batch}",
+        "input [",
+        f'  {{ name: "images", data_type: TYPE_UINT8, dims: [ 3, {hw} ] }}',
+        "]",
+        "output [",
+        ",\n".join(outputs),
+        "]",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
+        f"instance_group [ {{ kind: {kind}, count: 1 }} ]",
+    ]
+    if trt_fp16:
+        # TensorRT builds its engine at load time; cache it so restarts are fast.
+        lines += [
+            "optimization { execution_accelerators { gpu_execution_accelerator [ {",
+            '  name: "tensorrt"',
+            '  parameters { key: "precision_mode" value: "FP16" }',
+            '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
+            '  parameters { key: "trt_engine_cache_enable" value: "1" }',
+            f'  parameters {{ key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache/{name}" }}',
+            "} ] } }",
+        ]
+    for key, value in params.items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    weights: str | os.PathLike | None = None,
+    *,
+    name: str,
+    arch: str | None = None,
+    model: nn.Module | None = None,
+    repo: str | os.PathLike = "model_repository",
+    image_size: int | None = None,
+    max_batch: int = 64,
+    fp16: bool = False,
+    device: str = "cpu",
+    trt_fp16: bool = False,
+    verify_images: Sequence[ImageInput] | str | os.PathLike | None = None,
+    tolerance: float | None = None,
+    checkpoint_key: str = "teacher",
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> ExportResult:
+    """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
+
+    Args:
+        weights: any weight source of :func:`dinoserve.models.load_backbone` (a dinoserve
+            checkpoint, an official DINO file, ``timm:<arch>.<tag>``, a ``.safetensors``
+            file or an alias such as ``dino_vits16``).
+        name: the Triton model name (folder name).
+        arch: the timm architecture, when it cannot be read from the weights.
+        model: an already built backbone from :func:`dinoserve.models.create_backbone`,
+            instead of ``weights`` (used by tests).
+        repo: the model repository folder (created if missing).
+        image_size: the input size clients send; the backbone's own size by default.
+        max_batch: Triton's ``max_batch_size``.
+        fp16: half-precision weights and compute inside the graph; inputs and outputs
+            stay uint8/float32. Verified with a looser tolerance.
+        device: ``cpu`` or ``gpu``: Triton's instance kind, and onnxruntime's provider
+            for verification when CUDA is available.
+        trt_fp16: add Triton's TensorRT FP16 accelerator to the config (GPU only).
+        verify_images: images (or a folder of them) to verify with; generated by default.
+        tolerance: max abs difference allowed per unit of the reference's magnitude.
+        checkpoint_key: ``teacher`` or ``student`` for training checkpoints.
+        crop_pct: the evaluation crop recorded for clients.
+
+    Raises:
+        ExportError: bad arguments, an unwritable repository, an export or a verification
+            failure. Weight errors (:class:`~dinoserve.errors.WeightsError`) pass through.
+    """
+    _check_args(name, device, trt_fp16, max_batch, image_size, weights, model)
+    repo = Path(repo).expanduser().absolute()
+    _check_writable(repo)
+    if model is None:
+        model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
+    spec = backbone_spec(model)
+    size = int(image_size or spec.image_size)
+    if spec.family == "vit" and size % spec.patch_size:
+        raise ExportError(f"--image-size {size} is not a multiple of the patch size {spec.patch_size} of {spec.arch}")
+    info = getattr(model, "dino_weights", None)
+    sha = info.sha256 if info is not None else ""
+    tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
+    batch = _verify_inputs(verify_images, size, crop_pct)
+
+    model_dir = repo / name
+    version = (latest_version(model_dir) or 0) + 1
+    with _staging(repo) as stage:
+        staged_model = stage / name
+        onnx_path = staged_model / str(version) / ONNX_FILENAME
+        onnx_path.parent.mkdir(parents=True)
+        _torch_export(model, spec, onnx_path, fp16=fp16, size=size)
+        diff, sizes = _verify(model, spec, onnx_path, batch, tol, device, crop_pct, verify_images)
+        config = render_config(name, spec, image_size=size, max_batch=max_batch, device=device,
+                               trt_fp16=trt_fp16, crop_pct=crop_pct, weights_sha256=sha,
+                               precision="fp16" if fp16 else "fp32")
+        _write_synced(staged_model / CONFIG_FILENAME, config)
+        _fsync_path(onnx_path)
+        _commit(staged_model, model_dir, version)
+    log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
+    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, spec,
+                        size, tol, sizes)
+
+
+def _check_args(name: str, device: str, trt_fp16: bool, max_batch: int, image_size: int | None,
+                weights: Any, model: Any) -> None:
+    if not _NAME.match(name or ""):
+        raise ExportError(
+            f"model name {name!r} is not a valid Triton model folder name: use letters, digits, "
+            f"'_', '-' and '.', starting with a letter or digit"
+        )
+    if device not in ("cpu", "gpu"):
+        raise ExportError(f"--device {device!r}: use 'cpu' or 'gpu'")
+    if trt_fp16 and device != "gpu":
+        raise ExportError("--trt-fp16 needs --device gpu: TensorRT runs on NVIDIA GPUs only")
+    if max_batch < 1:
+        raise ExportError(f"--max-batch {max_batch}: must be at least 1")
+    if image_size is not None and image_size < 1:
+        raise ExportError(f"--image-size {image_size}: must be positive")
+    if (weights is None) == (model is None):
+        raise ExportError("pass exactly one of weights (--weights) or model")
+
+
+def _check_writable(repo: Path) -> None:
+    """Fail before any work when the repository (or the folder it would go in) is not writable."""
+    probe = repo if repo.exists() else repo.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ExportError(f"repository {repo}: {probe} is a file, not a folder; pass another --repo")
+    if repo.exists() and not repo.is_dir():
+        raise ExportError(f"repository {repo} is a file, not a folder; pass another --repo")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"repository {repo}: {probe} is not writable; fix its permissions or pass another --repo")
+
+
+@contextmanager
+def _staging(repo: Path) -> Iterator[Path]:
+    """A temporary folder beside the repository (same file system, so renames are atomic),
+    removed afterwards whatever happens."""
+    parent = repo.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.export-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"repository {repo}: cannot create a staging folder in {parent} ({e}); "
+                          f"fix its permissions or pass another --repo") from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _torch_export(model: nn.Module, spec: BackboneSpec, path: Path, *, fp16: bool, size: int) -> None:
+    import copy
+
+    wrapper = ExportWrapper(copy.deepcopy(model).eval(), fp16=fp16).eval()
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # batch 2: 1 would be specialised
+    batch = torch.export.Dim("batch", min=1)
+    if spec.family == "vit":
+        p = spec.patch_size
+        hp, wp = torch.export.Dim("h_patches", min=1, max=4096), torch.export.Dim("w_patches", min=1, max=4096)
+        dynamic = {"images": {0: batch, 2: p * hp, 3: p * wp}}
+        outputs = ["embedding", "attention"]
+    else:
+        dynamic = {"images": {0: batch}}
+        outputs = ["embedding"]
+    try:
+        # The exporter prints progress lines and warns about onnxscript internals; the CLI
+        # reports what matters.
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper, (example,), str(path), dynamo=True, opset_version=OPSET,
+                external_data=False, input_names=["images"], output_names=outputs,
+                dynamic_shapes=dynamic, optimize=True, verbose=False,
+            )
+    except DinoserveError:
+        raise
+    except Exception as e:  # the exporter raises many types; all mean "this model did not export"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"ONNX export of {spec.arch} failed: {type(e).__name__}: {first}") from e
+    if not path.is_file():
+        raise ExportError(f"ONNX export of {spec.arch} wrote no file at {path}")
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, spec: BackboneSpec, batch: np.ndarray) -> list[np.ndarray]:
+    x = torch.from_numpy(normalize(batch, spec.mean, spec.std))
+    model = model.eval()
+    if spec.family == "vit":
+        features, attention = forward_with_attention(model, x)
+        return [features.numpy(), attention.numpy()]
+    return [model(x).numpy()]
+
+
+def _verify(model: nn.Module, spec: BackboneSpec, onnx_path: Path, batch: np.ndarray, tol: float,
+            device: str, crop_pct: float, verify_images: Any) -> tuple[float, tuple[tuple[int, int], ...]]:
+    """Run onnxruntime and PyTorch on the same uint8 batch; raise above tolerance.
+
+    ViTs are also checked at a second, non-square size, so the dynamic spatial axes are
+    proven to work, not just declared.
+    """
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=_providers(device))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ExportError(f"onnxruntime cannot load the exported graph of {spec.arch}: {e}") from e
+    batches = [batch]
+    if spec.family == "vit":
+        p = spec.patch_size
+        big = _verify_inputs(verify_images, batch.shape[2] + 2 * p, crop_pct)
+        batches.append(np.ascontiguousarray(big[:3, :, : batch.shape[2] + p, :]))  # non-square
+    worst = 0.0
+    sizes = []
+    for b in batches:
+        ref = _reference(model, spec, b)
+        try:
+            got = session.run(None, {"images": b})
+        except Exception as e:
+            raise ExportError(f"onnxruntime failed on a {tuple(b.shape)} batch of {spec.arch}: {e}") from e
+        for name, r, g in zip(("embedding", "attention"), ref, got):
+            if g.shape != r.shape:
+                raise ExportError(f"ONNX output {name!r} has shape {g.shape}, PyTorch {r.shape}")
+            diff = float(np.max(np.abs(g.astype(np.float64) - r)))
+            limit = tol * max(1.0, float(np.max(np.abs(r))))
+            if not np.isfinite(diff) or diff > limit:
+                raise ExportError(
+                    f"verification failed: onnxruntime {name!r} differs from PyTorch by {diff:.3g} "
+                    f"(allowed {limit:.3g}) at input {tuple(b.shape)}; the repository is unchanged"
+                )
+            worst = max(worst, diff)
+        sizes.append((int(b.shape[2]), int(b.shape[3])))
+    return worst, tuple(sizes)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(staged_model: Path, model_dir: Path, version: int) -> None:
+    """Move a verified export into the repository with renames only."""
+    try:
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not model_dir.exists():
+            os.replace(staged_model, model_dir)  # a new model appears whole or not at all
+        else:
+            target = model_dir / str(version)
+            if target.exists():
+                raise ExportError(f"{target} appeared during the export (another export running?); nothing written")
+            os.replace(staged_model / str(version), target)
+            os.replace(staged_model / CONFIG_FILENAME, model_dir / CONFIG_FILENAME)
+        _fsync_dir(model_dir)
+        _fsync_dir(model_dir.parent)
+    except OSError as e:
+        raise ExportError(f"cannot write into {model_dir} ({e}); the verified export was discarded") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
