@@ -18,8 +18,11 @@ from dinoserve.errors import DinoserveError
 
 #: verb -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
+    "embed": "dinoserve.commands.embed:embed",
     "eval": "dinoserve.commands.eval:eval_",
+    "index": "dinoserve.commands.index:index",
     "models": "dinoserve.commands.models:models",
+    "search": "dinoserve.commands.search:search",
 }
 
 

@@ -1,0 +1,81 @@
+"""`dinoserve index build|update|info`: a nearest-neighbour index of a folder or a file list."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dinoserve.commands._client_options import client_options, make_client
+
+KINDS = ("flat", "hnsw", "ivfpq")
+
+
+@click.group("index")
+def index() -> None:
+    """Build, update and inspect an embedding index (faiss + item table, atomic on disk)."""
+
+
+def _echo_report(report) -> None:
+    for path, err in report.skipped:
+        click.echo(f"skipped {path}: {err}", err=True)
+    click.echo(json.dumps(report.as_dict()))
+
+
+@index.command("build")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(), help="Index directory to create or replace (e.g. photos.index).")
+@click.option("--kind", type=click.Choice(KINDS), default="flat", show_default=True,
+              help="flat: exact inner product; hnsw / ivfpq: approximate, for large collections (recall is measured).")
+@click.option("--split", "splits", multiple=True, help="With a CSV list: keep only rows of this split (repeatable).")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="With a CSV list: folder relative paths start from.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@client_options
+def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_size, timeout, concurrency):
+    """Embed every image under SOURCE (a folder, recursive, or a CSV with a 'path' column) into an index.
+
+    Unreadable or corrupt images are skipped and listed. An existing index at --out is
+    replaced only once the new one is complete.
+
+    \b
+    Example:
+      dinoserve index build photos/ --out photos.index
+      dinoserve index build list.csv --split knn_train --out bank.index --url grpc://127.0.0.1:8001
+    """
+    from dinoserve.index import build_index
+
+    with make_client(url, repo, model, batch_size, timeout, concurrency) as client:
+        report = build_index(source, out, client, kind=kind, splits=list(splits) or None, root=root,
+                             progress=not no_progress)
+    _echo_report(report)
+
+
+@index.command("update")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@client_options
+def update(path, no_progress, url, repo, model, batch_size, timeout, concurrency):
+    """Embed new and changed images of the index's source and drop removed ones.
+
+    The model defaults to the one that built the index.
+
+    \b
+    Example:
+      dinoserve index update photos.index
+    """
+    from dinoserve.index import EmbeddingIndex, update_index
+
+    model = model or EmbeddingIndex.load(path).model_name
+    with make_client(url, repo, model, batch_size, timeout, concurrency) as client:
+        report = update_index(path, client, progress=not no_progress)
+    _echo_report(report)
+
+
+@index.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def info(path):
+    """Print an index's metadata (model, preprocessing, kind, counts, source) as JSON."""
+    from dinoserve.index import EmbeddingIndex
+
+    idx = EmbeddingIndex.load(path, mmap=True)
+    click.echo(json.dumps(idx.meta, indent=2, sort_keys=True))
