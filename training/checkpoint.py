@@ -1,0 +1,83 @@
+"""Checkpoints in the facebookresearch/dino layout, written atomically.
+
+``checkpoint.pth`` holds ``student`` and ``teacher`` (plain module state dicts, keys
+``backbone.*`` and ``head.*``), ``optimizer``, ``epoch`` (finished epochs), ``args`` (the
+config as a plain dict), ``dino_loss`` (``{"center": ...}``), ``scaler``, ``meta`` (the
+teacher backbone's :class:`~dinoserve.models.BackboneSpec` plus head and crop settings),
+and ``progress``: what an exact resume needs (global step, step within the epoch, RNG
+states, skipped files). Everything is tensors, containers and plain values, so
+``torch.load(weights_only=True)`` -- :func:`dinoserve.models.read_checkpoint` -- reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinoserve.errors import TrainingError
+from dinoserve.models import read_checkpoint
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``:
+    a crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read ``<out_dir>/checkpoint.pth`` for ``--resume``; a clear error when it is missing
+    or not one of ours."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise TrainingError(f"--resume: {path} does not exist; start without --resume or point --out at a run folder")
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("student", "teacher", "optimizer", "epoch", "args", "dino_loss", "meta", "progress") if k not in ckpt]
+    if missing:
+        raise TrainingError(f"--resume: {path} is not a dinoserve training checkpoint (no {', '.join(missing)})")
+    return ckpt
