@@ -58,3 +58,83 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("images")
     make_image_folder(root)
     return root
+
+
+# ======================================================================================
+# Export and serving fixtures (owner: export/Triton, issue 4). Shared by the client,
+# index and app tests: a small real model repository and a real tritonserver on it.
+# ======================================================================================
+
+#: The two tiny backbones of ``tiny_repo``: model name -> (timm arch, timm kwargs, image size).
+TINY_MODELS: dict[str, tuple[str, dict, int]] = {
+    "vit_tiny": ("vit_tiny_patch16_224", {"depth": 2, "img_size": 32}, 32),
+    "resnet_tiny": ("resnet18", {}, 64),
+}
+
+
+def build_tiny_backbone(name: str):
+    """The PyTorch backbone exported as ``tiny_repo/<name>`` (same seed, so the same weights).
+
+    ``name`` is ``"vit_tiny"`` or ``"resnet_tiny"``. Use it to compare served or embedded
+    outputs with PyTorch: ``from conftest import build_tiny_backbone, TINY_MODELS``.
+    """
+    import torch
+
+    from dinoserve.models import create_backbone
+
+    arch, kwargs, _ = TINY_MODELS[name]
+    torch.manual_seed(0)
+    return create_backbone(arch, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Triton model repository (absolute path) with two exported, verified models.
+
+    - ``vit_tiny``: vit_tiny_patch16_224, depth 2, trained size 32 px (``image_size`` 32),
+      3 heads, 192-d embedding; outputs ``embedding`` and ``attention``; H and W dynamic
+      (multiples of 16).
+    - ``resnet_tiny``: resnet18 at 64 px, 512-d embedding; output ``embedding`` only.
+
+    Random init with a fixed seed (rebuild the PyTorch model with
+    ``build_tiny_backbone(name)``); each has version 1 and its weights' sha256 in
+    ``config.pbtxt``. The weights files are in ``tiny_repo.parent / "weights"``. Read-only:
+    tests that export more models or write into a repository must use their own copy.
+    Costs about 15 s once per test process.
+    """
+    from safetensors.torch import save_file
+
+    from dinoserve.export import export_onnx
+    from dinoserve.models import load_weights
+
+    root = tmp_path_factory.mktemp("tiny_repo")
+    weights = root / "weights"
+    weights.mkdir()
+    repo = root / "model_repository"
+    for name, (_, _, size) in TINY_MODELS.items():
+        model = build_tiny_backbone(name)
+        path = weights / f"{name}.safetensors"
+        save_file(model.state_dict(), str(path))
+        load_weights(model, path)  # records the source and sha256 the config carries
+        export_onnx(model=model, name=name, repo=repo, image_size=size)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_repo: Path):
+    """A real ``tritonserver`` on ``tiny_repo``, on 127.0.0.1 with free ports.
+
+    Yields a started :class:`dinoserve.triton.TritonServer`; use ``triton_server.http_url``
+    (``http://127.0.0.1:PORT``), ``.grpc_url`` (``grpc://127.0.0.1:PORT``) and
+    ``.metrics_url``. Both models are ready when it is yielded. Stopped at session end.
+    Skipped with the reason when no tritonserver binary can be found.
+    """
+    from dinoserve.errors import ServerError
+    from dinoserve.triton import TritonServer, find_tritonserver
+
+    try:
+        find_tritonserver()
+    except ServerError as e:
+        pytest.skip(f"no tritonserver available: {e}")
+    with TritonServer(tiny_repo) as server:
+        yield server
