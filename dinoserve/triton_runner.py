@@ -1,0 +1,81 @@
+"""Triton Python-backend runner for an ONNX model: copied as ``model.py`` into a serving folder.
+
+The tritonserver in the ``nvidia-pytriton`` wheel has no onnxruntime backend, so
+``dinoserve serve`` gives each ONNX model this runner instead: same name, inputs and
+outputs, running the very same ``model.onnx`` (linked beside this file) with onnxruntime.
+Triton's dynamic batcher hands ``execute`` several requests at once; they are
+concatenated, run in one onnxruntime call and split back, so batching still pays.
+
+This file is loaded by Triton's Python stub, not imported by dinoserve: it may only
+use numpy, onnxruntime and ``triton_python_backend_utils``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _parameter(model_config: dict, key: str, default: str = "") -> str:
+    value = model_config.get("parameters", {}).get(key, {})
+    return value.get("string_value", default) if isinstance(value, dict) else default
+
+
+class TritonPythonModel:
+    """Runs ``<version>/model.onnx`` with onnxruntime for every batch Triton schedules."""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.output_dtypes = {
+            o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
+        }
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        options = ort.SessionOptions()
+        threads = int(_parameter(config, "runner_intra_op_threads", "0") or 0)
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        providers = ["CPUExecutionProvider"]
+        if _parameter(config, "runner_device") == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in self.output_names if n not in graph_outputs]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"{path}: outputs {missing} declared in config.pbtxt are not in the ONNX graph {graph_outputs}"
+            )
+
+    def execute(self, requests: list) -> list:
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        responses: list = [None] * len(requests)
+        # Requests of one shape run together (ViTs accept several image sizes).
+        groups: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape[1:], []).append(i)
+        for members in groups.values():
+            batch = np.concatenate([arrays[i] for i in members]) if len(members) > 1 else arrays[members[0]]
+            try:
+                outputs = self.session.run(self.output_names, {self.input_name: batch})
+            except Exception as e:  # onnxruntime's error types; each request gets the message
+                error = pb_utils.TritonError(f"onnxruntime failed on input {tuple(batch.shape)}: {e}")
+                for i in members:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+                continue
+            start = 0
+            for i in members:
+                n = arrays[i].shape[0]
+                tensors = [
+                    pb_utils.Tensor(name, np.ascontiguousarray(out[start:start + n], dtype=self.output_dtypes[name]))
+                    for name, out in zip(self.output_names, outputs)
+                ]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+                start += n
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
