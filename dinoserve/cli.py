@@ -20,9 +20,11 @@ from dinoserve.errors import DinoserveError
 COMMANDS: dict[str, str] = {
     "embed": "dinoserve.commands.embed:embed",
     "eval": "dinoserve.commands.eval:eval_",
+    "export": "dinoserve.commands.export:export",
     "index": "dinoserve.commands.index:index",
     "models": "dinoserve.commands.models:models",
     "search": "dinoserve.commands.search:search",
+    "serve": "dinoserve.commands.serve:serve",
 }
 
 
