@@ -364,13 +364,13 @@ class TritonServer:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(self._failure(f"tritonserver exited with code {code} while starting"))
+                raise ServerError(self.failure_report(f"tritonserver exited with code {code} while starting"))
             if pending:
                 pending = [m for m in pending if not self._get_ok(f"/v2/models/{m}/ready")]
             if not pending and self._get_ok("/v2/health/ready"):
                 return
             if time.monotonic() > deadline:
-                raise ServerError(self._failure(
+                raise ServerError(self.failure_report(
                     f"tritonserver was not ready after {self.startup_timeout:.0f} s "
                     f"(models not ready: {', '.join(pending) or 'none'})"
                 ))
@@ -383,7 +383,7 @@ class TritonServer:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def _failure(self, headline: str) -> str:
+    def failure_report(self, headline: str) -> str:
         lines = self.log_lines()
         errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-15:]
         shown = "\n  ".join(errors[-20:]) if errors else "(no output)"

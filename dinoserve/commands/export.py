@@ -1,0 +1,60 @@
+"""`dinoserve export --onnx`: a backbone into a Triton model repository, verified."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("export")
+@click.option("--onnx", "onnx_", is_flag=True, help="Export to ONNX into a Triton model repository (the only format).")
+@click.option("--weights", "-w", required=True,
+              help="Weight source: a checkpoint/.pth/.safetensors path, timm:<arch>.<tag> or an alias (dino_vits16 ...).")
+@click.option("--arch", default=None, help="timm architecture, when it cannot be read from the weights.")
+@click.option("--name", "-n", required=True, help="Model name in the repository (folder name).")
+@click.option("--repo", envvar="DINOSERVE_REPO", default="model_repository", show_default=True,
+              type=click.Path(file_okay=False), help="Triton model repository [env DINOSERVE_REPO].")
+@click.option("--image-size", default=None, type=click.IntRange(1),
+              help="Input size clients send [default: the backbone's own, e.g. 224].")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1), help="Triton max_batch_size.")
+@click.option("--fp16", is_flag=True, help="Half-precision weights and compute (uint8 in, float32 out).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Triton instance kind (KIND_CPU/KIND_GPU) and where verification runs.")
+@click.option("--trt-fp16", is_flag=True, help="Add Triton's TensorRT FP16 accelerator (needs --device gpu).")
+@click.option("--verify-images", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of images to verify with [default: generated pictures].")
+@click.option("--tolerance", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Max abs difference allowed, per unit of output magnitude [default: 1e-4, 5e-2 with --fp16].")
+@click.option("--checkpoint-key", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True,
+              help="Which network of a training checkpoint.")
+@click.option("--crop-pct", default=0.875, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Evaluation crop recorded for clients (resize to size/crop_pct, centre-crop).")
+def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, device, trt_fp16, verify_images,
+           tolerance, checkpoint_key, crop_pct):
+    """Export a DINO backbone as the next version of REPO/NAME and verify it.
+
+    The ONNX graph takes uint8 images [B, 3, H, W], normalises inside, and returns
+    `embedding` (and `attention` for ViTs). onnxruntime is checked against PyTorch on
+    real images; on failure the repository is left exactly as it was. Prints one JSON object.
+
+    \b
+    Example:
+      dinoserve export --onnx --weights dino_vits16 --name dino_vits16
+      dinoserve export --onnx --weights runs/exp/checkpoint.pth --name mine --image-size 112
+    """
+    if not onnx_:
+        raise click.UsageError("choose the export format: --onnx (the only one so far)")
+    from dinoserve.export import export_onnx
+
+    res = export_onnx(weights, name=name, arch=arch, repo=repo, image_size=image_size, max_batch=max_batch,
+                      fp16=fp16, device=device, trt_fp16=trt_fp16, verify_images=verify_images,
+                      tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct)
+    click.echo(f"verified: max abs difference onnxruntime vs PyTorch {res.max_abs_diff:.3g} "
+               f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
+    click.echo(json.dumps({
+        "name": name, "version": res.version, "model_dir": str(res.model_dir), "onnx": str(res.onnx_path),
+        "arch": res.spec.arch, "family": res.spec.family, "embed_dim": res.spec.embed_dim,
+        "image_size": res.image_size, "max_abs_diff": res.max_abs_diff,
+        "sizes_checked": [list(s) for s in res.sizes_checked],
+    }))

@@ -1,0 +1,58 @@
+"""`dinoserve serve`: a real Triton Inference Server on a model repository."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import click
+
+
+@click.command("serve")
+@click.option("--repo", envvar="DINOSERVE_REPO", default="model_repository", show_default=True,
+              type=click.Path(file_okay=False), help="Triton model repository [env DINOSERVE_REPO].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--http-port", default=None, type=click.IntRange(1, 65535), help="HTTP port [default: a free one].")
+@click.option("--grpc-port", default=None, type=click.IntRange(1, 65535), help="gRPC port [default: a free one].")
+@click.option("--metrics-port", default=None, type=click.IntRange(1, 65535), help="Metrics port [default: a free one].")
+@click.option("--model", "-m", "models", multiple=True, help="Serve only this model (repeatable) [default: all].")
+@click.option("--log-file", default=None, type=click.Path(dir_okay=False), help="Write the server's output here.")
+@click.option("--startup-timeout", default=180.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds to wait until every model is ready.")
+def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, startup_timeout):
+    """Run tritonserver on REPO until Ctrl-C or SIGTERM.
+
+    Uses `tritonserver` from PATH (NVIDIA's container) or the one in the nvidia-pytriton
+    wheel, whose ONNX models run through an onnxruntime Python-backend runner. Prints one
+    JSON line with the endpoints once every model is ready.
+
+    \b
+    Example:
+      dinoserve serve --repo model_repository --http-port 8000 --grpc-port 8001
+    """
+    from dinoserve.errors import ServerError
+    from dinoserve.triton import TritonServer
+
+    server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          models=list(models) or None, log_file=log_file, startup_timeout=startup_timeout)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt  # one shutdown path for Ctrl-C and SIGTERM
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        server.start()
+        click.echo(json.dumps(server.status()))
+        click.echo(f"serving {', '.join(server.served_models)}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+                   f"metrics {server.metrics_url}  (Ctrl-C to stop)", err=True)
+        while server.is_running():
+            time.sleep(0.5)
+        code = server.process.returncode if server.process else None
+        raise ServerError(server.failure_report(f"tritonserver stopped by itself (exit code {code})"))
+    except KeyboardInterrupt:
+        click.echo("stopping tritonserver ...", err=True)
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
