@@ -41,6 +41,7 @@ __all__ = [
     "knn_classify",
     "prepare_knn_set",
     "evaluate_knn_set",
+    "knn_scores",
     "evaluate_knn",
 ]
 
@@ -171,12 +172,20 @@ def extract_features(
     return features_from_pixels(backbone, pixels, batch_size, device), kept, skipped
 
 
-def raw_pixel_features(pixels: np.ndarray, reference: np.ndarray | None = None) -> torch.Tensor:
-    """The raw-pixel baseline: flattened pixels in [0, 1], centred on the mean image of
-    ``reference`` (the bank; default ``pixels`` itself)."""
+def raw_pixel_features(pixels: np.ndarray, reference: np.ndarray | None = None, centre: str = "image") -> torch.Tensor:
+    """The raw-pixel baseline: flattened pixels in [0, 1], centred.
+
+    ``centre="image"`` subtracts each image's own mean (cosine then equals the Pearson
+    correlation of two images; the stronger baseline); ``"bank"`` subtracts the mean image
+    of ``reference`` (the bank; default ``pixels`` itself).
+    """
     x = torch.from_numpy(pixels).float().div_(255).flatten(1)
-    ref = x if reference is None else torch.from_numpy(reference).float().div_(255).flatten(1)
-    return x - ref.mean(dim=0, keepdim=True)
+    if centre == "image":
+        return x - x.mean(dim=1, keepdim=True)
+    if centre == "bank":
+        ref = x if reference is None else torch.from_numpy(reference).float().div_(255).flatten(1)
+        return x - ref.mean(dim=0, keepdim=True)
+    raise ValueError(f"centre must be 'image' or 'bank', got {centre!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -304,7 +313,8 @@ def prepare_knn_set(
     return KnnSet(bank_pixels, bank_labels, query_pixels, query_labels, classes, image_size, skipped)
 
 
-def _score(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int, temperature: float) -> KnnResult:
+def knn_scores(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int = 20, temperature: float = 0.07) -> KnnResult:
+    """k-NN accuracy of given bank/query features against the labels of ``s``."""
     scores = knn_classify(bank, torch.from_numpy(s.bank_labels), queries, k, temperature, s.num_classes)
     labels = torch.from_numpy(s.query_labels)
     return KnnResult(_accuracy(scores, labels, 1), _accuracy(scores, labels, 5), len(bank), len(queries),
@@ -320,14 +330,15 @@ def evaluate_knn_set(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> KnnResult:
-    """k-NN accuracy of ``backbone`` on a prepared set; ``None`` scores raw pixels."""
+    """k-NN accuracy of ``backbone`` on a prepared set; ``None`` scores raw pixels
+    (centred per image, see :func:`raw_pixel_features`)."""
     if backbone is None:
         bank = raw_pixel_features(knn_set.bank_pixels)
-        queries = raw_pixel_features(knn_set.query_pixels, reference=knn_set.bank_pixels)
+        queries = raw_pixel_features(knn_set.query_pixels)
     else:
         bank = features_from_pixels(backbone, knn_set.bank_pixels, batch_size, device)
         queries = features_from_pixels(backbone, knn_set.query_pixels, batch_size, device)
-    return _score(bank, queries, knn_set, k, temperature)
+    return knn_scores(bank, queries, knn_set, k, temperature)
 
 
 def evaluate_knn(
