@@ -1,0 +1,282 @@
+"""The Client: embedded (onnxruntime) and Triton (HTTP, gRPC) backends, inputs, errors.
+
+Real components: ONNX files exported into ``tiny_repo``, onnxruntime, a real tritonserver
+process (``triton_server``), and small real HTTP/TCP servers that misbehave on purpose.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import build_tiny_backbone
+from dinoserve.cli import cli
+from dinoserve.client import Client
+from dinoserve.errors import (
+    ConfigError,
+    ImageDecodeError,
+    ImageNotFoundError,
+    InferenceError,
+    ModelError,
+    ModelNotFoundError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
+from dinoserve.images import normalize, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def vit(tiny_repo):
+    with Client(repo=tiny_repo, model="vit_tiny") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images(image_folder) -> list[Path]:
+    return sorted(image_folder.rglob("*.png"))
+
+
+def test_client_import_never_loads_torch():
+    code = ("import sys, dinoserve, dinoserve.client, dinoserve.index, dinoserve.backends\n"
+            "from dinoserve import Client\n"
+            "print(sorted(m for m in ('torch', 'timm', 'gradio', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_client_embedded_matches_pytorch(vit, images):
+    torch = pytest.importorskip("torch")
+    model = build_tiny_backbone("vit_tiny")
+    batch = np.stack([preprocess(p, 32) for p in images[:6]])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(normalize(batch))).numpy()
+    raw = vit.embed(images[:6], normalize=False)
+    np.testing.assert_allclose(raw, ref, atol=1e-4, rtol=1e-4)
+    unit = vit.embed(images[:6])
+    np.testing.assert_allclose(unit, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    assert unit.dtype == np.float32 and unit.shape == (6, 192)
+
+
+def test_client_accepts_paths_bytes_pil_arrays_and_mixtures(vit, images):
+    p = images[5]
+    pil = Image.open(p)
+    arr = np.asarray(pil.convert("RGB"))
+    mixed = vit.embed([str(p), p, p.read_bytes(), pil, arr, np.asarray(pil.convert("L"))])
+    assert mixed.shape == (6, 192)
+    np.testing.assert_allclose(mixed[:5], np.repeat(mixed[:1], 5, 0), atol=1e-6)
+    gray = vit.embed(Image.open(p).convert("L"))
+    np.testing.assert_allclose(mixed[5], gray[0], atol=1e-6)
+    assert vit.embed(p).shape == (1, 192)  # one image, not a list
+    assert vit.embed([]).shape == (0, 192)
+
+
+def test_client_batching_and_concurrency_do_not_change_results(tiny_repo, vit, images):
+    whole = vit.embed(images)
+    with Client(repo=tiny_repo, model="vit_tiny", batch_size=5, concurrency=3) as c:
+        seen = []
+        res = c.embed_detailed(images, progress=seen.append)
+        assert res.kept == list(range(24)) and sum(seen) == 24 and len(seen) == 5
+        np.testing.assert_allclose(res.vectors, whole, atol=1e-5)
+        assert c.stats.images == 24 and c.stats.requests == 5
+
+
+def test_client_bad_image_names_position_and_path(vit, images, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(images[0].read_bytes()[:50])
+    inputs = [images[0], images[1], bad, images[2], tmp_path / "missing.jpg"]
+    with pytest.raises(ImageDecodeError, match=r"image #2: .*broken\.png"):
+        vit.embed(inputs)
+    with pytest.raises(ImageNotFoundError, match=r"image #4: .*missing\.jpg"):
+        vit.embed([images[0]] * 4 + [inputs[4]])
+    res = vit.embed_detailed(inputs, on_error="skip")
+    assert res.kept == [0, 1, 3] and [pos for pos, _ in res.skipped] == [2, 4]
+    assert "broken.png" in res.skipped[0][1] and "missing.jpg" in res.skipped[1][1]
+    np.testing.assert_allclose(res.vectors, vit.embed([images[0], images[1], images[2]]), atol=1e-6)
+    with pytest.raises(ImageDecodeError, match=r"image #0: photo-7\.jpg"):
+        vit.embed([b"not an image"], names=["photo-7.jpg"])
+    with pytest.raises(ConfigError, match="on_error"):
+        vit.embed(images[:1], on_error="ignore")
+
+
+def test_client_attention_for_vit_and_clear_error_for_resnet(tiny_repo, vit, images):
+    maps = vit.attention(images[:3])
+    assert maps.shape == (3, 3, 2, 2) and maps.dtype == np.float32
+    # Softmax rows over CLS + 4 patches: the patch part is positive and sums below 1.
+    sums = maps.sum(axis=(2, 3))
+    assert np.all(maps > 0) and np.all(sums < 1) and np.all(sums > 0.2)
+    with Client(repo=tiny_repo, model="resnet_tiny") as resnet:
+        assert resnet.embed(images[:2]).shape == (2, 512)
+        with pytest.raises(ModelError, match="resnet_tiny.*no attention maps"):
+            resnet.attention(images[:1])
+
+
+def test_client_model_choice_errors_list_the_models(tiny_repo, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="several models .*resnet_tiny, vit_tiny"):
+        Client(repo=tiny_repo)
+    with pytest.raises(ModelNotFoundError, match="no model 'vit_huge'.*resnet_tiny, vit_tiny"):
+        Client(repo=tiny_repo, model="vit_huge")
+    with pytest.raises(ModelNotFoundError, match="does not exist.*dinoserve export"):
+        Client(repo=tmp_path / "nowhere")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_client_server_down_names_url_and_hint(scheme):
+    url = f"{scheme}://127.0.0.1:{_free_port()}"
+    with pytest.raises(ServerUnavailableError) as e:
+        Client(url, timeout=5)
+    assert url in str(e.value) and "dinoserve serve" in str(e.value)
+    r = CliRunner().invoke(cli, ["embed", "x.png", "--out", "/dev/null", "--url", url])
+    assert r.exit_code == 1 and url in r.output and "dinoserve serve" in r.output
+
+
+def test_client_timeout_is_reported_not_retried():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ServerTimeoutError, match=r"timed out after 0.5 s.*--timeout"):
+            Client(url, timeout=0.5)
+    finally:
+        silent.close()
+
+
+def test_client_rejects_bad_urls():
+    with pytest.raises(ConfigError, match="http://HOST:PORT"):
+        Client("ftp://127.0.0.1:8000")
+
+
+# --- a real tritonserver -----------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_client_triton_matches_embedded(triton_server, tiny_repo, vit, images, scheme):
+    url = triton_server.http_url if scheme == "http" else triton_server.grpc_url
+    with Client(url, model="vit_tiny", batch_size=4, concurrency=3) as remote:
+        assert remote.info.image_size == 32 and remote.dim == 192
+        assert remote.info.weights_sha256 == vit.info.weights_sha256
+        got = remote.embed(images)
+        np.testing.assert_allclose(got, vit.embed(images), atol=1e-4)
+        raw = remote.embed(images[:4], normalize=False)
+        np.testing.assert_allclose(raw, vit.embed(images[:4], normalize=False), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(remote.attention(images[:4]), vit.attention(images[:4]), atol=1e-4)
+        assert remote.stats.requests >= 6  # 24 images in batches of 4
+    with Client(url, model="resnet_tiny") as remote, Client(repo=tiny_repo, model="resnet_tiny") as local:
+        np.testing.assert_allclose(remote.embed(images[:5]), local.embed(images[:5]), atol=1e-4)
+        with pytest.raises(ModelError, match="no attention"):
+            remote.attention(images[:1])
+
+
+@pytest.mark.triton
+def test_client_triton_unknown_model_lists_served_models(triton_server):
+    with pytest.raises(ModelNotFoundError, match="no model 'nope'.*resnet_tiny, vit_tiny"):
+        Client(triton_server.http_url, model="nope")
+    with pytest.raises(ModelNotFoundError, match="several models"):
+        Client(triton_server.grpc_url)
+
+
+class _FlakyProxy:
+    """A real HTTP proxy in front of Triton that answers the first N inference requests with
+    a given status, then forwards everything. Counts the inference requests it saw."""
+
+    def __init__(self, upstream: str, status: int, failures: int):
+        self.upstream, self.status, self.failures, self.infer_calls = upstream.rstrip("/"), status, failures, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method: str):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                if self.path.endswith("/infer"):
+                    proxy.infer_calls += 1
+                    if proxy.failures > 0:
+                        proxy.failures -= 1
+                        msg = json.dumps({"error": f"injected {proxy.status}"}).encode()
+                        self.send_response(proxy.status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(msg)))
+                        self.end_headers()
+                        self.wfile.write(msg)
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                req = urllib.request.Request(proxy.upstream + self.path, data=body if method == "POST" else None,
+                                             headers=headers, method=method)
+                try:
+                    resp = urllib.request.urlopen(req, timeout=30)
+                    status, data, rheaders = resp.status, resp.read(), resp.headers
+                except urllib.error.HTTPError as e:
+                    status, data, rheaders = e.code, e.read(), e.headers
+                self.send_response(status)
+                for k, v in rheaders.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.triton
+def test_client_retries_transient_failures_only(triton_server, vit, images):
+    flaky = _FlakyProxy(triton_server.http_url, 503, failures=2)
+    try:
+        with Client(flaky.url, model="vit_tiny", retries=3, concurrency=1) as c:
+            c._backend.backoff = 0.01  # keep the test short; the schedule itself is not under test
+            np.testing.assert_allclose(c.embed(images[:3]), vit.embed(images[:3]), atol=1e-4)
+        assert flaky.infer_calls == 3  # two 503s, then success
+    finally:
+        flaky.close()
+    broken = _FlakyProxy(triton_server.http_url, 400, failures=5)
+    try:
+        with Client(broken.url, model="vit_tiny", retries=3, concurrency=1) as c:
+            with pytest.raises(InferenceError, match="injected 400"):
+                c.embed(images[:3])
+        assert broken.infer_calls == 1  # a client error is not retried
+    finally:
+        broken.close()
+
+
+@pytest.mark.triton
+def test_embed_cli_writes_npy_from_triton(triton_server, vit, images, tmp_path):
+    out = tmp_path / "emb.npy"
+    args = ["embed", *map(str, images[:4]), "--out", str(out), "--url", triton_server.grpc_url, "--model", "vit_tiny"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["shape"] == [4, 192] and summary["paths"] == [str(p) for p in images[:4]]
+    np.testing.assert_allclose(np.load(out), vit.embed(images[:4]), atol=1e-4)
