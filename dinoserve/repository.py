@@ -123,6 +123,15 @@ class ModelConfig:
         return self.parameters.get("weights_sha256")
 
     @property
+    def mean(self) -> tuple[float, ...]:
+        """Normalisation mean the graph applies (ImageNet's unless the weights say otherwise)."""
+        return self.parameters.get("mean", (0.485, 0.456, 0.406))
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.parameters.get("std", (0.229, 0.224, 0.225))
+
+    @property
     def has_attention(self) -> bool:
         """True when the model has an ``attention`` output (ViTs)."""
         return any(o.name == "attention" for o in self.outputs)

@@ -1,0 +1,286 @@
+"""ONNX export into a Triton repository: graph contract, parity with PyTorch, weight
+sources, versions, config.pbtxt, and failures that leave the repository unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_MODELS, build_tiny_backbone
+from safetensors.torch import save_file
+
+from dinoserve.cli import cli
+from dinoserve.errors import ExportError, IncompatibleWeightsError, UnknownModelError
+from dinoserve.export import export_onnx, sample_images
+from dinoserve.images import normalize, preprocess_batch
+from dinoserve.models import forward_with_attention, reference_pos_embed, traceable_reference_pos_embed
+from dinoserve.repository import list_models, model_onnx_path, read_model_config
+
+ONNX_TYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a hash of its content."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def torch_outputs(model: torch.nn.Module, batch: np.ndarray) -> list[np.ndarray]:
+    x = torch.from_numpy(normalize(batch))
+    if backbone_family(model) == "vit":
+        f, a = forward_with_attention(model, x)
+        return [f.numpy(), a.numpy()]
+    with torch.no_grad():
+        return [model(x).numpy()]
+
+
+def backbone_family(model) -> str:
+    return model.dino_spec.family
+
+
+def images_at(n: int, h: int, w: int) -> np.ndarray:
+    """``n`` real (decoded, preprocessed) pictures cropped to ``h x w``."""
+    big, _, _ = preprocess_batch(sample_images(n, seed=3), max(h, w))
+    return np.ascontiguousarray(big[:, :, :h, :w])
+
+
+# --- the traceable position-embedding resize ------------------------------------------------
+
+
+@pytest.mark.parametrize("h,w", [(14, 14), (7, 7), (10, 6), (20, 30), (1, 1), (14, 15)])
+def test_traceable_pos_embed_matches_reference_formula(h, w):
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 14 * 14, 32)
+    ref = reference_pos_embed(pe, h, w)  # eager: the reference's F.interpolate by scale factors
+    got = traceable_reference_pos_embed(pe, h, w)
+    assert got.shape == ref.shape == (1, 1 + h * w, 32)
+    if (h, w) == (14, 14):
+        assert torch.equal(got, pe)  # the trained grid is the table itself, exactly
+    # PyTorch's float32 bicubic kernel rounds at ~1e-6 of these unit-scale values.
+    assert (got - ref).abs().max().item() < 2e-5
+    ref64 = reference_pos_embed(pe.double(), h, w)
+    assert (got.double() - ref64).abs().max().item() < 2e-6
+
+
+# --- the exported graph and its config ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_config_matches_onnx_graph(tiny_repo, name):
+    config = read_model_config(tiny_repo / name)
+    graph = onnx.load(str(model_onnx_path(tiny_repo, name))).graph
+    arch, _, size = TINY_MODELS[name]
+    assert config.name == name and config.backend == "onnxruntime" and config.max_batch_size == 64
+    assert [i.name for i in graph.input] == [t.name for t in config.inputs] == ["images"]
+    expected_outputs = ["embedding", "attention"] if name == "vit_tiny" else ["embedding"]
+    assert [o.name for o in graph.output] == [t.name for t in config.outputs] == expected_outputs
+    for value, tensor in zip([*graph.input, *graph.output], [*config.inputs, *config.outputs]):
+        dims = value.type.tensor_type.shape.dim
+        assert ONNX_TYPES[value.type.tensor_type.elem_type] == tensor.data_type
+        assert dims[0].dim_param and not dims[0].dim_value  # dynamic batch
+        onnx_dims = tuple(d.dim_value if d.dim_value else -1 for d in dims[1:])
+        assert onnx_dims == tensor.dims
+    if name == "vit_tiny":
+        assert config.inputs[0].dims == (3, -1, -1)
+        assert config.outputs[1].dims == (3, -1, -1)
+    else:
+        assert config.inputs[0].dims == (3, 64, 64)
+    model = build_tiny_backbone(name)
+    assert config.arch == arch and config.image_size == size and config.embed_dim == model.dino_spec.embed_dim
+    assert config.family == model.dino_spec.family and config.crop_pct == 0.875
+    assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
+    weights = tiny_repo.parent / "weights" / f"{name}.safetensors"
+    assert config.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    text = (tiny_repo / name / "config.pbtxt").read_text()
+    assert "dynamic_batching" in text and "KIND_CPU" in text
+
+
+@pytest.mark.parametrize("name,batch,size", [
+    ("vit_tiny", 1, (32, 32)), ("vit_tiny", 7, (32, 32)), ("vit_tiny", 7, (48, 64)),
+    ("resnet_tiny", 1, (64, 64)), ("resnet_tiny", 7, (64, 64)),
+])
+def test_onnxruntime_equals_pytorch(tiny_repo, name, batch, size):
+    session = ort.InferenceSession(str(model_onnx_path(tiny_repo, name)), providers=["CPUExecutionProvider"])
+    images = images_at(batch, *size)
+    got = session.run(None, {"images": images})
+    ref = torch_outputs(build_tiny_backbone(name), images)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.dtype == np.float32 and g.shape == r.shape
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=0)
+    if name == "vit_tiny":
+        h, w = size
+        assert got[1].shape == (batch, 3, h // 16, w // 16)
+        np.testing.assert_allclose(got[1].sum(axis=(2, 3)), 1.0 - ref_cls_self(build_tiny_backbone(name), images), atol=1e-4)
+
+
+def ref_cls_self(model, images: np.ndarray) -> np.ndarray:
+    """The CLS token's attention to itself: the part of each softmax row not on patches."""
+    captured = []
+    attn = model.blocks[-1].attn
+    attn.fused_attn = False
+    hook = attn.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        model(torch.from_numpy(normalize(images)))
+    hook.remove()
+    return captured[-1][:, :, 0, 0].numpy()
+
+
+# --- weight sources, versions, precision -----------------------------------------------------
+
+
+def _resnet_sources(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
+    sd = build_tiny_backbone("resnet_tiny").state_dict()
+    official = tmp_path / "dino_full.pth"  # facebookresearch/dino layout: teacher with prefixes
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in sd.items()}, "epoch": 3}, official)
+    ours = tmp_path / "checkpoint.pth"  # dinoserve training checkpoint layout
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()},
+                "student": {f"backbone.{k}": v for k, v in sd.items()},
+                "meta": {"arch": "resnet18", "model_kwargs": {}}}, ours)
+    st = tmp_path / "backbone.safetensors"
+    save_file(sd, str(st))
+    return {"dino-full": (official, None), "dinoserve": (ours, None), "safetensors": (st, "resnet18")}
+
+
+def test_export_from_every_weight_source(tmp_path):
+    repo = tmp_path / "repo"
+    images = images_at(3, 64, 64)
+    ref = torch_outputs(build_tiny_backbone("resnet_tiny"), images)[0]
+    for i, (source, (path, arch)) in enumerate(_resnet_sources(tmp_path).items(), start=1):
+        res = export_onnx(path, arch=arch, name="r18", repo=repo, image_size=64, max_batch=8)
+        assert res.version == i, source  # each export is the next version
+        assert res.onnx_path == repo / "r18" / str(i) / "model.onnx" and res.onnx_path.is_file()
+        assert 0 <= res.max_abs_diff < 1e-4
+        got = ort.InferenceSession(str(res.onnx_path)).run(None, {"images": images})[0]
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=source)
+    config = read_model_config(repo / "r18")
+    assert config.max_batch_size == 8
+    assert config.weights_sha256 == hashlib.sha256((tmp_path / "backbone.safetensors").read_bytes()).hexdigest()
+    assert sorted(p.name for p in repo.iterdir()) == ["r18"]  # no staging folders left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_fp16_keeps_float32_io(tmp_path):
+    res = export_onnx(model=build_tiny_backbone("resnet_tiny"), name="half", repo=tmp_path / "repo",
+                      image_size=64, fp16=True)
+    session = ort.InferenceSession(str(res.onnx_path))
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert session.get_outputs()[0].type == "tensor(float)"
+    images = images_at(2, 64, 64)
+    ref = torch_outputs(build_tiny_backbone("resnet_tiny"), images)[0]
+    got = session.run(None, {"images": images})[0]
+    # Half precision: close to the float32 model, but not bit-for-bit.
+    assert 0 < np.abs(got - ref).max() < 5e-2 * max(1.0, np.abs(ref).max())
+    assert read_model_config(res.model_dir).parameters["precision"] == "fp16"
+
+
+# --- failures leave the repository unchanged ------------------------------------------------
+
+
+@pytest.fixture
+def repo_copy(tiny_repo, tmp_path) -> Path:
+    repo = tmp_path / "model_repository"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    return repo
+
+
+def test_unknown_arch_is_a_clear_error(tiny_repo, repo_copy):
+    before = snapshot(repo_copy.parent)
+    weights = tiny_repo.parent / "weights" / "resnet_tiny.safetensors"
+    with pytest.raises(UnknownModelError, match="resnet_nonexistent"):
+        export_onnx(weights, arch="resnet_nonexistent", name="x", repo=repo_copy)
+    assert snapshot(repo_copy.parent) == before
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tiny_repo, repo_copy):
+    before = snapshot(repo_copy.parent)
+    resnet_weights = tiny_repo.parent / "weights" / "resnet_tiny.safetensors"
+    with pytest.raises(IncompatibleWeightsError, match="do not fit vit_tiny_patch16_224"):
+        export_onnx(resnet_weights, arch="vit_tiny_patch16_224", name="vit_tiny", repo=repo_copy)
+    assert snapshot(repo_copy.parent) == before
+
+
+def test_failed_verification_leaves_repository_unchanged(repo_copy):
+    before = snapshot(repo_copy.parent)
+    with pytest.raises(ExportError, match="verification failed.*repository is unchanged"):
+        export_onnx(model=build_tiny_backbone("vit_tiny"), name="vit_tiny", repo=repo_copy, tolerance=1e-12)
+    assert snapshot(repo_copy.parent) == before  # no version 2, no staging folder, same config
+
+
+def test_unwritable_repository_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        export_onnx(model=build_tiny_backbone("resnet_tiny"), name="x", repo=blocker / "repo")
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not (ro / "probe").exists():
+            try:
+                (ro / "probe").write_text("")
+                writable = True  # root ignores permissions: nothing to test here
+            except PermissionError:
+                writable = False
+            if not writable:
+                with pytest.raises(ExportError, match="not writable"):
+                    export_onnx(model=build_tiny_backbone("resnet_tiny"), name="x", repo=ro / "repo")
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("name", ["", "../escape", ".hidden", "a b"])
+def test_bad_model_name(tmp_path, name):
+    with pytest.raises(ExportError, match="not a valid Triton model folder name"):
+        export_onnx(model=build_tiny_backbone("resnet_tiny"), name=name, repo=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_trt_fp16_needs_gpu_and_renders_accelerator():
+    from dinoserve.export import render_config
+    from dinoserve.repository import parse_pbtxt
+
+    with pytest.raises(ExportError, match="--device gpu"):
+        export_onnx(model=build_tiny_backbone("resnet_tiny"), name="x", trt_fp16=True)
+    spec = build_tiny_backbone("vit_tiny").dino_spec
+    raw = parse_pbtxt(render_config("m", spec, image_size=32, max_batch=4, device="gpu", trt_fp16=True))
+    assert raw["instance_group"] == [{"kind": "KIND_GPU", "count": 1}]
+    accel = raw["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]
+    assert accel["name"] == "tensorrt"
+    assert {"key": "precision_mode", "value": "FP16"} in accel["parameters"]
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_export_prints_json_and_writes_version(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    weights = tiny_repo.parent / "weights" / "resnet_tiny.safetensors"  # arch read from the keys
+    result = CliRunner().invoke(cli, ["export", "--onnx", "--weights", str(weights), "--name", "r",
+                                      "--repo", str(repo), "--image-size", "64", "--max-batch", "4"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["version"] == 1 and out["arch"] == "resnet18" and out["embed_dim"] == 512
+    assert out["max_abs_diff"] < 1e-4 and "max abs difference" in result.stderr
+    assert list_models(repo) == ["r"] and Path(out["onnx"]).is_file()
+    assert read_model_config(repo / "r").max_batch_size == 4
+
+
+def test_cli_export_bad_input_exit_1(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", "--onnx", "--weights", str(tmp_path / "missing.pth"), "--name", "r",
+                                 "--repo", str(tmp_path / "repo")])
+    assert result.exit_code == 1 and "missing.pth" in result.output and "no such file" in result.output
+    result = runner.invoke(cli, ["export", "--weights", "x", "--name", "r"])
+    assert result.exit_code == 2 and "--onnx" in result.output
+    assert not (tmp_path / "repo").exists()
