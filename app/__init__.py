@@ -1,0 +1,120 @@
+"""dinoserve's Gradio app: similar-image search, CLS attention maps and embeddings.
+
+Built from a :class:`dinoserve.Client` (embedded onnxruntime or a Triton server) and an
+embedding index::
+
+    from dinoserve import Client
+    import app
+
+    demo = app.launch(Client(repo="model_repository"), "photos.index", port=7860)
+
+Safe by default: it binds 127.0.0.1, refuses uploads over ``max_upload_mb``, and serves
+no file from disk except the index's own images (``allowed_paths`` lists exactly those
+files, never a folder). Nothing launches on import; ``dinoserve app`` is the command.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from app.handlers import ModelView
+
+__all__ = ["build_app", "launch", "allowed_paths", "model_view", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
+
+#: Default upload limit; a photo rarely needs more, and dinoserve.images caps pixels anyway.
+DEFAULT_MAX_UPLOAD_MB = 20
+
+
+def load_index(index: Any):
+    """``index`` itself when it is already loaded, else :meth:`EmbeddingIndex.load` of the path."""
+    if isinstance(index, (str, os.PathLike)):
+        from dinoserve.index import EmbeddingIndex
+
+        return EmbeddingIndex.load(index)
+    return index
+
+
+def model_view(client: Any) -> "ModelView":
+    """What the app shows and needs about ``client``'s model (from ``client.info``)."""
+    from app.handlers import ModelView
+
+    info = client.info
+    return ModelView(name=info.name, family=info.family, image_size=int(info.image_size),
+                     crop_pct=float(info.crop_pct), has_attention=bool(info.has_attention))
+
+
+def allowed_paths(index: Any) -> list[str]:
+    """The only files the app may serve from disk: each image of the index (never a folder).
+
+    Each path is listed as the index stores it and with symlinks resolved, so a linked
+    image is found under either name and nothing else is.
+    """
+    paths = set()
+    for p in load_index(index).paths:
+        paths.add(str(Path(p).absolute()))
+        paths.add(str(Path(p).resolve()))
+    return sorted(paths)
+
+
+def build_app(client: Any, index: Any, *, title: str = "dinoserve", workdir: str | os.PathLike | None = None) -> "gr.Blocks":
+    """Build (not launch) the app over ``client`` and ``index`` (loaded or a path).
+
+    ``workdir`` holds the Embed tab's download files (a fresh temporary folder by default).
+    """
+    from app.blocks import build_blocks
+    from app.handlers import Handlers
+
+    index = load_index(index)
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="dinoserve-app-")
+    handlers = Handlers(client, index, model_view(client), workdir)
+    demo = build_blocks(handlers, title=title)
+    demo.dinoserve_handlers = handlers  # for tests and callers who want the plain functions
+    return demo
+
+
+def launch(
+    client: Any,
+    index: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    title: str = "dinoserve",
+    **launch_kwargs: Any,
+) -> "gr.Blocks":
+    """Build the app and serve it on ``host:port``; returns the launched ``gr.Blocks``.
+
+    Blocks the calling thread unless ``prevent_thread_lock=True`` is passed (tests do).
+    The URL is ``demo.local_url``; stop it with ``demo.close()``.
+    """
+    import gradio as gr
+
+    index = load_index(index)
+    demo = build_app(client, index, title=title)
+    theme = gr.themes.Default(
+        # System fonts: the default theme would fetch Google Fonts, and the app must work offline.
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "monospace"],
+    )
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=int(max_upload_mb * 1024 * 1024),
+        allowed_paths=allowed_paths(index),
+        share=False,
+        show_error=False,  # our gr.Error messages still show; anything else shows no stack trace
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+        theme=theme,
+        **launch_kwargs,
+    )
+    return demo

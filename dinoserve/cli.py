@@ -18,6 +18,7 @@ from dinoserve.errors import DinoserveError
 
 #: verb -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
+    "app": "dinoserve.commands.app:app",
     "embed": "dinoserve.commands.embed:embed",
     "eval": "dinoserve.commands.eval:eval_",
     "export": "dinoserve.commands.export:export",

@@ -1,0 +1,244 @@
+"""What the app does, as plain methods on one object: search, attention, embed.
+
+Each method takes ordinary values (a PIL image, an int, a float) and returns ordinary
+values (lists of ``(image, caption)`` pairs, dicts, file paths), so it can be called and
+tested without a server. :mod:`app.blocks` only wires them to components.
+
+Every error a user can cause (a bad image, a ResNet asked for attention, a server that is
+down) arrives as a :class:`~dinoserve.errors.DinoserveError` and leaves here as a
+``gr.Error`` with the same message; anything else is a bug and stays an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from dinoserve.images import load_image, resize_and_crop
+
+from app.errors import app_error, user_errors
+from app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
+from app.upload import read_upload
+
+#: Attention overlays are drawn at least this many pixels wide: tiny models see 32-64 px crops.
+DISPLAY_SIZE = 320
+
+#: Default share of the attention the threshold view keeps (DINO's visualize_attention.py).
+DEFAULT_THRESHOLD = 0.6
+
+DEFAULT_K = 8
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the app needs to know about the served model."""
+
+    name: str
+    family: str  # "vit", "resnet" or "" when the repository does not say
+    image_size: int
+    crop_pct: float
+    has_attention: bool
+
+
+def _require(image: Any, what: str) -> None:
+    if image is None:
+        raise app_error(f"No image given: upload, paste or pick an example image to {what}.",
+                       title="No image")
+
+
+def _number(value: Any, name: str) -> float:
+    """A number parameter from the browser or an API caller (events skip Gradio's checks)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise app_error(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(x):
+        raise app_error(f"{name} must be a finite number, got {value!r}")
+    return x
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class Handlers:
+    """The app's behaviour over one :class:`dinoserve.Client` and one loaded index.
+
+    Args:
+        client: a :class:`dinoserve.Client` (embedded or Triton).
+        index: a loaded :class:`dinoserve.index.EmbeddingIndex`.
+        model: facts about the client's model (see :func:`app.model_view`).
+        workdir: folder for the files the Embed tab offers for download.
+    """
+
+    def __init__(self, client: Any, index: Any, model: ModelView, workdir: str | os.PathLike):
+        self.client = client
+        self.index = index
+        self.model = model
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.paths: list[str] = [str(p) for p in index.paths]
+        self.root = _common_root(self.paths)
+
+    # --- search ------------------------------------------------------------------------
+    def display_path(self, path: str) -> str:
+        """An index path relative to the folder all index images share, for captions."""
+        if self.root:
+            with contextlib.suppress(ValueError):
+                return os.path.relpath(path, self.root)
+        return path
+
+    def search(self, image: Image.Image | str | None, k: int = DEFAULT_K):
+        """The ``k`` nearest index images to ``image``.
+
+        Returns ``(gallery, table, paths)``: ``(path, caption)`` pairs for a gr.Gallery,
+        rows ``[rank, score, path]`` for a table, and the hit paths (kept in gr.State so a
+        click on a result can make it the next query without trusting a browser-sent path).
+        """
+        image = read_upload(image)
+        _require(image, "search with")
+        k = int(_number(k, "k"))
+        if k < 1:
+            raise app_error(f"k must be at least 1, got {k}")
+        k = min(k, len(self.paths))  # asking for more than the index holds gives all of it
+        with user_errors("Search failed"):
+            hits = self.client.search([image], self.index, k=k)[0]
+        gallery, table, paths = [], [], []
+        for rank, hit in enumerate(hits, start=1):
+            path = str(hit.path)
+            shown = self.display_path(path)
+            gallery.append((path, f"{rank}. {hit.score:.3f}  {shown}"))
+            table.append([rank, round(float(hit.score), 6), path])
+            paths.append(path)
+        return gallery, table, paths
+
+    def search_from_result(self, paths: Sequence[str], k: int, evt: gr.SelectData):
+        """Use the clicked gallery item as the next query.
+
+        The path comes from the server-side state of the last search, never from the
+        browser, so only index images can be opened this way.
+        """
+        if not paths or evt.index is None:
+            raise app_error("Run a search first, then click one of its results.", title="No results")
+        i = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+        if not 0 <= i < len(paths):
+            raise app_error("That result is no longer on the page; run the search again.")
+        query = paths[i]
+        gallery, table, new_paths = self.search(query, k)
+        return query, gallery, table, new_paths
+
+    # --- attention ---------------------------------------------------------------------
+    def display_crop(self, image: Image.Image | str) -> Image.Image:
+        """The region the model sees (resize + centre crop), enlarged for the screen."""
+        with user_errors("Not a usable image"):
+            img = load_image(image)
+        crop = resize_and_crop(img, self.model.image_size, self.model.crop_pct)
+        scale = max(1, -(-DISPLAY_SIZE // self.model.image_size))  # ceil division
+        return crop.resize((crop.width * scale, crop.height * scale), Image.Resampling.BICUBIC)
+
+    def attention(self, image: Image.Image | str | None, threshold: float = DEFAULT_THRESHOLD):
+        """Per-head CLS attention overlays, their mean, and the threshold view.
+
+        Returns ``(heads, mean, kept, summary)``: a gallery of one heat map per head, the
+        mean-over-heads heat map, a gallery of threshold views (mean first, then each head:
+        the smallest set of patches holding ``threshold`` of the attention, the rest
+        darkened) and a dict with the numbers (``attention``: the renormalised maps, each
+        head summing to 1; ``raw_sums``: the sums before renormalisation, below 1 by the
+        CLS->CLS weight; ``kept_patches``).
+        """
+        image = read_upload(image)
+        _require(image, "show attention for")
+        if not self.model.has_attention:
+            raise app_error(self.no_attention_message(), title="No attention maps")
+        threshold = _number(threshold, "threshold")
+        if not 0.0 < threshold <= 1.0:
+            raise app_error(f"threshold must be in (0, 1], got {threshold}")
+        with user_errors("Attention failed"):
+            raw = np.asarray(self.client.attention([image])[0], dtype=np.float64)  # [heads, h, w]
+        att = renormalize(raw)
+        mean = att.mean(axis=0)
+        crop = self.display_crop(image)
+        heads = [(heatmap_overlay(crop, a), f"head {i}") for i, a in enumerate(att)]
+        masks = [threshold_mask(mean, threshold)] + [threshold_mask(a, threshold) for a in att]
+        labels = ["mean"] + [f"head {i}" for i in range(len(att))]
+        total = mean.size
+        kept = [
+            (threshold_overlay(crop, m), f"{label}: {int(m.sum())}/{total} patches hold {threshold:.0%}")
+            for label, m in zip(labels, masks)
+        ]
+        summary = {
+            "model": self.model.name,
+            "heads": int(att.shape[0]),
+            "grid": [int(att.shape[1]), int(att.shape[2])],
+            "threshold": threshold,
+            "raw_sums": [round(float(s), 6) for s in raw.sum(axis=(1, 2))],
+            "kept_patches": {label: int(m.sum()) for label, m in zip(labels, masks)},
+            "attention": att.astype(np.float32).tolist(),
+        }
+        return heads, heatmap_overlay(crop, mean), kept, summary
+
+    def no_attention_message(self) -> str:
+        family = self.model.family or "this architecture"
+        return (f"Model '{self.model.name}' ({family}) has no attention output: CLS attention "
+                "maps exist only for ViT models. Serve a ViT export (e.g. dino_vits16) to see them.")
+
+    # --- embed -------------------------------------------------------------------------
+    def embed(self, image: Image.Image | str | None):
+        """The L2-normalised embedding of ``image``.
+
+        Returns ``(info, npy_path, json_path)``: a dict with the model, dimension and the
+        vector, and the same vector as a ``.npy`` file and a ``.json`` file to download.
+        """
+        image = read_upload(image)
+        _require(image, "embed")
+        with user_errors("Embedding failed"):
+            vec = np.asarray(self.client.embed([image])[0], dtype=np.float32)
+        info = {"model": self.model.name, "dim": int(vec.shape[0]),
+                "norm": round(float(np.linalg.norm(vec)), 6), "embedding": vec.tolist()}
+        # One folder per vector: repeated requests for the same image reuse it, and the
+        # download keeps a friendly file name.
+        folder = self.workdir / hashlib.sha256(vec.tobytes()).hexdigest()[:16]
+        folder.mkdir(exist_ok=True)
+        npy, js = folder / "embedding.npy", folder / "embedding.json"
+        buf = _npy_bytes(vec)
+        _atomic_write(npy, buf)
+        _atomic_write(js, json.dumps(info).encode())
+        return info, str(npy), str(js)
+
+
+def _npy_bytes(vec: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, vec, allow_pickle=False)
+    return out.getvalue()
+
+
+def _common_root(paths: Sequence[str]) -> str:
+    """The deepest folder holding every path ("" when there is none or only one file)."""
+    if len(paths) < 2:
+        return os.path.dirname(paths[0]) if paths else ""
+    try:
+        return os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # mixed absolute and relative paths
+        return ""

@@ -1,0 +1,367 @@
+"""The Gradio app through a real server: tiny exported models, a real faiss index, gradio_client.
+
+Two apps are launched in-process on free ports (a ViT and a ResNet, both from
+``tiny_repo``), and every named endpoint is called the way a user's script would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_image_folder
+
+gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install 'dinoserve[app]')")
+from gradio_client import Client as GradioClient, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+from app.overlay import heatmap_overlay, renormalize, threshold_mask  # noqa: E402
+from dinoserve.client import Client  # noqa: E402
+from dinoserve.index import build_index  # noqa: E402
+
+MAX_UPLOAD_MB = 1
+
+# gradio's Dataframe uses pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gradio_tmp(tmp_path_factory):
+    """Gradio's upload/cache folder for this module's servers (not the shared /tmp/gradio)."""
+    folder = tmp_path_factory.mktemp("gradio")
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """12 images to index, plus ``not_indexed.png`` added next to them after the build."""
+    root = tmp_path_factory.mktemp("photos")
+    make_image_folder(root, per_class=4, size=64, seed=3)
+    return root
+
+
+def _serve(client, index, gradio_tmp):
+    demo = app.launch(client, index, port=free_port(), max_upload_mb=MAX_UPLOAD_MB,
+                      prevent_thread_lock=True, quiet=True)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def vit(tiny_repo, photos, gradio_tmp, tmp_path_factory):
+    """(demo, gradio_client, dinoserve client, index path) for the tiny ViT."""
+    client = Client(repo=tiny_repo, model="vit_tiny")
+    index_path = tmp_path_factory.mktemp("vit_index") / "photos.index"
+    build_index(photos, index_path, client, progress=False)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(photos / "not_indexed.png")
+    demo = _serve(client, index_path, gradio_tmp)
+    gc = GradioClient(demo.local_url, verbose=False, download_files=str(gradio_tmp / "downloads"))
+    try:
+        yield demo, gc, client, index_path
+    finally:
+        gc.close()
+        demo.close()
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def resnet(tiny_repo, photos, gradio_tmp, tmp_path_factory):
+    client = Client(repo=tiny_repo, model="resnet_tiny")
+    index_path = tmp_path_factory.mktemp("resnet_index") / "photos.index"
+    build_index(photos, index_path, client, progress=False)
+    demo = _serve(client, index_path, gradio_tmp)
+    gc = GradioClient(demo.local_url, verbose=False, download_files=str(gradio_tmp / "downloads"))
+    try:
+        yield demo, gc, client, index_path
+    finally:
+        gc.close()
+        demo.close()
+        client.close()
+
+
+def _indexed(photos: Path) -> list[Path]:
+    return sorted(p for p in photos.rglob("*.png") if p.name != "not_indexed.png")
+
+
+# --- the endpoints ----------------------------------------------------------------------------
+def test_app_exposes_three_named_endpoints_with_defaults(vit):
+    _, gc, _, _ = vit
+    api = gc.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(api) == {"/search", "/attention", "/embed"}
+    for name, info in api.items():
+        params = info["parameters"]
+        assert params[0]["component"] == "Image", name
+        assert all(p["parameter_has_default"] for p in params[1:]), name
+
+
+def test_app_search_ranks_query_first(vit, photos):
+    _, gc, client, index_path = vit
+    for query in _indexed(photos)[::4]:
+        gallery, table = gc.predict(handle_file(str(query)), 5, api_name="/search")
+        rows = table["data"]
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+        assert rows[0][2] == str(query)
+        assert rows[0][1] == pytest.approx(1.0, abs=1e-4)
+        # Same hits and scores as the library call the app wraps.
+        expected = client.search([query], index_path, k=5)[0]
+        assert [r[2] for r in rows] == [h.path for h in expected]
+        np.testing.assert_allclose([r[1] for r in rows], [h.score for h in expected], atol=1e-5)
+        # The gallery shows those images, captioned with rank, score and path.
+        assert len(gallery) == 5
+        assert gallery[0]["caption"].startswith("1. 1.000")
+        assert gallery[0]["caption"].endswith(f"{query.parent.name}/{query.name}")
+        assert Path(gallery[0]["image"]).read_bytes() == query.read_bytes()
+
+
+def test_app_search_k_defaults_and_is_capped_by_index_size(vit, photos):
+    _, gc, _, _ = vit
+    query = str(_indexed(photos)[0])
+    _, table = gc.predict(handle_file(query), api_name="/search")
+    assert len(table["data"]) == 8  # the default k
+    _, table = gc.predict(handle_file(query), 12, api_name="/search")
+    assert len(table["data"]) == 12  # every indexed image, and nothing else
+    assert all(not r[2].endswith("not_indexed.png") for r in table["data"])
+    _, table = gc.predict(handle_file(query), 13, api_name="/search")
+    assert len(table["data"]) == 12  # more than the index holds: all of it
+    with pytest.raises(AppError, match="k must be at least 1"):
+        gc.predict(handle_file(query), 0, api_name="/search")
+    with pytest.raises(AppError, match=r"threshold must be in \(0, 1\]"):
+        gc.predict(handle_file(query), 1.5, api_name="/attention")
+
+
+def test_app_attention_heads_sum_to_one_and_match_client(vit, photos):
+    _, gc, client, _ = vit
+    query = _indexed(photos)[5]
+    heads, mean, kept, numbers = gc.predict(handle_file(str(query)), 0.6, api_name="/attention")
+    raw = client.attention([query])[0].astype(np.float64)  # [3 heads, 2, 2] for 32 px / 16
+    att = np.asarray(numbers["attention"])
+    assert att.shape == raw.shape == (3, 2, 2)
+    np.testing.assert_allclose(att.sum(axis=(1, 2)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(att, raw / raw.sum(axis=(1, 2), keepdims=True), atol=1e-6)
+    # The raw maps leave out CLS->CLS, so they sum to a little less than 1.
+    np.testing.assert_allclose(numbers["raw_sums"], raw.sum(axis=(1, 2)), atol=1e-5)
+    assert all(0 < s < 1 for s in numbers["raw_sums"])
+    # Threshold view: the smallest number of patches whose sorted share reaches t.
+    mean_map = att.mean(axis=0).ravel()
+    expected = int(np.argmax(np.cumsum(np.sort(mean_map)[::-1]) >= 0.6 - 1e-9)) + 1
+    assert numbers["kept_patches"]["mean"] == expected
+    assert len(heads) == 3 and len(kept) == 4
+    assert [h["caption"] for h in heads] == ["head 0", "head 1", "head 2"]
+    assert Image.open(mean).size[0] >= 320
+
+
+def test_app_embed_equals_client_embed(vit, photos):
+    _, gc, client, _ = vit
+    query = _indexed(photos)[7]
+    info, npy, js = gc.predict(handle_file(str(query)), api_name="/embed")
+    expected = client.embed([query])[0]
+    assert info["dim"] == 192 and info["model"] == "vit_tiny"
+    np.testing.assert_allclose(info["embedding"], expected, atol=1e-6)
+    np.testing.assert_allclose(np.load(npy), expected, atol=1e-7)
+    np.testing.assert_allclose(json.loads(Path(js).read_text())["embedding"], expected, atol=1e-6)
+    assert Path(npy).name == "embedding.npy" and Path(js).name == "embedding.json"
+
+
+# --- bad input and safety ---------------------------------------------------------------------
+def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    text = folder / "notes.png"
+    text.write_text("this is not an image")
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:150])
+    bomb = folder / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)  # 144 megapixels in a few KB
+    return {
+        "text": (text, r"notes\.png: not an image"),
+        "truncated": (truncated, r"truncated\.png: corrupt or truncated"),
+        "bomb": (bomb, r"bomb\.png: .*megapixels"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "bomb"])
+@pytest.mark.parametrize("endpoint", ["/search", "/attention", "/embed"])
+def test_app_bad_upload_gives_clear_error(vit, photos, tmp_path, kind, endpoint):
+    _, gc, _, _ = vit
+    path, message = _bad_files(tmp_path, _indexed(photos)[0])[kind]
+    with pytest.raises(AppError, match=message):
+        gc.predict(handle_file(str(path)), api_name=endpoint)
+
+
+def test_app_still_answers_after_bad_uploads(vit, photos, tmp_path):
+    _, gc, _, _ = vit
+    for path, _ in _bad_files(tmp_path, _indexed(photos)[0]).values():
+        with pytest.raises(AppError):
+            gc.predict(handle_file(str(path)), api_name="/embed")
+    query = _indexed(photos)[1]
+    _, table = gc.predict(handle_file(str(query)), 1, api_name="/search")
+    assert table["data"][0][2] == str(query)
+
+
+def test_app_refuses_uploads_over_the_size_limit(vit, tmp_path):
+    demo, gc, _, _ = vit
+    big = tmp_path / "big.png"
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(big)
+    assert big.stat().st_size > MAX_UPLOAD_MB * 2**20
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        gc.predict(handle_file(str(big)), api_name="/embed")
+    # The server refuses it too, whatever the client checks.
+    with open(big, "rb") as f:
+        r = httpx.post(demo.local_url.rstrip("/") + "/gradio_api/upload", files={"files": ("big.png", f, "image/png")})
+    assert r.status_code == 413
+
+
+def test_app_serves_only_the_index_images(vit, photos, tiny_repo):
+    demo, _, _, _ = vit
+    base = demo.local_url.rstrip("/") + "/gradio_api/file="
+    indexed = _indexed(photos)[0]
+    r = httpx.get(base + str(indexed))
+    assert r.status_code == 200 and r.content == indexed.read_bytes()
+    refused = [
+        "/etc/passwd",
+        str(photos / "not_indexed.png"),  # same folder as the index images, but not indexed
+        str(next(tiny_repo.rglob("model.onnx"))),
+        str(Path(__file__).resolve()),
+        str(indexed.parent / ".." / ".." / "etc" / "passwd"),
+    ]
+    for path in refused:
+        r = httpx.get(base + path)
+        assert r.status_code in (403, 404), path
+        assert b"root:" not in r.content
+
+
+def test_app_binds_localhost_by_default(vit):
+    demo, _, _, _ = vit
+    assert demo.server_name == "127.0.0.1"
+    assert demo.local_url.startswith("http://127.0.0.1:")
+
+
+# --- ResNet ----------------------------------------------------------------------------------
+def test_app_resnet_attention_has_clear_message(resnet, photos):
+    _, gc, _, _ = resnet
+    with pytest.raises(AppError, match=r"resnet_tiny.*no attention output.*ViT"):
+        gc.predict(handle_file(str(_indexed(photos)[0])), api_name="/attention")
+
+
+def test_app_resnet_search_and_embed(resnet, photos):
+    _, gc, client, _ = resnet
+    query = _indexed(photos)[2]
+    _, table = gc.predict(handle_file(str(query)), 3, api_name="/search")
+    assert table["data"][0][2] == str(query)
+    info, _, _ = gc.predict(handle_file(str(query)), api_name="/embed")
+    np.testing.assert_allclose(info["embedding"], client.embed([query])[0], atol=1e-6)
+
+
+# --- handlers without a server ---------------------------------------------------------------
+def test_app_clicked_result_becomes_next_query(vit, photos):
+    demo, _, _, _ = vit
+    h = demo.dinoserve_handlers
+    _, _, paths = h.search(str(_indexed(photos)[0]), 4)
+    event = gr.SelectData(None, {"index": 2, "value": None, "selected": True})
+    query, _, table, new_paths = h.search_from_result(paths, 4, event)
+    assert query == paths[2]
+    assert table[0][2] == paths[2] and new_paths[0] == paths[2]
+
+
+def test_app_missing_image_and_stale_click_are_clear_errors(vit):
+    demo, _, _, _ = vit
+    h = demo.dinoserve_handlers
+    with pytest.raises(gr.Error, match="No image given"):
+        h.search(None)
+    with pytest.raises(gr.Error, match="Run a search first"):
+        h.search_from_result([], 4, gr.SelectData(None, {"index": 0, "value": None}))
+
+
+# --- overlay maths ---------------------------------------------------------------------------
+def test_app_threshold_mask_is_the_smallest_set_holding_t():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        att = rng.random((3, 4)) ** 3
+        t = float(rng.uniform(0.05, 1.0))
+        mask = threshold_mask(att, t)
+        p = renormalize(att)
+        assert p[mask].sum() >= t - 1e-9
+        # Every kept patch outweighs every dropped one, and dropping the lightest kept patch
+        # falls short of t: no smaller set can hold t.
+        if (~mask).any():
+            assert p[mask].min() >= p[~mask].max()
+        assert p[mask].sum() - p[mask].min() < t
+
+
+def test_app_renormalize_and_overlay():
+    att = np.array([[[0.1, 0.2], [0.3, 0.38]], [[0, 0], [0, 0]]])
+    p = renormalize(att)
+    np.testing.assert_allclose(p.sum(axis=(1, 2)), 1.0)
+    np.testing.assert_allclose(p[1], 0.25)  # no mass at all: uniform, not NaN
+    img = Image.new("RGB", (64, 64), (128, 128, 128))
+    out = heatmap_overlay(img, p[0])
+    assert out.size == (64, 64)
+    px = np.asarray(out)
+    assert not np.array_equal(px[0, 0], px[63, 63])  # lowest and highest patch differ
+
+
+# --- the command -------------------------------------------------------------------------------
+def test_app_command_help_and_bad_index(tmp_path):
+    from click.testing import CliRunner
+
+    from dinoserve.cli import cli
+
+    r = CliRunner().invoke(cli, ["app", "--help"])
+    assert r.exit_code == 0
+    for option in ("--index", "--url", "--repo", "--model", "--host", "--port", "--max-upload-mb"):
+        assert option in r.output
+    (tmp_path / "empty.index").mkdir()
+    r = CliRunner().invoke(cli, ["app", "--index", str(tmp_path / "empty.index")])
+    assert r.exit_code == 1
+    assert "empty.index" in r.output and "Traceback" not in r.output
+
+
+def test_app_command_serves_on_localhost(vit, tiny_repo, tmp_path):
+    _, _, _, index_path = vit
+    port = free_port()
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dinoserve", "app", "--index", str(index_path), "--repo", str(tiny_repo),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/gradio_api/info", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()
+        info = httpx.get(url + "/gradio_api/info").json()
+        assert set(info["named_endpoints"]) == {"/search", "/attention", "/embed"}
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"open http://127.0.0.1:{port}" in out
