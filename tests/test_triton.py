@@ -1,0 +1,224 @@
+"""A real tritonserver on exported models: readiness, HTTP and gRPC parity with PyTorch,
+dynamic batching, metrics, `dinoserve serve`, and failures with the server's own errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_backbone
+
+from dinoserve.errors import ModelNotFoundError, ServerError
+from dinoserve.export import sample_images
+from dinoserve.images import normalize, preprocess_batch
+from dinoserve.models import forward_with_attention
+from dinoserve.repository import read_model_config
+from dinoserve.triton import TritonServer, find_tritonserver, prepare_serving_repository
+
+pytestmark = pytest.mark.triton
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+
+
+def images_at(n: int, h: int, w: int, seed: int = 5) -> np.ndarray:
+    big, _, _ = preprocess_batch(sample_images(n, seed=seed), max(h, w))
+    return np.ascontiguousarray(big[:, :, :h, :w])
+
+
+def pytorch_outputs(name: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    model = build_tiny_backbone(name)
+    x = torch.from_numpy(normalize(images))
+    if name == "vit_tiny":
+        f, a = forward_with_attention(model, x)
+        return {"embedding": f.numpy(), "attention": a.numpy()}
+    with torch.no_grad():
+        return {"embedding": model(x).numpy()}
+
+
+def infer(server: TritonServer, protocol: str, model: str, images: np.ndarray, outputs: list[str]) -> dict:
+    lib = tritonclient_http if protocol == "http" else tritonclient_grpc
+    url = server.http_url if protocol == "http" else server.grpc_url
+    client = lib.InferenceServerClient(url.split("://", 1)[1])
+    try:
+        inp = lib.InferInput("images", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        result = client.infer(model, [inp], outputs=[lib.InferRequestedOutput(o) for o in outputs])
+        return {o: result.as_numpy(o) for o in outputs}
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("name,batch,size", [
+    ("vit_tiny", 1, (32, 32)), ("vit_tiny", 7, (32, 32)), ("vit_tiny", 7, (48, 64)),
+    ("resnet_tiny", 1, (64, 64)), ("resnet_tiny", 7, (64, 64)),
+])
+def test_served_outputs_equal_pytorch(triton_server, protocol, name, batch, size):
+    images = images_at(batch, *size)
+    ref = pytorch_outputs(name, images)
+    got = infer(triton_server, protocol, name, images, list(ref))
+    for key, r in ref.items():
+        g = got[key]
+        assert g is not None and g.dtype == np.float32 and g.shape == r.shape, key  # not empty (numpy 2 trap)
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=0, err_msg=key)
+    if name == "vit_tiny":
+        assert got["attention"].shape == (batch, 3, size[0] // 16, size[1] // 16)
+        assert np.all(got["attention"] >= 0) and np.all(got["attention"].sum(axis=(2, 3)) <= 1 + 1e-5)
+
+
+def test_models_ready_with_the_exported_signature(triton_server, tiny_repo):
+    client = tritonclient_http.InferenceServerClient(triton_server.http_url.split("://", 1)[1])
+    try:
+        assert client.is_server_ready()
+        for name in ("vit_tiny", "resnet_tiny"):
+            assert client.is_model_ready(name)
+            meta = client.get_model_metadata(name)
+            config = read_model_config(tiny_repo / name)
+            assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
+                (t.name, "UINT8", [-1, *t.dims]) for t in config.inputs]
+            assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+                (t.name, "FP32", [-1, *t.dims]) for t in config.outputs]
+            served = client.get_model_config(name)
+            assert served["max_batch_size"] == config.max_batch_size
+            assert "dynamic_batching" in served
+            assert served["parameters"]["arch"]["string_value"] == config.arch
+    finally:
+        client.close()
+
+
+def _metric(text: str, metric: str, model: str) -> float:
+    m = re.search(rf'^{metric}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    assert m, f"{metric} for {model} not in metrics"
+    return float(m.group(1))
+
+
+def test_concurrent_requests_are_answered_and_counted(triton_server):
+    """16 concurrent requests (dynamic batching may merge them) each get their own rows."""
+    with urllib.request.urlopen(triton_server.metrics_url) as r:
+        before = r.read().decode()
+    sets = [images_at(1 + i % 3, 32, 32, seed=10 + i) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:  # one HTTP client per request: they are not thread-safe
+        results = list(pool.map(lambda im: infer(triton_server, "http", "vit_tiny", im, ["embedding"]), sets))
+    model = build_tiny_backbone("vit_tiny")
+    for images, got in zip(sets, results):
+        with torch.no_grad():
+            ref = model(torch.from_numpy(normalize(images))).numpy()
+        np.testing.assert_allclose(got["embedding"], ref, atol=1e-4, rtol=0)
+    with urllib.request.urlopen(triton_server.metrics_url) as r:
+        after = r.read().decode()
+    sent = sum(len(s) for s in sets)
+    counted = _metric(after, "nv_inference_count", "vit_tiny") - _metric(before, "nv_inference_count", "vit_tiny")
+    requests = (_metric(after, "nv_inference_request_success", "vit_tiny")
+                - _metric(before, "nv_inference_request_success", "vit_tiny"))
+    executions = (_metric(after, "nv_inference_exec_count", "vit_tiny")
+                  - _metric(before, "nv_inference_exec_count", "vit_tiny"))
+    assert counted == sent and requests == 16
+    assert 1 <= executions <= 16  # fewer executions than requests when the batcher merged some
+
+
+def test_serving_folder_is_outside_the_repository(tiny_repo, tmp_path):
+    from dinoserve.repository import parse_pbtxt
+
+    before = sorted(str(p) for p in tiny_repo.rglob("*"))
+    names = prepare_serving_repository(tiny_repo, tmp_path)
+    assert names == ["resnet_tiny", "vit_tiny"]
+    assert sorted(str(p) for p in tiny_repo.rglob("*")) == before
+    raw = parse_pbtxt((tmp_path / "vit_tiny" / "config.pbtxt").read_text())
+    original = parse_pbtxt((tiny_repo / "vit_tiny" / "config.pbtxt").read_text())
+    assert raw["backend"] == "python"
+    for key in ("name", "max_batch_size", "input", "output", "dynamic_batching"):
+        assert raw[key] == original[key], key
+    link = tmp_path / "vit_tiny" / "1" / "model.onnx"
+    assert link.is_symlink() and link.resolve() == (tiny_repo / "vit_tiny" / "1" / "model.onnx").resolve()
+    assert (tmp_path / "vit_tiny" / "1" / "model.py").is_file()
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_port_in_use_is_a_clear_error(tiny_repo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServerError, match=f"http port {port} .* already in use"):
+            TritonServer(tiny_repo, http_port=port).start()
+
+
+def test_unknown_model_and_empty_repository(tiny_repo, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no model 'nope'.*available: resnet_tiny, vit_tiny"):
+        TritonServer(tiny_repo, models=["nope"]).start()
+    with pytest.raises(ModelNotFoundError, match="holds no models"):
+        TritonServer(tmp_path).start()
+
+
+def test_model_that_fails_to_load_reports_server_errors(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "resnet_tiny", repo / "broken")
+    config = (repo / "broken" / "config.pbtxt").read_text().replace('name: "resnet_tiny"', 'name: "broken"')
+    (repo / "broken" / "config.pbtxt").write_text(config)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    server = TritonServer(repo, startup_timeout=60)
+    with pytest.raises(ServerError) as err:
+        server.start()
+    message = str(err.value)
+    assert "broken" in message and "exited" in message
+    assert re.search(r"failed to load|INVALID_PROTOBUF|Protobuf|onnx", message, re.IGNORECASE), message
+    assert not server.is_running()
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_serve_prints_endpoints_and_stops_on_sigterm(tiny_repo):
+    find_tritonserver()
+    env = dict(os.environ)
+    script = [sys.executable, "-c", "from dinoserve.cli import main; main()"]
+    proc = subprocess.Popen([*script, "serve", "--repo", str(tiny_repo),
+                             "--model", "resnet_tiny"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        status = json.loads(line)
+        assert status["models"] == ["resnet_tiny"] and status["http"].startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(status["http"] + "/v2/models/resnet_tiny/ready") as r:
+            assert r.status == 200
+        images = images_at(2, 64, 64)
+        client = tritonclient_grpc.InferenceServerClient(status["grpc"].split("://", 1)[1])
+        inp = tritonclient_grpc.InferInput("images", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        got = client.infer("resnet_tiny", [inp]).as_numpy("embedding")
+        client.close()
+        np.testing.assert_allclose(got, pytorch_outputs("resnet_tiny", images)["embedding"], atol=1e-4, rtol=0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopping" in proc.stderr.read()
+        with pytest.raises(OSError):  # the server is gone too
+            urllib.request.urlopen(status["http"] + "/v2/health/live", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_missing_repository_exit_1(tmp_path):
+    from click.testing import CliRunner
+
+    from dinoserve.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--repo", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "does not exist" in result.output
