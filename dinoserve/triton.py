@@ -218,6 +218,8 @@ def _bundled_env() -> dict[str, str]:
 # The server process
 # --------------------------------------------------------------------------------------
 
+#: Lines a CPU-only machine always prints; never the reason a start failed.
+_NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda|GPU metrics|pinned memory", re.IGNORECASE)
 _ERROR_LINE = re.compile(r"^E\d{4} |error|failed|UNAVAILABLE|Traceback|Exception", re.IGNORECASE)
 
 
@@ -384,10 +386,14 @@ class TritonServer:
             return False
 
     def failure_report(self, headline: str) -> str:
-        lines = self.log_lines()
+        """``headline`` plus the server's own error lines (GPU-probing noise left out)."""
+        lines = [line for line in self.log_lines() if not _NOISE.search(line)]
         errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-15:]
-        shown = "\n  ".join(errors[-20:]) if errors else "(no output)"
-        return f"{headline}. Server output ({self.log_path}):\n  {shown}"
+        shown = "\n  ".join(errors[-12:]) if errors else "(no output)"
+        if self._workdir is not None:  # name the user's repository, not our serving copy
+            shown = shown.replace(str(self._workdir / "model_repository"), str(self.repo))
+        where = f" ({self.log_file})" if self.log_file else ""
+        return f"{headline}. Server output{where}:\n  {shown}"
 
     def log_lines(self) -> list[str]:
         """The server's output so far."""
