@@ -108,11 +108,12 @@ def _attention_tab(h: Handlers) -> None:
                                   label="t: share of attention the threshold view keeps")
             button = gr.Button("Show attention", variant="primary", elem_id="attention-button")
         with gr.Column(scale=2):
-            mean = gr.Image(label="Mean over heads", type="pil", interactive=False, format="png", height=320)
+            mean = gr.Image(label="Mean over heads", type="pil", interactive=False, format="png", height=320,
+                            elem_id="attention-mean")
             heads = gr.Gallery(label="Per-head attention", columns=6, format="png", interactive=False,
-                               height="auto")
+                               height="auto", elem_id="attention-heads")
             kept = gr.Gallery(label="Threshold view (mean, then each head)", columns=6, format="png",
-                              interactive=False, height="auto")
+                              interactive=False, height="auto", elem_id="attention-kept")
             numbers = gr.JSON(label="Numbers (renormalised maps, raw sums, kept patches)", open=False)
     outputs = [heads, mean, kept, numbers]
     button.click(h.attention, [image, threshold], outputs, api_name="attention", preprocess=False)
@@ -126,7 +127,7 @@ def _embed_tab(h: Handlers) -> None:
             image = _image_input(label="Image", elem_id="embed-image")
             button = gr.Button("Embed", variant="primary", elem_id="embed-button")
         with gr.Column(scale=2):
-            vector = gr.JSON(label=f"L2-normalised embedding ({h.model.name})")
+            vector = gr.JSON(label=f"L2-normalised embedding ({h.model.name})", elem_id="embed-vector")
             with gr.Row():
                 npy = gr.File(label="embedding.npy", interactive=False)
                 js = gr.File(label="embedding.json", interactive=False)
