@@ -19,6 +19,7 @@ from dinoserve.errors import DinoserveError
 #: verb -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
     "app": "dinoserve.commands.app:app",
+    "demo": "dinoserve.commands.demo:demo",
     "embed": "dinoserve.commands.embed:embed",
     "eval": "dinoserve.commands.eval:eval_",
     "export": "dinoserve.commands.export:export",
@@ -26,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "models": "dinoserve.commands.models:models",
     "search": "dinoserve.commands.search:search",
     "serve": "dinoserve.commands.serve:serve",
+    "train": "dinoserve.commands.train:train",
 }
 
 

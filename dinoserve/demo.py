@@ -1,0 +1,325 @@
+"""The whole product on one machine: train (or take weights), export, index, evaluate, serve.
+
+``run_demo(DemoConfig(...))`` runs the steps in order and records each finished one in
+``<out>/demo.json``; a second run reuses every step whose inputs have not changed (same
+data, recipe and weights), so only what is missing or stale is redone. ``fresh=True``
+redoes everything.
+
+Default data is openclipart from Debian (``apt-get install -y openclipart-png``) with the
+fixed k-NN protocol in ``data/openclipart_knn.csv``: the model trains on ``knn_train`` +
+``pool``, k-NN uses ``knn_train`` as the bank and ``knn_val`` as queries, and the index
+holds every image of the list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dinoserve.errors import ConfigError, DataError
+
+OPENCLIPART_CSV = Path(__file__).resolve().parents[1] / "data" / "openclipart_knn.csv"
+OPENCLIPART_ROOT = Path("/usr/share/openclipart/png")
+
+#: Reference k-NN top-1 on the openclipart protocol (shared data README): what a trained
+#: model has to beat to be worth anything.
+RAW_PIXELS_TOP1 = 55.2
+
+#: Images per second of the cpu_small preset measured on this 2-core machine (bf16,
+#: benchmarks/train_throughput.py). Used only to size the epoch count so the learning-rate
+#: and momentum schedules complete inside --minutes; the time limit is the hard stop.
+CPU_SMALL_IMAGES_PER_SECOND = 40.0
+
+
+@dataclass
+class DemoConfig:
+    """Options of ``dinoserve demo``; ``None`` means "the demo's default"."""
+
+    data: str | None = None  # folder or CSV; None = openclipart
+    out: str = "demo-run"
+    repo: str = "model_repository"
+    name: str = "dino_demo"
+    minutes: float = 6.0
+    weights: str | None = None  # skip training and use these
+    arch: str | None = None
+    checkpoint_key: str = "teacher"
+    preset: str = "cpu_small"
+    image_size: int = 96  # evaluation/serving size of the exported model
+    fresh: bool = False
+    examples: int = 3
+
+
+@dataclass
+class DemoData:
+    source: str  # folder or CSV the index holds
+    train_source: str  # folder or CSV to train on (never the k-NN queries)
+    train_splits: tuple[str, ...] | None
+    knn_data: str | None  # labelled set, or None when the data has no labels
+    root: str | None
+
+
+@dataclass
+class DemoResult:
+    """Every artefact and number of a demo run."""
+
+    out: str
+    checkpoint: str
+    weights_sha256: str
+    model_dir: str
+    index: str
+    knn_top1: float | None = None
+    raw_pixels_top1: float | None = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+Echo = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------
+# State: which steps are done, for which inputs
+# --------------------------------------------------------------------------------------
+
+
+class DemoState:
+    """``<out>/demo.json``: step name -> {"key": inputs fingerprint, ...outputs}."""
+
+    def __init__(self, out: Path, fresh: bool):
+        self.path = out / "demo.json"
+        self.steps: dict[str, dict[str, Any]] = {}
+        if self.path.is_file() and not fresh:
+            self.steps = json.loads(self.path.read_text())
+
+    def done(self, step: str, key: str) -> dict[str, Any] | None:
+        entry = self.steps.get(step)
+        return entry if entry and entry.get("key") == key else None
+
+    def record(self, step: str, key: str, **outputs: Any) -> None:
+        self.steps[step] = {"key": key, **outputs}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.steps, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------
+
+
+def resolve_data(data: str | None) -> DemoData:
+    """The training/index source and the labelled k-NN set for ``--data`` (None = openclipart)."""
+    if data is None:
+        if not OPENCLIPART_ROOT.is_dir():
+            raise DataError(
+                f"{OPENCLIPART_ROOT}: openclipart is not installed. Run `apt-get install -y "
+                "openclipart-png` (after `apt-get update`), or pass --data with your own image folder."
+            )
+        csv = str(OPENCLIPART_CSV)
+        return DemoData(csv, csv, ("knn_train", "pool"), csv, str(OPENCLIPART_ROOT))
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"{data}: no such folder or file list; --data takes an image folder or a CSV")
+    if path.suffix == ".csv":
+        from training.filelist import read_file_list
+
+        splits = {e.split for e in read_file_list(path)}
+        if {"knn_train", "knn_val"} <= splits:  # the protocol's layout: never train on knn_val
+            return DemoData(str(path), str(path), tuple(sorted(splits - {"knn_val"})), str(path), None)
+        return DemoData(str(path), str(path), None, None, None)
+    if (path / "train").is_dir() and (path / "val").is_dir():  # labelled folder: train on train/
+        return DemoData(str(path), str(path / "train"), None, str(path), None)
+    return DemoData(str(path), str(path), None, None, None)
+
+
+def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo) -> tuple[str, bool]:
+    if cfg.weights:
+        echo(f"[1/5] train: skipped, using --weights {cfg.weights}")
+        return cfg.weights, True
+    from training import make_config, train
+    from training.filelist import read_file_list
+
+    if d.train_source.endswith(".csv"):
+        n_images = len(read_file_list(d.train_source, d.train_splits, d.root))
+    else:
+        n_images = _count_images(d.train_source)
+    epochs = _epochs_for(cfg.minutes, n_images)
+    overrides: dict[str, Any] = dict(data=d.train_source, split=d.train_splits, data_root=d.root, out=str(out / "train"),
+                                     epochs=epochs, time_limit=cfg.minutes, progress=True, save_every=50)
+    if n_images < 2 * 64:  # small folders: keep several steps per epoch rather than failing
+        overrides["batch_size"] = max(2, n_images // 4)
+    if cfg.arch:
+        overrides["arch"] = cfg.arch
+    tcfg = make_config(cfg.preset, **overrides)
+    key = _fingerprint(tcfg.to_dict())
+    ckpt = out / "train" / "checkpoint.pth"
+    if (entry := state.done("train", key)) and ckpt.is_file():
+        echo(f"[1/5] train: reusing {ckpt} (loss {entry['final_loss']:.3f}; --fresh retrains)")
+        return str(ckpt), True
+    echo(f"[1/5] train: {tcfg.arch} with the {cfg.preset} preset for at most {cfg.minutes:g} min "
+         f"({epochs} epochs planned) on {d.train_source}")
+    result = train(tcfg)
+    skipped = result.skipped.get("count", 0) if isinstance(result.skipped, dict) else 0
+    echo(f"      loss {result.final_loss:.3f} after {result.steps} steps, {result.images_per_second:.0f} img/s, "
+         f"{skipped} unreadable images skipped")
+    state.record("train", key, checkpoint=result.checkpoint, final_loss=result.final_loss)
+    return result.checkpoint, False
+
+
+def _epochs_for(minutes: float, n_images: int) -> int:
+    return max(1, round(minutes * 60 * CPU_SMALL_IMAGES_PER_SECOND / max(n_images, 1)))
+
+
+def _count_images(folder: str) -> int:
+    from dinoserve.index import scan_folder
+
+    return len(scan_folder(Path(folder)))
+
+
+def _export(cfg: DemoConfig, weights: str, state: DemoState, echo: Echo) -> tuple[str, str, bool]:
+    from dinoserve.models import file_sha256, resolve_source
+    from dinoserve.repository import latest_version, read_model_config
+
+    sha = file_sha256(resolve_source(weights))
+    model_dir = Path(cfg.repo) / cfg.name
+    key = _fingerprint(sha, cfg.image_size, cfg.arch, cfg.checkpoint_key)
+    version = latest_version(model_dir) if model_dir.is_dir() else None
+    if state.done("export", key) and version is not None:
+        if read_model_config(model_dir).parameters.get("weights_sha256") == sha:
+            echo(f"[2/5] export: reusing {model_dir} version {version}")
+            return str(model_dir), sha, True
+    from dinoserve.export import export_onnx
+
+    echo(f"[2/5] export: ONNX into {model_dir} at {cfg.image_size} px")
+    result = export_onnx(weights, name=cfg.name, arch=cfg.arch, repo=cfg.repo, image_size=cfg.image_size,
+                         checkpoint_key=cfg.checkpoint_key)
+    echo(f"      version {result.version}, onnxruntime vs PyTorch max abs diff {result.max_abs_diff:.2e}")
+    state.record("export", key, model_dir=str(result.model_dir), version=result.version)
+    return str(result.model_dir), sha, False
+
+
+def _index(cfg: DemoConfig, d: DemoData, out: Path, sha: str, client, state: DemoState, echo: Echo) -> tuple[str, bool]:
+    from dinoserve.index import build_index, update_index
+
+    path = out / "demo.index"
+    key = _fingerprint(sha, d.source)
+    if state.done("index", key) and path.exists():
+        report = update_index(path, client, progress=False)  # cheap when nothing changed
+        echo(f"[3/5] index: reusing {path} ({_report_line(report)})")
+        return str(path), True
+    echo(f"[3/5] index: embedding every image of {d.source}")
+    report = build_index(d.source, path, client, root=d.root)
+    echo(f"      {_report_line(report)}")
+    state.record("index", key, index=str(path))
+    return str(path), False
+
+
+def _report_line(report: Any) -> str:
+    return (f"{report.count} images: {report.embedded} embedded, {report.reused} reused, "
+            f"{report.removed} removed, {len(report.skipped)} unreadable skipped, {report.seconds:.1f} s")
+
+
+def _knn(cfg: DemoConfig, d: DemoData, weights: str, sha: str, state: DemoState, echo: Echo) -> tuple[float | None, float | None]:
+    if d.knn_data is None:
+        echo("[4/5] k-NN: skipped (the data has no labels: give a CSV with knn_train/knn_val splits "
+             "or a folder with train/ and val/ class folders)")
+        return None, None
+    key = _fingerprint(sha, d.knn_data, cfg.image_size)
+    if entry := state.done("knn", key):
+        echo(f"[4/5] k-NN: top-1 {entry['top1']:.1f} % (raw pixels {entry['raw_top1']:.1f} %), reused")
+        return entry["top1"], entry["raw_top1"]
+    from dinoserve.models import load_backbone
+    from training.knn import evaluate_knn_set, prepare_knn_set
+
+    echo(f"[4/5] k-NN: DINO protocol (k=20, T=0.07) on {d.knn_data} at {cfg.image_size} px")
+    knn_set = prepare_knn_set(d.knn_data, cfg.image_size, root=d.root)
+    model = load_backbone(weights, cfg.arch, checkpoint_key=cfg.checkpoint_key).eval()
+    ours = evaluate_knn_set(model, knn_set)
+    raw = evaluate_knn_set(None, knn_set)
+    echo(f"      top-1 {ours.top1:.1f} % (raw pixels {raw.top1:.1f} %; shared reference for raw pixels "
+         f"{RAW_PIXELS_TOP1} %)")
+    state.record("knn", key, top1=ours.top1, raw_top1=raw.top1)
+    return ours.top1, raw.top1
+
+
+def _examples(cfg: DemoConfig, d: DemoData, client, index_path: str, echo: Echo) -> list[dict[str, Any]]:
+    from dinoserve.index import EmbeddingIndex
+
+    index = EmbeddingIndex.load(index_path)
+    queries = _example_queries(d, index, cfg.examples)
+    echo(f"[5/5] search: {len(queries)} example queries, top 3 of {len(index)} images")
+    hits = client.search(queries, index=index, k=4)
+    rows = []
+    for query, found in zip(queries, hits):
+        found = [h for h in found if Path(h.path) != Path(query)][:3]
+        echo(f"      {_short(query)}")
+        for h in found:
+            echo(f"        {h.score:.3f}  {_short(h.path)}")
+        rows.append({"query": query, "hits": [{"path": h.path, "score": h.score} for h in found]})
+    return rows
+
+
+def _example_queries(d: DemoData, index: Any, n: int) -> list[str]:
+    if d.knn_data and d.source.endswith(".csv"):
+        from training.filelist import read_file_list
+
+        val = read_file_list(d.knn_data, ("knn_val",), d.root)
+        by_class: dict[str, str] = {}
+        for e in val:
+            by_class.setdefault(e.category or "", str(e.path))
+        picks = list(by_class.values())
+    else:
+        picks = list(index.paths)
+    step = max(1, len(picks) // max(n, 1))
+    return picks[::step][:n]
+
+
+def _short(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(OPENCLIPART_ROOT)) if p.is_relative_to(OPENCLIPART_ROOT) else str(p)
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------
+
+
+def run_demo(cfg: DemoConfig, echo: Echo = print) -> DemoResult:
+    """Train (or take ``cfg.weights``), export, index, evaluate and search; reuse what is done."""
+    if cfg.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {cfg.minutes}")
+    from dinoserve.client import Client
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = DemoState(out, cfg.fresh)
+    d = resolve_data(cfg.data)
+    reused, seconds = [], {}
+
+    def timed(step: str, fn: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        value = fn()
+        seconds[step] = round(time.monotonic() - start, 1)
+        return value
+
+    weights, r = timed("train", lambda: _train(cfg, d, out, state, echo))
+    reused += ["train"] if r and not cfg.weights else []
+    model_dir, sha, r = timed("export", lambda: _export(cfg, weights, state, echo))
+    reused += ["export"] if r else []
+    client = Client(repo=cfg.repo, model=cfg.name)
+    index_path, r = timed("index", lambda: _index(cfg, d, out, sha, client, state, echo))
+    reused += ["index"] if r else []
+    top1, raw = timed("knn", lambda: _knn(cfg, d, weights, sha, state, echo))
+    examples = timed("search", lambda: _examples(cfg, d, client, index_path, echo))
+    result = DemoResult(str(out), str(weights), sha, model_dir, index_path, top1, raw, examples, reused, seconds)
+    (out / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    return result
