@@ -9,10 +9,33 @@ Modules, one job each: ``config`` (options and presets), ``augment`` (multi-crop
 ``loss`` (DINO loss with centering), ``schedules``, ``teacher`` (EMA and alternatives),
 ``optim`` (parameter groups, clipping, LARS), ``precision``, ``distributed``, ``checkpoint``,
 ``monitor`` and ``engine`` (``train``).
+
+Names are imported on first use, so ``import training.config`` (the CLI's option table)
+does not import torch.
 """
 
-from training.config import PRESETS, TrainConfig, apply_overrides, make_config
-from training.engine import TrainResult, config_from_checkpoint, train
+from __future__ import annotations
 
-__all__ = ["PRESETS", "TrainConfig", "TrainResult", "apply_overrides", "config_from_checkpoint",
-           "make_config", "train"]
+import importlib
+
+_EXPORTS = {
+    "PRESETS": "training.config",
+    "TrainConfig": "training.config",
+    "apply_overrides": "training.config",
+    "make_config": "training.config",
+    "TrainResult": "training.engine",
+    "config_from_checkpoint": "training.engine",
+    "train": "training.engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'training' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -41,7 +41,7 @@ class TrainConfig:
     # --- model -----------------------------------------------------------------------
     arch: str = _f("vit_small_patch16_224", "timm architecture (vit_* or resnet*) or DINO alias (dino_vits16 ...).")
     pretrained: Optional[str] = _f(None, "Start student and teacher backbones from this weight source (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
-    img_size: Optional[int] = _f(None, "ViT only: position-embedding grid size in pixels (default: global crop size, or the arch default with --pretrained).")
+    img_size: Optional[int] = _f(None, "ViT only: position-embedding grid size in pixels (default: the global crop size, or with --pretrained the size of those weights).")
     patch_size: Optional[int] = _f(None, "ViT only: override the patch size of the architecture (e.g. 8 for small images).")
     depth: Optional[int] = _f(None, "ViT only: override the number of blocks (tiny test models).")
     drop_path_rate: float = _f(0.1, "Stochastic depth rate of the student (the teacher uses 0).")
@@ -230,6 +230,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"option {name!r} must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
     if cfg.warmup_teacher_temp_epochs > cfg.epochs:
         raise ConfigError(f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) exceeds epochs ({cfg.epochs})")
+    vit_only = [n for n in ("img_size", "patch_size", "depth") if getattr(cfg, n) is not None]
+    if vit_only and not cfg.arch.startswith(("vit", "dino_vit")):
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in vit_only)}: ViT options, "
+                          f"but --arch {cfg.arch} is not a ViT")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"option 'max_steps' must be at least 1, got {cfg.max_steps}")
     if cfg.time_limit is not None and cfg.time_limit <= 0:

@@ -64,10 +64,12 @@ class TrainResult:
 
 
 def config_from_checkpoint(out_dir: str, **overrides: Any) -> TrainConfig:
-    """The config saved in ``<out_dir>/checkpoint.pth`` with ``overrides`` applied and
-    ``resume=True``: what ``dinoserve train --resume`` uses."""
+    """The config saved in ``<out_dir>/checkpoint.pth`` (less its ``max_steps`` and
+    ``time_limit``) with ``overrides`` applied and ``resume=True``: what
+    ``dinoserve train --resume`` uses."""
     saved = load_for_resume(out_dir)["args"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    # stop limits belong to one invocation: a resumed run goes on to --epochs unless told
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"max_steps", "time_limit"}
     cfg = apply_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in names})
     cfg = apply_overrides(cfg, {**overrides, "resume": True, "out": str(out_dir)})
     validate(cfg)
@@ -371,14 +373,23 @@ def _step(cfg, batch, device, teacher, student, ddp_student, dino_loss, optimize
 
 def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     vit_only = {"patch_size": cfg.patch_size, "depth": cfg.depth, "img_size": cfg.img_size}
-    if not (cfg.arch.startswith("vit") or cfg.arch.startswith("dino_vit")):
-        given = [k for k, v in vit_only.items() if v is not None]
-        if given:
-            raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: ViT options, but --arch {cfg.arch} is not a ViT")
-        return {}
-    if vit_only["img_size"] is None and not cfg.pretrained:
-        vit_only["img_size"] = cfg.global_crop_size  # position embeddings at the training size
+    if not cfg.arch.startswith(("vit", "dino_vit")):
+        return {}  # validate() has refused ViT options for other architectures
+    if vit_only["img_size"] is None:
+        # position embeddings at the training size, or at the size the weights were made for
+        vit_only["img_size"] = _weights_img_size(cfg.pretrained) if cfg.pretrained else cfg.global_crop_size
     return vit_only
+
+
+def _weights_img_size(source: str) -> int | None:
+    """The image size a ViT weight source's position embeddings were made for (None: unknown)."""
+    from dinoserve.models import extract_backbone_state_dict, read_checkpoint, resolve_source
+
+    sd, _ = extract_backbone_state_dict(read_checkpoint(resolve_source(source)), source=source)
+    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        return None
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    return grid * int(sd["patch_embed.proj.weight"].shape[-1])
 
 
 def _meta(spec, cfg: TrainConfig) -> dict[str, Any]:

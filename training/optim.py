@@ -56,11 +56,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """lr and weight decay start at 0: the schedules set them before every step."""
+    """lr and weight decay start at 0: the schedules set them before every step. AdamW and
+    SGD use the fused kernels (CPU and CUDA): on a CPU the default per-tensor AdamW step of
+    a resnet18 costs as much as its forward and backward passes together."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0)
+        return torch.optim.AdamW(groups, lr=0.0, fused=True)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, fused=True)
     if name == "lars":
         return LARS(groups)
     raise ValueError(f"optimizer {name!r} is not one of adamw, sgd, lars")
