@@ -8,16 +8,18 @@ embedding index::
 
     demo = app.launch(Client(repo="model_repository"), "photos.index", port=7860)
 
-Safe by default: it binds 127.0.0.1, refuses uploads over ``max_upload_mb``, and serves
-no file from disk except the index's own images (``allowed_paths`` lists exactly those
-files, never a folder). Nothing launches on import; ``dinoserve app`` is the command.
+Safe by default: it binds 127.0.0.1, refuses uploads over ``max_upload_mb``, decodes
+uploads with dinoserve's checks (clear messages, no stack traces), and serves no file from
+disk except copies of the index images it shows and its own downloads, all in one app
+folder (Gradio's ``allowed_paths`` is that folder alone). The image behind a result click
+is looked up on the server, never taken from the browser. Nothing launches on import;
+``dinoserve app`` is the command.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from app.handlers import ModelView
 
-__all__ = ["build_app", "launch", "allowed_paths", "model_view", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
+__all__ = ["build_app", "launch", "model_view", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
 
 #: Default upload limit; a photo rarely needs more, and dinoserve.images caps pixels anyway.
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -49,33 +51,25 @@ def model_view(client: Any) -> "ModelView":
                      crop_pct=float(info.crop_pct), has_attention=bool(info.has_attention))
 
 
-def allowed_paths(index: Any) -> list[str]:
-    """The only files the app may serve from disk: each image of the index (never a folder).
-
-    Each path is listed as the index stores it and with symlinks resolved, so a linked
-    image is found under either name and nothing else is.
-    """
-    paths = set()
-    for p in load_index(index).paths:
-        paths.add(str(Path(p).absolute()))
-        paths.add(str(Path(p).resolve()))
-    return sorted(paths)
-
-
 def build_app(client: Any, index: Any, *, title: str = "dinoserve", workdir: str | os.PathLike | None = None) -> "gr.Blocks":
     """Build (not launch) the app over ``client`` and ``index`` (loaded or a path).
 
-    ``workdir`` holds the Embed tab's download files (a fresh temporary folder by default).
+    ``workdir`` is the one folder the app serves files from (copies of the index images it
+    shows, embedding downloads); by default a temporary folder removed at exit.
     """
     from app.blocks import build_blocks
     from app.handlers import Handlers
 
     index = load_index(index)
+    owned = None
     if workdir is None:
-        workdir = tempfile.mkdtemp(prefix="dinoserve-app-")
+        # Removed when the app object is collected or the process exits.
+        owned = tempfile.TemporaryDirectory(prefix="dinoserve-app-")
+        workdir = owned.name
     handlers = Handlers(client, index, model_view(client), workdir)
     demo = build_blocks(handlers, title=title)
     demo.dinoserve_handlers = handlers  # for tests and callers who want the plain functions
+    demo.dinoserve_workdir = owned
     return demo
 
 
@@ -104,17 +98,22 @@ def launch(
         font_mono=["ui-monospace", "monospace"],
     )
     demo.queue(default_concurrency_limit=2)
-    demo.launch(
-        server_name=host,
-        server_port=port,
-        max_file_size=int(max_upload_mb * 1024 * 1024),
-        allowed_paths=allowed_paths(index),
-        share=False,
-        show_error=False,  # our gr.Error messages still show; anything else shows no stack trace
-        ssr_mode=False,
-        mcp_server=False,
-        enable_monitoring=False,
-        theme=theme,
-        **launch_kwargs,
-    )
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            max_file_size=int(max_upload_mb * 1024 * 1024),
+            allowed_paths=[str(demo.dinoserve_handlers.workdir)],
+            share=False,
+            show_error=False,  # our gr.Error messages still show; anything else shows no stack trace
+            ssr_mode=False,
+            mcp_server=False,
+            enable_monitoring=False,
+            theme=theme,
+            **launch_kwargs,
+        )
+    except OSError as e:  # the port is taken, or the address cannot be bound
+        from dinoserve.errors import ServerError
+
+        raise ServerError(f"cannot serve the app on {host}:{port}: {e}; choose a free port with --port") from None
     return demo

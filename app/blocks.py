@@ -72,7 +72,7 @@ def _search_tab(h: Handlers, max_k: int) -> None:
             query = _image_input(label="Query image (upload or paste)", elem_id="search-query")
             k = gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="k: how many neighbours")
             button = gr.Button("Search", variant="primary", elem_id="search-button")
-            examples = example_paths(h.paths)
+            examples = [e for e in map(h.servable, example_paths(h.paths)) if e]
             if examples:
                 gr.Examples([[p] for p in examples], inputs=[query], label="Examples from the index")
         with gr.Column(scale=2):

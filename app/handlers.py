@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from dinoserve.images import load_image, resize_and_crop
 from app.errors import app_error, user_errors
 from app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
 from app.upload import read_upload
+
+log = logging.getLogger(__name__)
 
 #: Attention overlays are drawn at least this many pixels wide: tiny models see 32-64 px crops.
 DISPLAY_SIZE = 320
@@ -90,7 +93,8 @@ class Handlers:
         client: a :class:`dinoserve.Client` (embedded or Triton).
         index: a loaded :class:`dinoserve.index.EmbeddingIndex`.
         model: facts about the client's model (see :func:`app.model_view`).
-        workdir: folder for the files the Embed tab offers for download.
+        workdir: the only folder the app serves files from: copies of the index images it
+            shows (see :meth:`servable`) and the Embed tab's downloads.
     """
 
     def __init__(self, client: Any, index: Any, model: ModelView, workdir: str | os.PathLike):
@@ -113,9 +117,10 @@ class Handlers:
     def search(self, image: Image.Image | str | None, k: int = DEFAULT_K):
         """The ``k`` nearest index images to ``image``.
 
-        Returns ``(gallery, table, paths)``: ``(path, caption)`` pairs for a gr.Gallery,
-        rows ``[rank, score, path]`` for a table, and the hit paths (kept in gr.State so a
-        click on a result can make it the next query without trusting a browser-sent path).
+        Returns ``(gallery, table, paths)``: ``(image, caption)`` pairs for a gr.Gallery
+        (images are :meth:`servable` copies), rows ``[rank, score, path]`` for a table, and
+        the original paths of the gallery's images (kept in gr.State so a click on a result
+        can make it the next query without trusting a browser-sent path).
         """
         image = read_upload(image)
         _require(image, "search with")
@@ -128,11 +133,43 @@ class Handlers:
         gallery, table, paths = [], [], []
         for rank, hit in enumerate(hits, start=1):
             path = str(hit.path)
-            shown = self.display_path(path)
-            gallery.append((path, f"{rank}. {hit.score:.3f}  {shown}"))
             table.append([rank, round(float(hit.score), 6), path])
+            shown = self.servable(path)
+            if shown is None:
+                continue  # the file is gone since indexing: listed in the table, not shown
+            gallery.append((shown, f"{rank}. {hit.score:.3f}  {self.display_path(path)}"))
             paths.append(path)
         return gallery, table, paths
+
+    def servable(self, path: str) -> str | None:
+        """A copy of index image ``path`` inside the app's own folder, for the browser.
+
+        The app serves nothing from anywhere else on disk: Gradio's ``allowed_paths`` holds
+        only ``workdir``, one entry (Gradio checks that list linearly on every request, so
+        listing every index image would cost seconds per thumbnail for a large index). The
+        copy is refreshed when the original's size or mtime changes. None if it is gone.
+        """
+        src = Path(path)
+        try:
+            st = src.stat()
+        except OSError:
+            log.warning("index image %s is missing; rebuild or update the index", path)
+            return None
+        dest = self.workdir / "images" / hashlib.sha256(str(src).encode()).hexdigest()[:16] / src.name
+        try:
+            cur = dest.stat()
+            if (cur.st_size, int(cur.st_mtime)) == (st.st_size, int(st.st_mtime)):
+                return str(dest)
+        except FileNotFoundError:
+            pass
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _atomic_write(dest, src.read_bytes())
+        except OSError as e:
+            log.warning("cannot copy index image %s for display: %s", path, e)
+            return None
+        os.utime(dest, (st.st_atime, st.st_mtime))
+        return str(dest)
 
     def search_from_result(self, paths: Sequence[str], k: int, evt: gr.SelectData):
         """Use the clicked gallery item as the next query.
@@ -147,7 +184,7 @@ class Handlers:
             raise app_error("That result is no longer on the page; run the search again.")
         query = paths[i]
         gallery, table, new_paths = self.search(query, k)
-        return query, gallery, table, new_paths
+        return self.servable(query), gallery, table, new_paths
 
     # --- attention ---------------------------------------------------------------------
     def display_crop(self, image: Image.Image | str) -> Image.Image:
@@ -219,8 +256,8 @@ class Handlers:
                 "norm": round(float(np.linalg.norm(vec)), 6), "embedding": vec.tolist()}
         # One folder per vector: repeated requests for the same image reuse it, and the
         # download keeps a friendly file name.
-        folder = self.workdir / hashlib.sha256(vec.tobytes()).hexdigest()[:16]
-        folder.mkdir(exist_ok=True)
+        folder = self.workdir / "embeddings" / hashlib.sha256(vec.tobytes()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
         npy, js = folder / "embedding.npy", folder / "embedding.json"
         buf = _npy_bytes(vec)
         _atomic_write(npy, buf)

@@ -235,29 +235,65 @@ def test_app_refuses_uploads_over_the_size_limit(vit, tmp_path):
     assert r.status_code == 413
 
 
-def test_app_serves_only_the_index_images(vit, photos, tiny_repo):
-    demo, _, _, _ = vit
+def test_app_serves_only_its_own_copies_of_index_images(vit, photos, tiny_repo):
+    demo, gc, _, _ = vit
+    workdir = demo.dinoserve_handlers.workdir
     base = demo.local_url.rstrip("/") + "/gradio_api/file="
     indexed = _indexed(photos)[0]
-    r = httpx.get(base + str(indexed))
-    assert r.status_code == 200 and r.content == indexed.read_bytes()
+    gallery, _ = gc.predict(handle_file(str(indexed)), 3, api_name="/search")
+    # What the browser gets is the index image itself, byte for byte ...
+    assert Path(gallery[0]["image"]).read_bytes() == indexed.read_bytes()
+    # ... served from the app's own folder, the only folder Gradio may serve.
+    copies = sorted((workdir / "images").rglob("*.png"))
+    assert copies and all(p.read_bytes() in {q.read_bytes() for q in _indexed(photos)} for p in copies)
+    r = httpx.get(base + str(copies[0]))
+    assert r.status_code == 200 and r.content == copies[0].read_bytes()
     refused = [
         "/etc/passwd",
-        str(photos / "not_indexed.png"),  # same folder as the index images, but not indexed
+        str(indexed),  # not even the originals are served from their own folder
+        str(photos / "not_indexed.png"),
         str(next(tiny_repo.rglob("model.onnx"))),
         str(Path(__file__).resolve()),
-        str(indexed.parent / ".." / ".." / "etc" / "passwd"),
+        str(workdir / ".." / ".." / ".." / "etc" / "passwd"),
+        str(workdir) + "/../../../../etc/passwd",
     ]
     for path in refused:
         r = httpx.get(base + path)
         assert r.status_code in (403, 404), path
-        assert b"root:" not in r.content
+        assert b"root:" not in r.content and b"PNG" not in r.content[:8]
+
+
+def test_app_click_cannot_open_a_path_sent_by_the_browser(vit, photos):
+    """The select event reads paths from server-side state: a forged payload has no path to give."""
+    demo, _, _, _ = vit
+    h = demo.dinoserve_handlers
+    _, _, paths = h.search(str(_indexed(photos)[0]), 2)
+    with pytest.raises(gr.Error, match="no longer on the page"):
+        h.search_from_result(paths, 2, gr.SelectData(None, {"index": 7, "value": "/etc/passwd"}))
 
 
 def test_app_binds_localhost_by_default(vit):
     demo, _, _, _ = vit
     assert demo.server_name == "127.0.0.1"
     assert demo.local_url.startswith("http://127.0.0.1:")
+
+
+def test_app_port_in_use_is_a_clear_error(vit, gradio_tmp):
+    from dinoserve.errors import ServerError
+
+    _, _, client, index_path = vit
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerError, match=f"127.0.0.1:{port}.*--port"):
+            app.launch(client, index_path, port=port, prevent_thread_lock=True, quiet=True)
+
+
+def test_app_missing_index_image_is_left_out_of_the_gallery(vit, photos, tmp_path):
+    demo, _, _, _ = vit
+    h = demo.dinoserve_handlers
+    assert h.servable(str(tmp_path / "deleted.png")) is None
 
 
 # --- ResNet ----------------------------------------------------------------------------------
@@ -276,6 +312,29 @@ def test_app_resnet_search_and_embed(resnet, photos):
     np.testing.assert_allclose(info["embedding"], client.embed([query])[0], atol=1e-6)
 
 
+# --- Triton ----------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_app_on_triton_matches_embedded(triton_server, tiny_repo, vit, photos, gradio_tmp):
+    """The same app over a real tritonserver gives the embedded client's answers."""
+    _, _, embedded, index_path = vit
+    client = Client(triton_server.http_url, model="vit_tiny", repo=tiny_repo)
+    demo = _serve(client, index_path, gradio_tmp)
+    gc = GradioClient(demo.local_url, verbose=False, download_files=str(gradio_tmp / "downloads"))
+    try:
+        query = _indexed(photos)[3]
+        _, table = gc.predict(handle_file(str(query)), 3, api_name="/search")
+        assert table["data"][0][2] == str(query)
+        info, _, _ = gc.predict(handle_file(str(query)), api_name="/embed")
+        np.testing.assert_allclose(info["embedding"], embedded.embed([query])[0], atol=1e-4)
+        _, _, _, numbers = gc.predict(handle_file(str(query)), api_name="/attention")
+        raw = embedded.attention([query])[0]
+        np.testing.assert_allclose(numbers["attention"], raw / raw.sum(axis=(1, 2), keepdims=True), atol=1e-4)
+    finally:
+        gc.close()
+        demo.close()
+        client.close()
+
+
 # --- handlers without a server ---------------------------------------------------------------
 def test_app_clicked_result_becomes_next_query(vit, photos):
     demo, _, _, _ = vit
@@ -283,7 +342,7 @@ def test_app_clicked_result_becomes_next_query(vit, photos):
     _, _, paths = h.search(str(_indexed(photos)[0]), 4)
     event = gr.SelectData(None, {"index": 2, "value": None, "selected": True})
     query, _, table, new_paths = h.search_from_result(paths, 4, event)
-    assert query == paths[2]
+    assert Path(query).read_bytes() == Path(paths[2]).read_bytes()  # shown as the new query
     assert table[0][2] == paths[2] and new_paths[0] == paths[2]
 
 
