@@ -145,8 +145,10 @@ def main() -> None:
     batch = np.ascontiguousarray(np.resize(pool, (args.batch, 3, size, size)))
     request = np.ascontiguousarray(pool[: args.request_batch])
     flops = flops_per_image(model, size)
-    peak = matmul_peak_gflops()
-    print(f"{flops / 1e9:.2f} GFLOP/image, matmul peak {peak:.1f} GFLOP/s", flush=True)
+    # The machine is shared: measure the peak now and again at the end, and keep the higher.
+    peaks = [matmul_peak_gflops()]
+    peak = peaks[0]
+    print(f"{flops / 1e9:.2f} GFLOP/image (2 per multiply-add), matmul peak {peak:.1f} GFLOP/s", flush=True)
 
     rows: list[dict] = []
 
@@ -210,6 +212,11 @@ def main() -> None:
                     "mean_queue_ms": queue / max(reqs, 1) / 1e3,
                 })
 
+    peaks.append(matmul_peak_gflops())
+    peak = max(peaks)
+    for r in rows:
+        r["fraction_of_peak"] = r["gflops"] / peak
+    print(f"matmul peak at the end {peaks[-1]:.1f} GFLOP/s; fractions use {peak:.1f}", flush=True)
     by = {(r["backend"], r["concurrency"]): r for r in rows}
     onnx_ips = by[("onnxruntime", 1)]["img_per_s"]
     ratios = {f"{b}_c{c}_vs_onnxruntime": r["img_per_s"] / onnx_ips for (b, c), r in by.items()}
@@ -220,7 +227,7 @@ def main() -> None:
                   "gflop_per_image": flops / 1e9, "onnx_max_abs_diff_vs_pytorch": res.max_abs_diff},
         "in_process_batch": args.batch, "triton_request_batch": args.request_batch,
         "triton_max_queue_delay_us": args.max_queue_delay_us, "seconds_per_config": args.seconds,
-        "matmul_peak_gflops": peak, "machine": machine(), "rows": rows, "ratios": ratios,
+        "matmul_peak_gflops": peak, "matmul_peak_measurements": peaks, "machine": machine(), "rows": rows, "ratios": ratios,
         "command": "python benchmarks/serving_throughput.py " + " ".join(sys.argv[1:]),
     }
     path = write_json(NAME, data)

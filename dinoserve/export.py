@@ -335,16 +335,25 @@ def _staging(repo: Path) -> Iterator[Path]:
     """A temporary folder beside the repository (same file system, so renames are atomic),
     removed afterwards whatever happens."""
     parent = repo.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # ours to remove on failure
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.export-", dir=parent))
     except OSError as e:
         raise ExportError(f"repository {repo}: cannot create a staging folder in {parent} ({e}); "
                           f"fix its permissions or pass another --repo") from None
+    ok = False
     try:
         yield stage
+        ok = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not ok:
+            for folder in created:  # deepest first; only if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _torch_export(model: nn.Module, spec: BackboneSpec, path: Path, *, fp16: bool, size: int) -> None:
@@ -391,11 +400,15 @@ def _providers(device: str) -> list[str]:
 @torch.no_grad()
 def _reference(model: nn.Module, spec: BackboneSpec, batch: np.ndarray) -> list[np.ndarray]:
     x = torch.from_numpy(normalize(batch, spec.mean, spec.std))
-    model = model.eval()
-    if spec.family == "vit":
-        features, attention = forward_with_attention(model, x)
-        return [features.numpy(), attention.numpy()]
-    return [model(x).numpy()]
+    was_training = model.training
+    model.eval()
+    try:
+        if spec.family == "vit":
+            features, attention = forward_with_attention(model, x)
+            return [features.numpy(), attention.numpy()]
+        return [model(x).numpy()]
+    finally:
+        model.train(was_training)
 
 
 def _verify(model: nn.Module, spec: BackboneSpec, onnx_path: Path, batch: np.ndarray, tol: float,

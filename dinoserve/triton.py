@@ -197,11 +197,11 @@ def _backend_dir(root: Path, target: Path) -> Path:
     return target
 
 
-def _bundled_env() -> dict[str, str]:
+def _bundled_env(root: Path) -> dict[str, str]:
     """Environment for the pip server: this Python's libpython first (else the stub picks
     the system's, another patch level, and crashes), the wheel's libraries, the venv on PATH."""
     env = dict(os.environ)
-    site = Path(_pytriton_root()).parent.parent  # site-packages
+    site = root.parent.parent  # <site-packages>/pytriton/tritonserver
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(site / "nvidia_pytriton.libs")]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
@@ -358,7 +358,7 @@ class TritonServer:
         prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads)
         backends = _backend_dir(root, self._workdir / "backends")
         cmd = [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common]
-        return cmd, _bundled_env()
+        return cmd, _bundled_env(root)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

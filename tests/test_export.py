@@ -213,8 +213,16 @@ def test_weights_that_do_not_fit_are_a_clear_error(tiny_repo, repo_copy):
 def test_failed_verification_leaves_repository_unchanged(repo_copy):
     before = snapshot(repo_copy.parent)
     with pytest.raises(ExportError, match="verification failed.*repository is unchanged"):
-        export_onnx(model=build_tiny_backbone("vit_tiny"), name="vit_tiny", repo=repo_copy, tolerance=1e-12)
+        export_onnx(model=build_tiny_backbone("resnet_tiny"), name="resnet_tiny", repo=repo_copy, image_size=64,
+                    tolerance=1e-15)
     assert snapshot(repo_copy.parent) == before  # no version 2, no staging folder, same config
+
+
+def test_failed_export_into_a_new_folder_leaves_nothing(tmp_path):
+    with pytest.raises(ExportError, match="verification failed"):
+        export_onnx(model=build_tiny_backbone("resnet_tiny"), name="r", repo=tmp_path / "a" / "b" / "repo",
+                    image_size=64, tolerance=1e-15)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_repository_is_a_clear_error(tmp_path):
