@@ -243,3 +243,26 @@ def test_cli_help_lists_every_option_and_errors_are_clean(tmp_path):
     assert r.exit_code == 1 and "does not exist" in r.output
     r = CliRunner().invoke(cli, ["train", "-d", str(tmp_path), "--patch-size", "8", "-a", "resnet18"])
     assert r.exit_code == 1 and "ViT options" in r.output
+
+
+def test_knn_during_training_and_epoch_teacher(twelve, tmp_path):
+    knn = tmp_path / "knn"
+    make_image_folder(knn / "train", per_class=4, size=48, seed=11)
+    make_image_folder(knn / "val", per_class=2, size=48, seed=12)
+    out = tmp_path / "run"
+    result = train(make_config(**{**TINY, "epochs": 1}, data=str(twelve), out=str(out), knn_data=str(knn),
+                               knn_k=5, teacher_update="epoch"))
+    assert len(result.knn) == 1 and 0.0 <= result.knn[0]["top1"] <= 100.0
+    assert result.knn[0]["top5"] == 100.0  # 3 classes: the right one is always in the top 5
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["top1"] for r in rows if r["event"] == "knn"] == [result.knn[0]["top1"]]
+    # 'epoch' teacher: frozen during the epoch, so it still equals the initial student, which
+    # is also what an EMA teacher with momentum 1 keeps after one step of a same-seed run
+    frozen = tmp_path / "frozen"
+    train(make_config(**{**TINY, "epochs": 1, "momentum_teacher": 1.0}, data=str(twelve), out=str(frozen), max_steps=1))
+    epoch_teacher = read_checkpoint(out / "checkpoint.pth")
+    init_teacher = read_checkpoint(frozen / "checkpoint.pth")["teacher"]
+    for k, v in init_teacher.items():
+        assert torch.equal(epoch_teacher["teacher"][k], v), k
+    assert not torch.equal(epoch_teacher["student"]["backbone.patch_embed.proj.weight"],
+                           init_teacher["backbone.patch_embed.proj.weight"])

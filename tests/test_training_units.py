@@ -307,3 +307,37 @@ def test_save_atomic_replaces_and_leaves_no_temp(tmp_path):
     save_atomic({"a": torch.zeros(2)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_collapse_monitor_warns_once_per_kind():
+    from training.monitor import CollapseMonitor
+
+    mon = CollapseMonitor(out_dim=4096, patience=3)
+    ln_k = math.log(4096)
+    assert [mon.check(ln_k, 5.0) for _ in range(2)] == [None, None]
+    assert "ln K" in mon.check(ln_k + 0.01, 5.0)
+    assert mon.check(ln_k, 5.0) is None  # warned already
+    assert mon.check(2.0, 5.0) is None
+    assert "same prototype" in mon.check(2.0, 0.1)
+
+
+def test_lars_scales_matrix_steps_by_trust_ratio():
+    from training.optim import LARS
+
+    w = nn.Parameter(torch.full((2, 2), 2.0))  # ||w|| = 4
+    b = nn.Parameter(torch.zeros(2))
+    w.grad, b.grad = torch.full((2, 2), 0.5), torch.ones(2)  # ||g|| = 1
+    LARS([w, b], lr=1.0, momentum=0.0, eta=0.01).step()
+    torch.testing.assert_close(w, torch.full((2, 2), 2.0 - 0.01 * 4 / 1 * 0.5))
+    torch.testing.assert_close(b, torch.full((2,), -1.0))  # plain SGD for 1-D parameters
+
+
+def test_find_images_from_csv_with_split_filter(tmp_path, image_folder):
+    rows = ["path,category,split"]
+    for i, p in enumerate(sorted(image_folder.rglob("*.png"))):
+        rows.append(f"{p.relative_to(image_folder)},{p.parent.name},{['pool', 'knn_train', 'knn_val'][i % 3]}")
+    csv = tmp_path / "list.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    got = find_images(csv, ["knn_train", "pool"], root=image_folder)
+    assert len(got) == 16 and all(p.is_file() for p in got)
+    assert len(find_images(csv, None, root=image_folder)) == 24

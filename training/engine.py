@@ -285,6 +285,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
                 row = dict(step=step, epoch=epoch, lr=float(lr_s[it]), wd=float(wd_s[it]),
                            momentum=float(mom_s[it]), teacher_temp=dino_loss.teacher_temp(epoch),
                            img_per_s=round(speed.rate, 2), **loss_value)
+                if scaler is not None:
+                    row["grad_scale"] = float(scaler.get_scale())  # falling fast: fp16 overflow
                 log.write("step", **row)
                 if epoch >= max(1, math.ceil(cfg.warmup_epochs)):
                     warning = collapse.check(row["loss"], row["teacher_mean_entropy"])
