@@ -153,7 +153,8 @@ class EmbeddingIndex:
             return [[] for _ in range(len(q))]
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         q = np.ascontiguousarray(q / np.maximum(norms, 1e-12))
-        scores, rows = self._faiss.search(q, min(k, len(self)))
+        scores, rows = index_kinds.search(self._faiss, q, min(k, len(self)), kind=self.kind,
+                                          params=self.meta.get("kind_params"), vectors=self.embeddings)
         paths = self.paths
         return [[Hit(paths[r], float(s), rank) for rank, (s, r) in enumerate(
                     ((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1)]
@@ -280,7 +281,7 @@ def _write(out: Path, spec: dict, paths: list[str], client: "Client", kind: str,
                 return report  # nothing new: keep the live generation as it is
         fi, params = index_kinds.build(emb, kind, kind_params)
         if kind != "flat":
-            report.recall_at_10 = round(index_kinds.recall_at_k(fi, emb, k=10), 4)
+            report.recall_at_10 = round(index_kinds.recall_at_k(fi, emb, k=10, kind=kind, params=params), 4)
         writer.publish(_meta(client.info, spec, kind, params, report, previous), emb, fi)
     report.seconds = time.perf_counter() - t0
     return report
