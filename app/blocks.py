@@ -73,8 +73,10 @@ def _search_tab(h: Handlers, max_k: int) -> None:
             k = gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="k: how many neighbours")
             button = gr.Button("Search", variant="primary", elem_id="search-button")
             examples = [e for e in map(h.servable, example_paths(h.paths)) if e]
+            picked = None
             if examples:
-                gr.Examples([[p] for p in examples], inputs=[query], label="Examples from the index")
+                picked = gr.Examples([[p] for p in examples], inputs=[query], label="Examples from the index",
+                                     elem_id="search-examples")
         with gr.Column(scale=2):
             gallery = gr.Gallery(
                 label="Nearest images (rank. cosine similarity  path); click one to search with it",
@@ -88,6 +90,9 @@ def _search_tab(h: Handlers, max_k: int) -> None:
     button.click(h.search, [query, k], outputs, api_name="search", preprocess=False)
     query.upload(_when_image(h.search, 3), [query, k], outputs, api_visibility="private", preprocess=False)
     gallery.select(h.search_from_result, [hit_paths, k], [query, *outputs], api_visibility="private")
+    if picked is not None:  # an example, once loaded into the query, is searched at once
+        picked.load_input_event.then(_when_image(h.search, 3), [query, k], outputs,
+                                     api_visibility="private", preprocess=False)
 
 
 def _attention_tab(h: Handlers) -> None:

@@ -121,6 +121,14 @@ def test_browser_upload_shows_gallery_and_click_searches_again(page, served):
     page.screenshot(path=str(SCREENSHOTS / "search_after_click.png"), full_page=True)
 
 
+def test_browser_example_click_searches_with_it(page, served):
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-examples img").nth(1).click()
+    # example_paths spreads 4 examples over the 12 sorted index images: the second is #3.
+    query = served[2][3]
+    _wait_for_first_caption(page, "1. 1.000", f"{query.parent.name}/{query.name}")
+
+
 def test_browser_attention_tab_shows_each_head(page, served):
     _, _, paths = served
     page.get_by_role("tab", name="Attention").click()
