@@ -355,6 +355,23 @@ def test_app_missing_image_and_stale_click_are_clear_errors(vit):
         h.search_from_result([], 4, gr.SelectData(None, {"index": 0, "value": None}))
 
 
+def test_app_read_upload_decodes_files_and_pasted_data(photos):
+    import base64
+
+    from app.upload import read_upload
+
+    path = _indexed(photos)[0]
+    from_file = read_upload({"path": str(path), "orig_name": path.name})
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    from_paste = read_upload({"url": url, "orig_name": "pasted.png"})
+    assert from_file.mode == from_paste.mode == "RGB"
+    assert np.array_equal(np.asarray(from_file), np.asarray(from_paste))
+    assert read_upload(str(path)) == str(path)  # Python callers' values pass through
+    assert read_upload(None) is None
+    with pytest.raises(gr.Error, match="pasted.png: pasted data is not valid base64"):
+        read_upload({"url": "data:image/png;base64,@@@", "orig_name": "pasted.png"})
+
+
 # --- overlay maths ---------------------------------------------------------------------------
 def test_app_threshold_mask_is_the_smallest_set_holding_t():
     rng = np.random.default_rng(0)
