@@ -149,10 +149,20 @@ def _resnet_sources(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
                 "meta": {"arch": "resnet18", "model_kwargs": {}}}, ours)
     st = tmp_path / "backbone.safetensors"
     save_file(sd, str(st))
-    return {"dino-full": (official, None), "dinoserve": (ours, None), "safetensors": (st, "resnet18")}
+    # A timm tag resolved from a local Hugging Face cache (the offline path of timm:<arch>.<tag>).
+    snapshot_dir = tmp_path / "hf" / "models--timm--resnet18.mine" / "snapshots" / ("0" * 40)
+    snapshot_dir.mkdir(parents=True)
+    save_file(sd, str(snapshot_dir / "model.safetensors"))
+    (tmp_path / "hf" / "models--timm--resnet18.mine" / "refs").mkdir()
+    (tmp_path / "hf" / "models--timm--resnet18.mine" / "refs" / "main").write_text("0" * 40)
+    return {"dino-full": (official, None), "dinoserve": (ours, None), "safetensors": (st, "resnet18"),
+            "timm-tag": ("timm:resnet18.mine", None)}
 
 
-def test_export_from_every_weight_source(tmp_path):
+def test_export_from_every_weight_source(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     repo = tmp_path / "repo"
     images = images_at(3, 64, 64)
     ref = torch_outputs(build_tiny_backbone("resnet_tiny"), images)[0]
@@ -163,11 +173,11 @@ def test_export_from_every_weight_source(tmp_path):
         assert 0 <= res.max_abs_diff < 1e-4
         got = ort.InferenceSession(str(res.onnx_path)).run(None, {"images": images})[0]
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=source)
-    config = read_model_config(repo / "r18")
-    assert config.max_batch_size == 8
-    assert config.weights_sha256 == hashlib.sha256((tmp_path / "backbone.safetensors").read_bytes()).hexdigest()
+    assert read_model_config(repo / "r18").max_batch_size == 8
     assert sorted(p.name for p in repo.iterdir()) == ["r18"]  # no staging folders left
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert read_model_config(repo / "r18").weights_sha256 == hashlib.sha256(
+        next((tmp_path / "hf").rglob("model.safetensors")).read_bytes()).hexdigest()  # the last export's
 
 
 def test_export_fp16_keeps_float32_io(tmp_path):
