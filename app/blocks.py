@@ -116,9 +116,9 @@ def _attention_tab(h: Handlers) -> None:
             mean = gr.Image(label="Mean over heads", type="pil", interactive=False, format="png", height=320,
                             elem_id="attention-mean")
             heads = gr.Gallery(label="Per-head attention", columns=6, format="png", interactive=False,
-                               height="auto", elem_id="attention-heads")
+                               height=None, allow_preview=True, elem_id="attention-heads")
             kept = gr.Gallery(label="Threshold view (mean, then each head)", columns=6, format="png",
-                              interactive=False, height="auto", elem_id="attention-kept")
+                              interactive=False, height=None, elem_id="attention-kept")
             numbers = gr.JSON(label="Numbers (renormalised maps, raw sums, kept patches)", open=False)
     outputs = [heads, mean, kept, numbers]
     button.click(h.attention, [image, threshold], outputs, api_name="attention", preprocess=False)

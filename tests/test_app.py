@@ -416,6 +416,17 @@ def test_app_command_help_and_bad_index(tmp_path):
     assert "empty.index" in r.output and "Traceback" not in r.output
 
 
+def test_app_command_refuses_another_model_than_the_index(vit, tiny_repo):
+    from click.testing import CliRunner
+
+    from dinoserve.cli import cli
+
+    _, _, _, index_path = vit
+    r = CliRunner().invoke(cli, ["app", "--index", str(index_path), "--repo", str(tiny_repo), "--model", "resnet_tiny"])
+    assert r.exit_code == 1
+    assert "vit_tiny" in r.output and "resnet_tiny" in r.output and "Traceback" not in r.output
+
+
 def test_app_command_serves_on_localhost(vit, tiny_repo, tmp_path):
     _, _, _, index_path = vit
     port = free_port()

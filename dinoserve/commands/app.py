@@ -34,6 +34,9 @@ def app(index_path, host, port, max_upload_mb, title, url, repo, model, batch_si
     index = EmbeddingIndex.load(index_path)
     with make_client(url, repo, model or index.model_name, batch_size, timeout, concurrency) as client:
         index.check_model(client.info)  # refuse before serving, not on the first search
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: --host {host} makes the app reachable from other machines; it has no "
+                       "login, so anyone who can reach it can search the index and see its images", err=True)
         click.echo(f"dinoserve app: {client.model} on {index_path} ({len(index)} images); "
                    f"open http://{host}:{port} (Ctrl-C to stop)", err=True)
         dinoserve_app.launch(client, index, host=host, port=port, max_upload_mb=max_upload_mb, title=title)
