@@ -76,10 +76,16 @@ class EmbeddingIndex:
         self.items = items
         self.embeddings = embeddings
         self._faiss = faiss_index
+        self._paths = [it["path"] for it in items]
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> "EmbeddingIndex":
-        """Open the live generation of the index directory ``path``."""
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> "EmbeddingIndex":
+        """Open the live generation of the index directory ``path``.
+
+        ``mmap`` leaves ``embeddings`` on disk (memory-mapped): the faiss index holds what
+        search needs, and the exact vectors are read only to re-rank IVF-PQ candidates
+        and by updates.
+        """
         import faiss
 
         gen = index_store.current_generation(Path(path))
@@ -112,7 +118,8 @@ class EmbeddingIndex:
 
     @property
     def paths(self) -> list[str]:
-        return [it["path"] for it in self.items]
+        """Indexed image paths; ``paths[i]`` is row ``i`` of ``embeddings``."""
+        return self._paths
 
     @property
     def dim(self) -> int:
@@ -155,7 +162,7 @@ class EmbeddingIndex:
         q = np.ascontiguousarray(q / np.maximum(norms, 1e-12))
         scores, rows = index_kinds.search(self._faiss, q, min(k, len(self)), kind=self.kind,
                                           params=self.meta.get("kind_params"), vectors=self.embeddings)
-        paths = self.paths
+        paths = self._paths
         return [[Hit(paths[r], float(s), rank) for rank, (s, r) in enumerate(
                     ((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1)]
                 for srow, rrow in zip(scores, rows)]
