@@ -214,7 +214,8 @@ def test_cli_trains_through_odd_images_and_reports_skips(tmp_path):
     out = tmp_path / "run"
     args = ["train", "-d", str(tmp_path / "data"), "-o", str(out), "--preset", "cpu_small", "-e", "1", "-b", "6",
             "--global-crop-size", "32", "--local-crop-size", "16", "--local-crops", "2", "--out-dim", "128",
-            "--hidden-dim", "64", "--bottleneck-dim", "32", "--num-workers", "2", "--warmup-epochs", "0", "--log-every", "1", "-q"]
+            "--hidden-dim", "64", "--bottleneck-dim", "32", "--num-workers", "2",
+            "-a", "vit_tiny_patch16_224", "--depth", "2", "--patch-size", "8", "--warmup-epochs", "0", "--log-every", "1", "-q"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])

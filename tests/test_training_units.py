@@ -341,3 +341,14 @@ def test_find_images_from_csv_with_split_filter(tmp_path, image_folder):
     got = find_images(csv, ["knn_train", "pool"], root=image_folder)
     assert len(got) == 16 and all(p.is_file() for p in got)
     assert len(find_images(csv, None, root=image_folder)) == 24
+
+
+def test_skip_report_counts_files_once_and_round_trips():
+    from training.data import SkipReport
+
+    r = SkipReport(keep=1)
+    assert [f.path for f in r.add([Failure("a", "bad a"), Failure("b", "bad b")])] == ["a"]
+    r.add([Failure("a", "bad a")])  # the same file in a later epoch
+    assert (r.count, len(r.paths), len(r.examples)) == (3, 2, 1)
+    back = SkipReport.from_dict(r.to_dict(all_paths=True))
+    assert back.to_dict() == r.to_dict() == {"count": 3, "files": 2, "examples": [{"path": "a", "reason": "bad a"}]}

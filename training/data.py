@@ -190,5 +190,15 @@ class SkipReport:
                 new.append(f)
         return new
 
-    def to_dict(self) -> dict:
+    @classmethod
+    def from_dict(cls, d: dict, keep: int = 10) -> "SkipReport":
+        """Rebuild a report saved by :meth:`to_dict` (with ``all_paths``), for resume."""
+        report = cls(keep=keep, count=int(d.get("count", 0)))
+        report.examples = [Failure(e["path"], e["reason"]) for e in d.get("examples", [])]
+        report.paths = set(d.get("all_paths", [])) | {f.path for f in report.examples}
+        return report
+
+    def to_dict(self, all_paths: bool = False) -> dict:
+        if all_paths:
+            return {**self.to_dict(), "all_paths": sorted(self.paths)}
         return {"count": self.count, "files": len(self.paths), "examples": [{"path": f.path, "reason": f.reason} for f in self.examples]}

@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
         if prog.get("steps_per_epoch") != steps_per_epoch and start_in_epoch:
             raise TrainingError(f"--resume: the checkpoint stopped mid-epoch with {prog.get('steps_per_epoch')} steps per "
                                 f"epoch, but this run has {steps_per_epoch}; keep --batch-size and the process count")
-        skipped.count = int(prog.get("skipped", {}).get("count", 0))
+        skipped = SkipReport.from_dict(prog.get("skipped", {}))
         rngs = prog.get("rng", [])
         if len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank], device)
@@ -231,7 +231,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "meta": _meta(spec, cfg),
             "progress": {"step": step, "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch,
-                         "world_size": info.world_size, "rng": rngs, "skipped": skipped.to_dict()},
+                         "world_size": info.world_size, "rng": rngs, "skipped": skipped.to_dict(all_paths=True)},
         }
         save_atomic(state, ckpt_path)
 
