@@ -68,9 +68,17 @@ def teardown(info: DistInfo) -> None:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place across processes when distributed; a no-op otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    """In place across processes when distributed; a no-op otherwise. CPU tensors are
+    carried through the GPU under nccl, which reduces CUDA tensors only."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=reduce_op)
+        t.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(t, op=reduce_op)
     return t
 
 
