@@ -302,3 +302,46 @@ def test_cli_export_bad_input_exit_1(tmp_path):
     result = runner.invoke(cli, ["export", "--weights", "x", "--name", "r"])
     assert result.exit_code == 2 and "--onnx" in result.output
     assert not (tmp_path / "repo").exists()
+
+
+# --- reading repositories (no torch needed there) ---------------------------------------------
+
+
+def test_parse_pbtxt_reads_triton_configs():
+    from dinoserve.repository import ConfigParseError, config_from_dict, parse_pbtxt
+
+    text = """
+    # NVIDIA-style spelling: no colons before messages, repeated blocks, comments
+    name: "m"  platform: "onnxruntime_onnx"
+    max_batch_size: 8
+    input [ { name: "images" data_type: TYPE_UINT8 dims: [ 3, -1, -1 ] } ]
+    output { name: "embedding" data_type: TYPE_FP32 dims: [ 384 ] }
+    output { name: "attention" data_type: TYPE_FP32 dims: [ 6, -1, -1 ] }
+    instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0 ] } ]
+    parameters { key: "image_size" value { string_value: "224" } }
+    parameters { key: "mean" value { string_value: "0.5,0.5,0.5" } }
+    parameters { key: "note" value { string_value: "a \\"quoted\\" word" } }
+    """
+    config = config_from_dict(parse_pbtxt(text))
+    assert config.name == "m" and config.max_batch_size == 8 and config.platform == "onnxruntime_onnx"
+    assert [(t.name, t.dims) for t in config.outputs] == [("embedding", (384,)), ("attention", (6, -1, -1))]
+    assert config.inputs[0].numpy_dtype == "uint8" and config.has_attention
+    assert config.image_size == 224 and config.mean == (0.5, 0.5, 0.5)
+    assert config.parameters["note"] == 'a "quoted" word'
+    assert config.raw["instance_group"] == [{"count": 2, "kind": "KIND_GPU", "gpus": [0]}]
+    with pytest.raises(ConfigParseError, match="config.pbtxt"):
+        parse_pbtxt('name: "m" input [ { name: "x" ')
+
+
+def test_repository_lookups_name_what_exists(tiny_repo, tmp_path):
+    from dinoserve.errors import ModelNotFoundError
+    from dinoserve.repository import latest_version
+
+    assert latest_version(tiny_repo / "vit_tiny") == 1 and latest_version(tmp_path) is None
+    assert model_onnx_path(tiny_repo, "vit_tiny", 1) == tiny_repo / "vit_tiny" / "1" / "model.onnx"
+    with pytest.raises(ModelNotFoundError, match="no model 'vit_huge'.*available: resnet_tiny, vit_tiny"):
+        model_onnx_path(tiny_repo, "vit_huge")
+    with pytest.raises(ModelNotFoundError, match=r"versions of 'vit_tiny': \[1\]"):
+        model_onnx_path(tiny_repo, "vit_tiny", 7)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        model_onnx_path(tmp_path / "nowhere", "x")

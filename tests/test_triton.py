@@ -106,10 +106,11 @@ def _metric(text: str, metric: str, model: str) -> float:
 
 
 def test_concurrent_requests_are_answered_and_counted(triton_server):
-    """16 concurrent requests (dynamic batching may merge them) each get their own rows."""
+    """16 concurrent requests of two image sizes (dynamic batching may merge them; the
+    runner groups them by size) each get their own rows."""
     with urllib.request.urlopen(triton_server.metrics_url) as r:
         before = r.read().decode()
-    sets = [images_at(1 + i % 3, 32, 32, seed=10 + i) for i in range(16)]
+    sets = [images_at(1 + i % 3, *((32, 32) if i % 2 else (48, 64)), seed=10 + i) for i in range(16)]
     with ThreadPoolExecutor(8) as pool:  # one HTTP client per request: they are not thread-safe
         results = list(pool.map(lambda im: infer(triton_server, "http", "vit_tiny", im, ["embedding"]), sets))
     model = build_tiny_backbone("vit_tiny")
