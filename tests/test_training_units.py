@@ -18,7 +18,7 @@ from training.data import Failure, MultiCropDataset, ResumableSampler, collate_c
 from training.head import DINOHead, MultiCropWrapper
 from training.loss import DINOLoss, teacher_entropy
 from training.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from training.precision import cpu_supports_bf16, resolve_precision
+from training.precision import cpu_has_amx, cpu_supports_bf16, resolve_precision
 from training.schedules import cosine_schedule
 from training.teacher import ema_update, update_after_step, update_at_epoch_start
 
@@ -220,7 +220,9 @@ def test_multicrop_wrapper_runs_backbone_once_per_resolution():
 def test_precision_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32"
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_amx() else "fp32")
+    if cpu_supports_bf16():
+        assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA"):
         resolve_precision("fp16", cpu)
 

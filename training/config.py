@@ -81,7 +81,7 @@ class TrainConfig:
     center_momentum: float = _f(0.9, "EMA momentum of the teacher-output center.")
 
     # --- run -------------------------------------------------------------------------
-    precision: str = _f("auto", "auto (bf16 where the CPU/GPU supports it), fp32, bf16 or fp16 (CUDA, with a grad scaler).", choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 only with AMX, where it is faster, else fp32), fp32, bf16 or fp16 (CUDA, with a grad scaler).", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     seed: int = _f(0, "Random seed (each process adds its rank).")
     resume: bool = _f(False, "Continue from <out>/checkpoint.pth exactly where it stopped (same step, schedules, center, optimizer, sampler position).")
@@ -128,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         epochs=20, batch_size=64, lr=5e-4, warmup_epochs=2, min_lr=1e-5,
         weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.99,
         teacher_temp=0.04, warmup_teacher_temp=0.04, num_workers=2, max_decode_side=256,
+        # precision stays "auto": bf16 on CPUs with AMX, fp32 elsewhere (see precision.py)
     ),
 }
 
