@@ -96,7 +96,7 @@ class TrainConfig:
     knn_every: int = _f(1, "Run k-NN every N epochs (and after the last).")
     knn_k: int = _f(20, "k of the k-NN classifier.")
     knn_temperature: float = _f(0.07, "Temperature of the k-NN vote weights exp(sim / T).")
-    knn_image_size: Optional[int] = _f(None, "Evaluation image size for k-NN (default: the k-NN module's own default).")
+    knn_image_size: Optional[int] = _f(None, "Evaluation image size for k-NN (default: the backbone's image size, i.e. the global crop size unless --img-size/--pretrained set it).")
     knn_data_root: Optional[str] = _f(None, "Root for relative paths in a k-NN CSV.")
 
     def to_dict(self) -> dict[str, Any]:
