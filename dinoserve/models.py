@@ -281,8 +281,11 @@ def create_backbone(
         )
     if family == "vit":
         kwargs.setdefault("dynamic_img_size", True)
+    # A ResNet has no size of its own; img_size only records the size it was trained and
+    # is meant to be evaluated at, so it stays out of timm's constructor.
+    timm_kwargs = {k: v for k, v in kwargs.items() if not (family == "resnet" and k == "img_size")}
     try:
-        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
     except TypeError as e:  # timm rejects unknown kwargs with a TypeError; report it as ours
         raise UnknownModelError(f"cannot build {arch!r} with options {kwargs}: {e}") from None
     if family == "vit":
@@ -427,7 +430,10 @@ def _arch_from_checkpoint(obj: dict[str, Any], sd: dict[str, torch.Tensor]) -> t
     """Work out the timm architecture (and kwargs) that a checkpoint was made for."""
     meta = obj.get("meta")
     if isinstance(meta, dict) and "arch" in meta:
-        return meta["arch"], dict(meta.get("model_kwargs") or {})
+        kwargs = dict(meta.get("model_kwargs") or {})
+        if meta.get("family") == "resnet" and meta.get("image_size"):
+            kwargs.setdefault("img_size", int(meta["image_size"]))
+        return meta["arch"], kwargs
     if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
         dim, _, p, _ = sd["patch_embed.proj.weight"].shape
         size = {192: "tiny", 384: "small", 768: "base", 1024: "large"}.get(dim)

@@ -318,3 +318,13 @@ def test_models_command_lists_aliases_as_json():
 
     result = CliRunner().invoke(cli, ["models", "--json", "dino_vits16"])
     assert result.exit_code == 0 and '"knn_top1": 74.5' in result.output
+
+
+def test_resnet_checkpoint_keeps_its_training_image_size(tmp_path):
+    model = tiny_resnet(seed=6)
+    meta = {**model.dino_spec.to_dict(), "image_size": 64}  # what a 64-px training run records
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"teacher": sd, "student": sd, "meta": meta}, tmp_path / "checkpoint.pth")
+    loaded = load_backbone(tmp_path / "checkpoint.pth")
+    assert loaded.dino_spec.image_size == 64  # export and k-NN default to it, not timm's 224
+    assert same_outputs(model, loaded, torch.randn(1, 3, 64, 64)) < 1e-6
