@@ -18,7 +18,14 @@ from dinoserve.errors import DataError
 from dinoserve.images import normalize, preprocess
 from dinoserve.models import create_backbone, load_backbone
 from training.filelist import FileEntry, read_file_list
-from training.knn import evaluate_knn, evaluate_knn_set, extract_features, knn_classify, prepare_knn_set
+from training.knn import (
+    evaluate_knn,
+    evaluate_knn_set,
+    extract_features,
+    knn_classify,
+    prepare_knn_set,
+    raw_pixel_features,
+)
 
 SIZE = 32
 
@@ -251,3 +258,15 @@ def test_cli_eval_knn_bad_inputs_exit_1_with_message(tiny_vit, tmp_path):
     assert "gone.csv: no such k-NN data" in res.output
     res = CliRunner().invoke(cli, ["eval", "knn", "-w", str(tmp_path / "none.pth"), "-d", str(tmp_path)])
     assert res.exit_code == 1 and "none.pth: no such file" in res.output
+
+
+def test_raw_pixel_features_centring():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 3, 2, 2), dtype=np.uint8)
+    flat = pixels.reshape(4, -1).astype(np.float32) / 255
+    per_image = raw_pixel_features(pixels)
+    np.testing.assert_allclose(per_image.numpy(), flat - flat.mean(1, keepdims=True), atol=1e-6)
+    per_bank = raw_pixel_features(pixels[:2], reference=pixels, centre="bank")
+    np.testing.assert_allclose(per_bank.numpy(), flat[:2] - flat.mean(0, keepdims=True), atol=1e-6)
+    with pytest.raises(ValueError, match="centre"):
+        raw_pixel_features(pixels, centre="nope")
