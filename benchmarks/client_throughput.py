@@ -106,7 +106,7 @@ def plot(rows: list[dict], stages: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
-    labels = [f"{r['backend']}\nc={r['concurrency']}" for r in rows]
+    labels = [f"{r['backend'].replace(' (onnxruntime)', '')}\nc={r['concurrency']}" for r in rows]
     a.bar(range(len(rows)), [r["img_per_s"] for r in rows], color="tab:blue")
     a.set_xticks(range(len(rows)), labels, fontsize=8)
     a.set_ylabel("images / s (decode + preprocess + infer)")

@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     out = write_json(args.name, {
         "benchmark": "search latency and recall@10 vs index size",
         "setup": {"dim": args.dim, "queries": args.queries, "k": 10, "clusters": 1000,
+                  "hnsw_max": args.hnsw_max, "hnsw_skipped_sizes": [n for n in args.sizes if n > args.hnsw_max],
                   "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
                   "note": "latency = median of repeats after a warm-up; batch = all queries in one call"},
         "machine": machine(),
