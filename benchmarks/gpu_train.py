@@ -78,28 +78,34 @@ def timed_run(data: str, out: Path, device: str, minutes: float, rate: float, wo
     cfg = make_config("cpu_small", data=data, out=str(run_dir), device=device, epochs=epochs,
                       time_limit=minutes, num_workers=workers, progress=False, log_every=20, **GPU_RECIPE)
     result = train(cfg)
-    ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
-    teacher = {k[len("backbone."):]: v.half().contiguous() for k, v in ckpt["teacher"].items()
-               if k.startswith("backbone.")}
-    from safetensors.torch import save_file
-
-    total, running, first = sum(v.nbytes for v in teacher.values()), 0, {}
-    for k in sorted(teacher):  # split by bytes: each half under the 16 MiB transfer limit
-        if running < total / 2:
-            first[k] = teacher[k]
-            running += teacher[k].nbytes
-    save_file(first, out / "teacher_a.safetensors")
-    save_file({k: v for k, v in teacher.items() if k not in first}, out / "teacher_b.safetensors")
+    save_teacher_halves(run_dir / "checkpoint.pth", out, prefix="teacher")
     shutil.copy(run_dir / "log.jsonl", out / "train_log.jsonl")
     return dict(recipe=GPU_RECIPE, epochs_planned=epochs, images=n_images, **result.to_dict())
 
 
-def merge(out: Path) -> Path:
+def save_teacher_halves(checkpoint: Path, out: Path, prefix: str) -> None:
+    """The teacher backbone as fp16 safetensors in two files of about equal size: a
+    resnet18 is 22 MB in fp16 and one file may bring back at most 16 MiB."""
+    from safetensors.torch import save_file
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    teacher = {k[len("backbone."):]: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+    total, running, first = sum(v.nbytes for v in teacher.values()), 0, {}
+    for k in sorted(teacher):
+        if running < total / 2:
+            first[k] = teacher[k]
+            running += teacher[k].nbytes
+    save_file(first, out / f"{prefix}_a.safetensors")
+    save_file({k: v for k, v in teacher.items() if k not in first}, out / f"{prefix}_b.safetensors")
+
+
+def merge(out: Path, prefix: str = "teacher") -> Path:
     """Join the two fp16 halves into one fp32 backbone file (keys as the timm model's)."""
     from safetensors.torch import load_file, save_file
 
-    sd = {**load_file(out / "teacher_a.safetensors"), **load_file(out / "teacher_b.safetensors")}
-    target = out / "gpu_resnet18_teacher.safetensors"
+    sd = {**load_file(out / f"{prefix}_a.safetensors"), **load_file(out / f"{prefix}_b.safetensors")}
+    target = out / f"gpu_{prefix}_resnet18.safetensors"
     save_file({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, target)
     return target
 
