@@ -36,9 +36,13 @@ MODES = ("ema", "epoch", "copy")
 log = logging.getLogger(NAME)
 
 
-def _subset_csv(n: int, folder: Path) -> Path:
-    """A file list of ``n`` random knn_train + pool images (absolute paths), never knn_val."""
-    entries = read_file_list(OPENCLIPART_CSV, splits=["knn_train", "pool"])
+def _subset_csv(n: int, folder: Path, source: str | None, root: str | None) -> Path:
+    """A file list of ``n`` random images (absolute paths) of ``source`` (default: openclipart
+    knn_train + pool, never knn_val)."""
+    if source is None:
+        entries = read_file_list(OPENCLIPART_CSV, splits=["knn_train", "pool"])
+    else:
+        entries = read_file_list(source, root=root)
     random.Random(0).shuffle(entries)
     path = folder / "subset.csv"
     with open(path, "w", newline="") as f:
@@ -76,19 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=1024, help="training images (random knn_train + pool subset)")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--recipe", default="{}", help="JSON overrides of the cpu_small preset, the same for every mode")
+    ap.add_argument("--data", default=None, help="file list to train on (default: the original openclipart files)")
+    ap.add_argument("--data-root", default=None)
     args = ap.parse_args(argv)
+    recipe = {"arch": args.arch, **json.loads(args.recipe)}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="dino_teacher_") as tmp:
-        data = _subset_csv(args.images, Path(tmp))
+        data = _subset_csv(args.images, Path(tmp), args.data, args.data_root)
         for mode in args.modes:
-            r = run(mode, data, Path(tmp) / mode, args.epochs, {"arch": args.arch})
+            r = run(mode, data, Path(tmp) / mode, args.epochs, recipe)
             r["load_avg_1min"] = machine()["load_avg_1_5_15"][0]
             runs.append(r)
             log.info("%s: k-NN top-1 per epoch %s, epoch losses %s (%.0f s)", mode,
                      [round(v, 1) for v in r["knn_top1"]], [round(v, 3) for v in r["epoch_loss"]], r["wall_s"])
-    write_json(NAME, {"preset": "cpu_small", "arch": args.arch, "images": args.images, "epochs": args.epochs,
+    write_json(NAME, {"preset": "cpu_small", "recipe": recipe, "data": args.data or str(OPENCLIPART_CSV),
+                      "images": args.images, "epochs": args.epochs,
                       "knn_protocol": "openclipart knn_train -> knn_val, k=20, T=0.07, eval at the training size",
                       "runs": runs, "machine": machine()})
     _plot(runs)

@@ -12,6 +12,9 @@ the CPU supports it), three measurements on the same cpu_small crops (2 x 64 px 
 ``train``  ``training.train`` itself (cpu_small, DataLoader workers decoding openclipart
            images), timed between log lines after warm-up steps: everything a user gets.
 
+Each figure is a median over steps (``bare`` and ``step`` run in turns), because the
+machine is shared and other processes come and go.
+
 Ratios ``step / bare`` and ``train / bare`` (time per image) say what the teacher, loss and
 EMA cost, and what data loading adds on top. Results: results/train_throughput.{json,png}.
 
@@ -88,14 +91,22 @@ def _networks(cfg):
     return student, teacher
 
 
-def _timed(fn, batches, warmup: int, steps: int) -> float:
-    """Seconds per step after ``warmup`` steps."""
-    for i in range(warmup):
-        fn(batches[i % len(batches)])
-    t0 = time.perf_counter()
-    for i in range(steps):
-        fn(batches[(warmup + i) % len(batches)])
-    return (time.perf_counter() - t0) / steps
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _interleaved(fns: dict, batches, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each function, run in turns (bare, step, bare, ...) so
+    that load from other processes on a shared machine hits every mode alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(batches[i % len(batches)])
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: _median(t) for name, t in times.items()}
 
 
 def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> dict[str, float]:
@@ -133,19 +144,19 @@ def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> 
         dino_loss.update_center(t_out)
         ema_update(teacher, student, 0.996)
 
-    return {"bare_s_per_step": _timed(bare, batches, warmup, steps),
-            "step_s_per_step": _timed(dino_step, batches, warmup, steps)}
+    t = _interleaved({"bare": bare, "step": dino_step}, batches, warmup, steps)
+    return {"bare_s_per_step": t["bare"], "step_s_per_step": t["step"]}
 
 
 def measure_train(cfg_kwargs: dict, precision: str, warmup: int, steps: int, data: dict) -> float:
-    """Seconds per step of ``training.train`` between the log lines of steps ``warmup`` and
-    ``warmup + steps``."""
+    """Median seconds per step of ``training.train``: the gaps between the log lines of
+    steps ``warmup`` ... ``warmup + steps``."""
     with tempfile.TemporaryDirectory(prefix="dino_tp_") as out:
         train(make_config("cpu_small", out=out, precision=precision, max_steps=warmup + steps, log_every=1,
                           progress=False, **data, **cfg_kwargs))
         rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in rows if r["event"] == "step"}
-    return (times[warmup + steps] - times[warmup]) / steps
+    return _median([times[i + 1] - times[i] for i in range(warmup, warmup + steps)])
 
 
 def main(argv: list[str] | None = None) -> None:
