@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from dinoserve.atomic import atomic_write_bytes
 from dinoserve.images import load_image, resize_and_crop
 
 from app.errors import app_error, user_errors
@@ -69,21 +69,6 @@ def _number(value: Any, name: str) -> float:
     if not np.isfinite(x):
         raise app_error(f"{name} must be a finite number, got {value!r}")
     return x
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class Handlers:
@@ -164,7 +149,7 @@ class Handlers:
             pass
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _atomic_write(dest, src.read_bytes())
+            atomic_write_bytes(dest, src.read_bytes())
         except OSError as e:
             log.warning("cannot copy index image %s for display: %s", path, e)
             return None
@@ -260,8 +245,8 @@ class Handlers:
         folder.mkdir(parents=True, exist_ok=True)
         npy, js = folder / "embedding.npy", folder / "embedding.json"
         buf = _npy_bytes(vec)
-        _atomic_write(npy, buf)
-        _atomic_write(js, json.dumps(info).encode())
+        atomic_write_bytes(npy, buf)
+        atomic_write_bytes(js, json.dumps(info).encode())
         return info, str(npy), str(js)
 
 

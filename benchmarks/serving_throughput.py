@@ -22,7 +22,6 @@ Writes ``benchmarks/results/serving_throughput.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading

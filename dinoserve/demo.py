@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dinoserve.atomic import atomic_write_text
 from dinoserve.errors import ConfigError, DataError
 
 OPENCLIPART_CSV = Path(__file__).resolve().parents[1] / "data" / "openclipart_knn.csv"
@@ -102,9 +102,7 @@ class DemoState:
 
     def record(self, step: str, key: str, **outputs: Any) -> None:
         self.steps[step] = {"key": key, **outputs}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.steps, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.steps, indent=2))
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -321,5 +319,5 @@ def run_demo(cfg: DemoConfig, echo: Echo = print) -> DemoResult:
     top1, raw = timed("knn", lambda: _knn(cfg, d, weights, sha, state, echo))
     examples = timed("search", lambda: _examples(cfg, d, client, index_path, echo))
     result = DemoResult(str(out), str(weights), sha, model_dir, index_path, top1, raw, examples, reused, seconds)
-    (out / "result.json").write_text(json.dumps(asdict(result), indent=2))
+    atomic_write_text(out / "result.json", json.dumps(asdict(result), indent=2))
     return result

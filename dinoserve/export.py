@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinoserve.atomic import atomic_write_text, fsync_path
 from dinoserve.errors import DinoserveError, ExportError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch
 from dinoserve.models import BackboneSpec, backbone_spec, forward_with_attention, load_backbone
@@ -290,8 +291,8 @@ def export_onnx(
         config = render_config(name, spec, image_size=size, max_batch=max_batch, device=device,
                                trt_fp16=trt_fp16, crop_pct=crop_pct, weights_sha256=sha,
                                precision="fp16" if fp16 else "fp32")
-        _write_synced(staged_model / CONFIG_FILENAME, config)
-        _fsync_path(onnx_path)
+        atomic_write_text(staged_model / CONFIG_FILENAME, config)
+        fsync_path(onnx_path)
         _commit(staged_model, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
     return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, spec,
@@ -453,21 +454,6 @@ def _verify(model: nn.Module, spec: BackboneSpec, onnx_path: Path, batch: np.nda
     return worst, tuple(sizes)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _commit(staged_model: Path, model_dir: Path, version: int) -> None:
     """Move a verified export into the repository with renames only."""
     try:
@@ -480,18 +466,7 @@ def _commit(staged_model: Path, model_dir: Path, version: int) -> None:
                 raise ExportError(f"{target} appeared during the export (another export running?); nothing written")
             os.replace(staged_model / str(version), target)
             os.replace(staged_model / CONFIG_FILENAME, model_dir / CONFIG_FILENAME)
-        _fsync_dir(model_dir)
-        _fsync_dir(model_dir.parent)
+        fsync_path(model_dir)
+        fsync_path(model_dir.parent)
     except OSError as e:
         raise ExportError(f"cannot write into {model_dir} ({e}); the verified export was discarded") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

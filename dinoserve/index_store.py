@@ -32,6 +32,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from dinoserve.atomic import atomic_write_bytes, fsync_path
 from dinoserve.errors import IndexStoreError
 
 FORMAT = "dinoserve-index"
@@ -41,31 +42,6 @@ META, ITEMS, EMBEDDINGS, FAISS = "meta.json", "items.jsonl", "embeddings.npy", "
 _GEN = re.compile(r"^gen-(\d{6,})$")
 _STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
 KEEP_GENERATIONS = 2
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a rename in it survives a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_path(path.parent)
 
 
 def current_generation(root: Path) -> Path:

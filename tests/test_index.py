@@ -6,7 +6,6 @@ Real onnxruntime on the exported ``tiny_repo`` models and real faiss; no mocks.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dinoserve.atomic import atomic_write
 from dinoserve.errors import TrainingError
 from dinoserve.models import read_checkpoint
 
@@ -26,28 +26,9 @@ CHECKPOINT_NAME = "checkpoint.pth"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save`` through a temp file, fsync and rename: a crash at any moment leaves
+    either the old checkpoint or the new one, never half of one."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def embed(images, out, no_normalize, skip_errors, url, repo, model, batch_size, 
     """
     import numpy as np
 
-    from dinoserve.index_store import atomic_write_bytes
+    from dinoserve.atomic import atomic_write_bytes
 
     with make_client(url, repo, model, batch_size, timeout, concurrency) as client:
         res = client.embed_detailed(list(images), normalize=not no_normalize,
