@@ -236,11 +236,16 @@ def _plot(results: dict) -> None:
             ax.plot([p["minutes"] for p in pts], [p["top1"] for p in pts], marker="o",
                     label=f"DINO {name} (teacher, {run['eval_size_curve']} px)")
     styles = iter(["--", ":", "-.", (0, (1, 3)), (0, (5, 1)), (0, (3, 1, 1, 1))])
+    for name, run in results.get("runs", {}).items():
+        raw = run.get("raw_pixels_at_curve_size", {}).get("image")
+        if raw is not None:
+            ax.axhline(raw, color="tab:red", lw=1.5, label=f"raw pixels (centred per image), centre crop 0.875 @ {run['eval_size_curve']} px")
+            break
     for row in results.get("baselines", {}).get("rows", []):
-        if "seed 1" in row["features"] or "per bank" in row["features"]:
+        if "seed 1" in row["features"] or "per bank" in row["features"] or "vit" in row["features"]:
             continue
         ax.axhline(row["top1"], ls=next(styles, "--"), lw=1, color="grey",
-                   label=f"{row['features'].replace(' (seed 0)', '')}, {row['transform'].split(' (')[0]}")
+                   label=f"{row['features'].replace(' (seed 0)', '')}, {row['transform'].split(' (')[0]} @ {EVAL_SIZE} px")
     ax.set_xlabel("training minutes (2 shared CPU cores)")
     ax.set_ylabel("k-NN top-1 on knn_val (%)")
     ax.set_title("openclipart k-NN (23 classes, k=20, T=0.07)")
@@ -265,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         baselines(results)
     elif args.stage == "train":
         train_curve(results, args)
-    _save(results)
+    if args.stage != "plot":
+        _save(results)
     _plot(results)
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1)[:3000])
 
