@@ -14,14 +14,19 @@ holds every image of the list.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dinoserve.atomic import atomic_write_text
-from dinoserve.errors import ConfigError, DataError
+from PIL import Image
+
+from dinoserve.atomic import atomic_write_bytes, atomic_write_text
+from dinoserve.errors import ConfigError, DataError, ImageError
+from dinoserve.images import load_image
 
 OPENCLIPART_CSV = Path(__file__).resolve().parents[1] / "data" / "openclipart_knn.csv"
 OPENCLIPART_ROOT = Path("/usr/share/openclipart/png")
@@ -35,6 +40,9 @@ RAW_PIXELS_TOP1 = 55.2
 #: size the epoch count so the schedules roughly fit --minutes; the time limit is the hard
 #: stop, so a slower machine ends with the learning rate not fully annealed.
 CPU_SMALL_IMAGES_PER_SECOND = 15.0
+
+#: Longest side of the training copies the demo makes (crops are 64 and 32 px).
+THUMBNAIL_SIDE = 160
 
 
 @dataclass
@@ -140,21 +148,57 @@ def resolve_data(data: str | None) -> DemoData:
     return DemoData(str(path), str(path), None, None, None)
 
 
+def _thumbnails(d: DemoData, out: Path, echo: Echo) -> tuple[Path, int]:
+    """A downscaled copy of the training images, made once and reused.
+
+    Clip art comes as PNGs of up to 89 megapixels, and PNG cannot be decoded at a reduced
+    size: decoding the originals every epoch made a training step take ~90 s here. Crops of
+    64/32 px need no more than THUMBNAIL_SIDE pixels; unreadable images are left out (and
+    counted), as training would skip them anyway.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.data import find_images
+
+    sources = find_images(d.train_source, d.train_splits, d.root)
+    folder = out / "thumbnails"
+    done = folder / ".complete"
+    if done.is_file() and int(done.read_text() or -1) == len(sources):
+        return folder, len(list(folder.glob("*.png")))
+
+    def shrink(item: tuple[int, Path]) -> bool:
+        i, src = item
+        try:
+            img = load_image(src)
+        except ImageError:
+            return False
+        img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        atomic_write_bytes(folder / f"{i:06d}.png", buf.getvalue())
+        return True
+
+    echo(f"      downscaling {len(sources)} training images to at most {THUMBNAIL_SIDE} px (once)")
+    folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        kept = sum(pool.map(shrink, enumerate(sources)))
+    done.write_text(str(len(sources)))
+    echo(f"      {kept} thumbnails, {len(sources) - kept} unreadable images left out")
+    return folder, kept
+
+
 def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo) -> tuple[str, bool]:
     if cfg.weights:
         echo(f"[1/5] train: skipped, using --weights {cfg.weights}")
         return cfg.weights, True
     from training import make_config, train
-    from training.filelist import read_file_list
 
-    if d.train_source.endswith(".csv"):
-        n_images = len(read_file_list(d.train_source, d.train_splits, d.root))
-    else:
-        n_images = _count_images(d.train_source)
+    echo(f"[1/5] train: {d.train_source}" + (f" (splits {', '.join(d.train_splits)})" if d.train_splits else ""))
+    data, n_images = _thumbnails(d, out, echo)
     epochs = _epochs_for(cfg.minutes, n_images)
     # A run of a few epochs warms up for a tenth of it and never freezes the last layer
     # (freezing for one epoch would freeze it for the whole of a one-epoch run).
-    overrides: dict[str, Any] = dict(data=d.train_source, split=d.train_splits, data_root=d.root, out=str(out / "train"),
+    overrides: dict[str, Any] = dict(data=str(data), out=str(out / "train"),
                                      epochs=epochs, time_limit=cfg.minutes, progress=True, save_every=50,
                                      warmup_epochs=0.1 * epochs, freeze_last_layer=0)
     if n_images < 2 * 64:  # small folders: keep several steps per epoch rather than failing
@@ -167,8 +211,8 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
     if (entry := state.done("train", key)) and ckpt.is_file():
         echo(f"[1/5] train: reusing {ckpt} (loss {entry['final_loss']:.3f}; --fresh retrains)")
         return str(ckpt), True
-    echo(f"[1/5] train: {tcfg.arch} with the {cfg.preset} preset for at most {cfg.minutes:g} min "
-         f"({epochs} epochs planned) on {d.train_source}")
+    echo(f"      {tcfg.arch} with the {cfg.preset} preset for at most {cfg.minutes:g} min "
+         f"({epochs} epochs of {n_images} images planned)")
     result = train(tcfg)
     skipped = result.skipped.get("count", 0) if isinstance(result.skipped, dict) else 0
     echo(f"      loss {result.final_loss:.3f} after {result.steps} steps, {result.images_per_second:.0f} img/s, "
@@ -179,12 +223,6 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
 
 def _epochs_for(minutes: float, n_images: int) -> int:
     return max(1, round(minutes * 60 * CPU_SMALL_IMAGES_PER_SECOND / max(n_images, 1)))
-
-
-def _count_images(folder: str) -> int:
-    from dinoserve.index import scan_folder
-
-    return len(scan_folder(Path(folder)))
 
 
 def _export(cfg: DemoConfig, weights: str, state: DemoState, echo: Echo) -> tuple[str, str, bool]:
