@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json  # noqa: E402
 from dinoserve.images import load_image  # noqa: E402
 from dinoserve.models import create_backbone, load_backbone  # noqa: E402
-from training.filelist import read_file_list  # noqa: E402
+from dinoserve.filelist import read_file_list  # noqa: E402
 from training.knn import KnnSet, evaluate_knn_set, knn_scores, labelled_items, prepare_knn_set, raw_pixel_features  # noqa: E402
 
 NAME = "knn_openclipart"
@@ -132,7 +132,7 @@ def shrunk_copy(folder: Path, side: int = CACHE_SIDE) -> tuple[Path, dict]:
     of up to 89 megapixels; unreadable images are left out here, as training would skip them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.filelist import default_root
+    from dinoserve.filelist import default_root
 
     entries = read_file_list(OPENCLIPART_CSV, splits=["knn_train", "pool"])
     root = default_root(OPENCLIPART_CSV)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import OPENCLIPART_CSV, machine, plot_path, write_json  # noqa: E402
 from training import make_config, train  # noqa: E402
-from training.filelist import read_file_list  # noqa: E402
+from dinoserve.filelist import read_file_list  # noqa: E402
 
 NAME = "teacher_update"
 MODES = ("ema", "epoch", "copy")

@@ -41,7 +41,7 @@ from dinoserve.images import load_image  # noqa: E402
 from dinoserve.models import backbone_spec, create_backbone  # noqa: E402
 from training import make_config, train  # noqa: E402
 from training.augment import MultiCropAugment  # noqa: E402
-from training.filelist import read_file_list  # noqa: E402
+from dinoserve.filelist import read_file_list  # noqa: E402
 from training.head import DINOHead, MultiCropWrapper  # noqa: E402
 from training.loss import DINOLoss  # noqa: E402
 from training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups  # noqa: E402

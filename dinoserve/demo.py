@@ -137,7 +137,7 @@ def resolve_data(data: str | None) -> DemoData:
     if not path.exists():
         raise DataError(f"{data}: no such folder or file list; --data takes an image folder or a CSV")
     if path.suffix == ".csv":
-        from training.filelist import read_file_list
+        from dinoserve.filelist import read_file_list
 
         splits = {e.split for e in read_file_list(path)}
         if {"knn_train", "knn_val"} <= splits:  # the protocol's layout: never train on knn_val
@@ -209,7 +209,7 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
     key = _fingerprint(tcfg.to_dict())
     ckpt = out / "train" / "checkpoint.pth"
     if (entry := state.done("train", key)) and ckpt.is_file():
-        echo(f"[1/5] train: reusing {ckpt} (loss {entry['final_loss']:.3f}; --fresh retrains)")
+        echo(f"      reusing {ckpt} (loss {entry['final_loss']:.3f}; --fresh retrains)")
         return str(ckpt), True
     echo(f"      {tcfg.arch} with the {cfg.preset} preset for at most {cfg.minutes:g} min "
          f"({epochs} epochs of {n_images} images planned)")
@@ -310,7 +310,7 @@ def _examples(cfg: DemoConfig, d: DemoData, client, index_path: str, echo: Echo)
 
 def _example_queries(d: DemoData, index: Any, n: int) -> list[str]:
     if d.knn_data and d.source.endswith(".csv"):
-        from training.filelist import read_file_list
+        from dinoserve.filelist import read_file_list
 
         indexed = set(index.paths)  # readable images only: the index skipped the rest
         by_class: dict[str, str] = {}

@@ -28,6 +28,10 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, 
 #: a 9459 x 9459 image). Larger images are refused before any pixel is decoded.
 MAX_PIXELS = 89_478_485
 
+#: File name endings treated as images when walking a folder (case-insensitive).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm"})
+
 #: Encoded size limit for a single image file or byte string.
 MAX_BYTES = 64 * 1024 * 1024
 

@@ -27,13 +27,12 @@ import numpy as np
 
 from dinoserve import index_kinds, index_store
 from dinoserve.errors import ConfigError, DataError, IndexMismatchError, IndexStoreError
-from dinoserve.images import MAX_BYTES
+from dinoserve.images import IMAGE_EXTENSIONS, MAX_BYTES
 from dinoserve.model_info import ModelInfo
 
 if TYPE_CHECKING:
     from dinoserve.client import Client
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 CHUNK = 256  # files read, hashed and embedded per step (bounds memory of encoded bytes)
 
 
@@ -206,7 +205,7 @@ def scan(spec: dict, exclude: Path | None = None) -> list[str]:
     """Absolute paths of the images a source holds now, sorted."""
     if spec["type"] == "folder":
         return scan_folder(Path(spec["path"]), exclude)
-    from training.filelist import read_file_list  # torch-free
+    from dinoserve.filelist import read_file_list  # torch-free
 
     entries = read_file_list(spec["path"], splits=spec.get("splits"), root=spec.get("root"))
     return sorted({str(Path(e.path).absolute()) for e in entries})

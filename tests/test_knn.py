@@ -1,4 +1,4 @@
-"""k-NN evaluation (training.knn), CSV file lists (training.filelist) and `dinoserve eval knn`."""
+"""k-NN evaluation (training.knn), CSV file lists (dinoserve.filelist) and `dinoserve eval knn`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dinoserve.cli import cli
 from dinoserve.errors import DataError
 from dinoserve.images import normalize, preprocess
 from dinoserve.models import create_backbone, load_backbone
-from training.filelist import FileEntry, read_file_list
+from dinoserve.filelist import FileEntry, read_file_list
 from training.knn import (
     evaluate_knn,
     evaluate_knn_set,

@@ -1,7 +1,7 @@
 """Training data: find the images, decode them safely, batch the crops, resume mid-epoch.
 
 - :func:`find_images` takes a folder (searched recursively) or a CSV file list (read by
-  :func:`training.filelist.read_file_list`, filtered by split).
+  :func:`dinoserve.filelist.read_file_list`, filtered by split).
 - :class:`MultiCropDataset` decodes with :func:`dinoserve.images.load_image`; an image
   that cannot be used becomes a :class:`Failure` instead of an exception, so one bad file
   never stops an epoch. :func:`collate_crops` drops failures from the batch and hands them
@@ -24,11 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from dinoserve.errors import DataError, ImageError
-from dinoserve.images import load_image
+from dinoserve.images import IMAGE_EXTENSIONS, load_image
 
-#: File name endings treated as images when walking a folder (case-insensitive).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".pbm", ".jfif"})
 
 
 def find_images(data: str | os.PathLike, splits: Sequence[str] | None = None,
@@ -41,7 +38,7 @@ def find_images(data: str | os.PathLike, splits: Sequence[str] | None = None,
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(f"{path}: a file that is not a .csv file list; pass a folder of images or a CSV")
-        from training.filelist import read_file_list
+        from dinoserve.filelist import read_file_list
 
         paths = [e.path for e in read_file_list(path, splits=list(splits) if splits else None, root=root)]
         where = f"{path} (splits {', '.join(splits)})" if splits else str(path)

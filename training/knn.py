@@ -28,7 +28,7 @@ from torch import nn
 
 from dinoserve.errors import DataError, ImageError
 from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageInput, preprocess
-from training.filelist import read_file_list
+from dinoserve.filelist import read_file_list
 
 __all__ = [
     "KnnResult",
@@ -360,7 +360,7 @@ def evaluate_knn(
             ``None`` for the raw-pixel baseline.
         data: a CSV file list (bank = ``knn_train`` rows, queries = ``knn_val`` rows) or a
             folder with ``train/<class>/`` and ``val/<class>/``.
-        root: folder relative CSV paths resolve against (see :mod:`training.filelist`).
+        root: folder relative CSV paths resolve against (see :mod:`dinoserve.filelist`).
         image_size: evaluation size; default the backbone's own image size.
     """
     if image_size is None:
