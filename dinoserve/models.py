@@ -600,20 +600,28 @@ def load_backbone(
     """Build the backbone that ``weights`` belongs to and load them.
 
     ``arch`` may be omitted for aliases, timm tags and checkpoints whose architecture can
-    be read from their contents (dinoserve metadata, official ``args`` or the keys).
+    be read from their contents (dinoserve metadata, official ``args`` or the keys). When
+    it is given and the file says how that same architecture was built (image size, depth,
+    patch size), those settings are used; explicit ``kwargs`` win over both.
     """
     s = str(weights)
     if s in ALIASES:
         return create_backbone(s, pretrained=True, checkpoint_key=checkpoint_key, **kwargs)
-    if s.startswith("timm:") and arch is None:
-        arch = s[len("timm:"):].split(".")[0]
-    if arch is not None:
+    if s.startswith("timm:"):
+        arch = arch or s[len("timm:"):].split(".")[0]
         return create_backbone(arch, weights=weights, checkpoint_key=checkpoint_key, **kwargs)
     path = resolve_source(weights)
     obj = read_checkpoint(path)
-    sd, _ = extract_backbone_state_dict(obj, checkpoint_key, source=s)
-    arch, arch_kwargs = _arch_from_checkpoint(obj, sd)
-    model = create_backbone(arch, **{**arch_kwargs, **kwargs})
+    sd, fmt = extract_backbone_state_dict(obj, checkpoint_key, source=s)
+    try:
+        found, found_kwargs = _arch_from_checkpoint(obj, sd)
+    except WeightsError:
+        if arch is None:
+            raise
+        found, found_kwargs = None, {}
+    if arch is None:
+        arch = found
+    model = create_backbone(arch, **{**(found_kwargs if found == arch else {}), **kwargs})
     _load_strict(model, sd, s)
-    model.dino_weights = WeightsInfo(s, str(path), "inferred", file_sha256(path))
+    model.dino_weights = WeightsInfo(s, str(path), fmt, file_sha256(path))
     return model

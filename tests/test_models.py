@@ -328,3 +328,14 @@ def test_resnet_checkpoint_keeps_its_training_image_size(tmp_path):
     loaded = load_backbone(tmp_path / "checkpoint.pth")
     assert loaded.dino_spec.image_size == 64  # export and k-NN default to it, not timm's 224
     assert same_outputs(model, loaded, torch.randn(1, 3, 64, 64)) < 1e-6
+
+
+def test_given_arch_takes_the_files_own_build_settings(tmp_path):
+    model = tiny_vit(seed=7)  # depth 2, 64 px: not the architecture's defaults
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"teacher": sd, "student": sd, "meta": model.dino_spec.to_dict()}, tmp_path / "checkpoint.pth")
+    loaded = load_backbone(tmp_path / "checkpoint.pth", arch="vit_tiny_patch16_224")
+    assert loaded.dino_spec.image_size == 64 and len(loaded.blocks) == 2
+    assert same_outputs(model, loaded, torch.randn(1, 3, 64, 64)) < 1e-6
+    with pytest.raises(IncompatibleWeightsError, match="vit_small_patch16_224"):
+        load_backbone(tmp_path / "checkpoint.pth", arch="vit_small_patch16_224")
