@@ -354,3 +354,30 @@ def test_skip_report_counts_files_once_and_round_trips():
     assert (r.count, len(r.paths), len(r.examples)) == (3, 2, 1)
     back = SkipReport.from_dict(r.to_dict(all_paths=True))
     assert back.to_dict() == r.to_dict() == {"count": 3, "files": 2, "examples": [{"path": "a", "reason": "bad a"}]}
+
+
+def test_decode_cache_gives_the_same_crops_and_skips_full_decodes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import training.data as data
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(big)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    aug = MultiCropAugment(global_size=32, local_crops=2, local_size=16)
+    plain = MultiCropDataset([big, bad], aug, max_decode_side=64)
+    cached = MultiCropDataset([big, bad], aug, max_decode_side=64, cache_dir=tmp_path / "cache")
+
+    decoded: list[str] = []
+    real_load = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, **kw: decoded.append(str(p)) or real_load(p, **kw))
+    first, again = cached[0], cached[0]
+    assert decoded.count(str(big)) == 1  # the second read came from the cache
+    copies = list((tmp_path / "cache").glob("*.png"))
+    assert len(copies) == 1 and min(Image.open(copies[0]).size) == 64
+    for views in (first[0], again[0]):  # identical pixels, so identical crops
+        for a, b in zip(views, plain[0][0]):
+            assert torch.equal(a, b)
+    assert isinstance(cached[1], Failure) and len(list((tmp_path / "cache").glob("*.png"))) == 1

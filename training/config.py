@@ -37,6 +37,7 @@ class TrainConfig:
     out: str = _f("runs/dino", "Output folder: checkpoint.pth and log.jsonl.")
     num_workers: int = _f(4, "DataLoader worker processes (0 = decode in the main process).")
     max_decode_side: int = _f(512, "Downscale decoded images so the shorter side is at most this before cropping (0 = never); saves time on huge images.")
+    decode_cache: bool = _f(True, "Keep each downscaled decode as a PNG under <out>/decode_cache, so epochs after the first skip full-size decodes (huge PNGs can take seconds each).")
 
     # --- model -----------------------------------------------------------------------
     arch: str = _f("vit_small_patch16_224", "timm architecture (vit_* or resnet*) or DINO alias (dino_vits16 ...).")

@@ -2,7 +2,9 @@
 
 - :func:`find_images` takes a folder (searched recursively) or a CSV file list (read by
   :func:`dinoserve.filelist.read_file_list`, filtered by split).
-- :class:`MultiCropDataset` decodes with :func:`dinoserve.images.load_image`; an image
+- :class:`MultiCropDataset` decodes with :func:`dinoserve.images.load_image` (through a
+  cache of downscaled copies when given one, so only the first epoch pays for full-size
+  decodes); an image
   that cannot be used becomes a :class:`Failure` instead of an exception, so one bad file
   never stops an epoch. :func:`collate_crops` drops failures from the batch and hands them
   to the main process in :class:`Batch` ``.failures``, which is how counts survive worker
@@ -13,6 +15,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from dinoserve.errors import DataError, ImageError
+from dinoserve.atomic import atomic_write_bytes
 from dinoserve.images import IMAGE_EXTENSIONS, load_image
 
 
@@ -106,12 +111,15 @@ class MultiCropDataset(Dataset):
     item and epoch (call :meth:`set_epoch`), independent of workers and batch order.
     """
 
-    def __init__(self, paths: Sequence[Path], transform, *, seed: int = 0, max_decode_side: int = 0):
+    def __init__(self, paths: Sequence[Path], transform, *, seed: int = 0, max_decode_side: int = 0,
+                 cache_dir: Path | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.max_decode_side = max_decode_side
+        # Only a downscaled copy is worth caching: it is what makes a re-read cheap.
+        self.cache_dir = Path(cache_dir) if cache_dir and max_decode_side > 0 else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -123,12 +131,32 @@ class MultiCropDataset(Dataset):
         path = self.paths[index]
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         try:
-            img = _shrink(load_image(path), self.max_decode_side)
-            return self.transform(img, rng), index
+            return self.transform(self._decode(Path(path)), rng), index
         except ImageError as e:
             return Failure(str(path), str(e))
         except (OSError, ValueError) as e:  # decoder faults that surface only while cropping
             return Failure(str(path), f"{path}: {type(e).__name__}: {e}")
+
+
+    def _decode(self, path: Path) -> Image.Image:
+        """The shrunk image, from the cache when an earlier epoch put it there.
+
+        PNG copies are lossless, so a cached read gives the very pixels a fresh decode
+        gives: crops, losses and resume do not depend on the cache. The key covers the
+        file's size and mtime, so an edited image is decoded again.
+        """
+        if self.cache_dir is None:
+            return _shrink(load_image(path), self.max_decode_side)
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.max_decode_side}"
+        cached = self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.png"
+        if cached.is_file():
+            return load_image(cached)
+        img = _shrink(load_image(path), self.max_decode_side)
+        buf = io.BytesIO()
+        img.save(buf, "PNG", compress_level=1)
+        atomic_write_bytes(cached, buf.getvalue())
+        return img
 
 
 def collate_crops(items: list) -> Batch:

@@ -121,7 +121,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     paths = find_images(cfg.data, cfg.split, cfg.data_root)
     augment = MultiCropAugment(cfg.global_crop_size, cfg.global_crop_scale, cfg.local_crops,
                                cfg.local_crop_size, cfg.local_crop_scale)
-    dataset = MultiCropDataset(paths, augment, seed=cfg.seed, max_decode_side=cfg.max_decode_side)
+    dataset = MultiCropDataset(paths, augment, seed=cfg.seed, max_decode_side=cfg.max_decode_side,
+                               cache_dir=out / "decode_cache" if cfg.decode_cache else None)
     sampler = ResumableSampler(dataset, info.world_size, info.rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // cfg.batch_size
     if steps_per_epoch == 0:
