@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from dinoserve.errors import ConfigError, ImageError, ModelError
-from dinoserve.images import ImageInput, describe, preprocess
+from dinoserve.errors import ConfigError, ModelError
+from dinoserve.images import ImageInput, preprocess_batch
 from dinoserve.model_info import ATTENTION, EMBEDDING, ModelInfo
 
 if TYPE_CHECKING:
@@ -228,21 +228,12 @@ class Client:
     def _run_chunk(self, items, names, positions, output, on_error):
         t0 = time.perf_counter()
         info = self.info
-        arrays, kept, skipped = [], [], []
-        for pos in positions:
-            label = names[pos] if names is not None else describe(items[pos])
-            try:
-                arrays.append(preprocess(items[pos], info.image_size, info.crop_pct, name=label))
-            except ImageError as e:
-                if on_error == "raise":
-                    raise type(e)(f"image #{pos}: {e}") from None
-                skipped.append((pos, str(e)))
-                continue
-            kept.append(pos)
+        batch, kept, skipped = preprocess_batch(
+            [items[p] for p in positions], info.image_size, info.crop_pct, on_error=on_error,
+            positions=positions, names=[names[p] for p in positions] if names is not None else None)
         t1 = time.perf_counter()
         got = np.zeros((0,), np.float32)
-        if arrays:
-            batch = np.stack(arrays)
+        if len(batch):
             if self._infer_lock is not None:
                 with self._infer_lock:
                     got = self._backend.infer(batch, (output,))[output]
@@ -251,7 +242,7 @@ class Client:
         t2 = time.perf_counter()
         with self._stats_lock:
             self.stats.images += len(kept)
-            self.stats.requests += 1 if arrays else 0
+            self.stats.requests += 1 if len(batch) else 0
             self.stats.preprocess_s += t1 - t0
             self.stats.infer_s += t2 - t1
         return got, kept, skipped

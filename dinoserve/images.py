@@ -228,21 +228,28 @@ def preprocess_batch(
     crop_pct: float = DEFAULT_CROP_PCT,
     *,
     on_error: str = "raise",
+    positions: Sequence[int] | None = None,
+    names: Sequence[str | None] | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Preprocess many images into one uint8 batch ``[N, 3, size, size]``.
 
     With ``on_error="raise"`` the first bad image raises an :class:`ImageError` that names
-    its position; with ``"skip"`` bad images are left out.
+    its position; with ``"skip"`` bad images are left out. ``positions`` numbers the images
+    (default 0, 1, ...: a caller batching a longer list passes the original positions) and
+    ``names`` labels them in messages (default: :func:`describe`).
 
-    Returns the batch, the input positions it holds, and ``(position, message)`` for each
+    Returns the batch, the positions it holds, and ``(position, message)`` for each
     skipped input.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    images = list(images)
+    positions = list(positions) if positions is not None else list(range(len(images)))
+    names = list(names) if names is not None else [None] * len(images)
     arrays, kept, skipped = [], [], []
-    for i, image in enumerate(images):
+    for i, image, name in zip(positions, images, names):
         try:
-            arrays.append(preprocess(image, size, crop_pct))
+            arrays.append(preprocess(image, size, crop_pct, name=name))
         except ImageError as e:
             if on_error == "raise":
                 raise type(e)(f"image #{i}: {e}") from None
