@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -230,13 +231,15 @@ def preprocess_batch(
     on_error: str = "raise",
     positions: Sequence[int] | None = None,
     names: Sequence[str | None] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Preprocess many images into one uint8 batch ``[N, 3, size, size]``.
 
     With ``on_error="raise"`` the first bad image raises an :class:`ImageError` that names
     its position; with ``"skip"`` bad images are left out. ``positions`` numbers the images
     (default 0, 1, ...: a caller batching a longer list passes the original positions) and
-    ``names`` labels them in messages (default: :func:`describe`).
+    ``names`` labels them in messages (default: :func:`describe`). ``workers`` > 1 decodes
+    in that many threads (Pillow releases the GIL); results keep the input order.
 
     Returns the batch, the positions it holds, and ``(position, message)`` for each
     skipped input.
@@ -246,16 +249,27 @@ def preprocess_batch(
     images = list(images)
     positions = list(positions) if positions is not None else list(range(len(images)))
     names = list(names) if names is not None else [None] * len(images)
-    arrays, kept, skipped = [], [], []
-    for i, image, name in zip(positions, images, names):
+
+    def one(image: ImageInput, name: str | None) -> np.ndarray | ImageError:
         try:
-            arrays.append(preprocess(image, size, crop_pct, name=name))
+            return preprocess(image, size, crop_pct, name=name)
         except ImageError as e:
+            return e
+
+    if workers > 1 and len(images) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, images, names))
+    else:
+        results = [one(image, name) for image, name in zip(images, names)]
+    arrays, kept, skipped = [], [], []
+    for i, result in zip(positions, results):
+        if isinstance(result, ImageError):
             if on_error == "raise":
-                raise type(e)(f"image #{i}: {e}") from None
-            skipped.append((i, str(e)))
-            continue
-        kept.append(i)
+                raise type(result)(f"image #{i}: {result}") from None
+            skipped.append((i, str(result)))
+        else:
+            arrays.append(result)
+            kept.append(i)
     batch = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
     return batch, kept, skipped
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinoserve.errors import DataError, ImageError
-from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageInput, preprocess
+from dinoserve.errors import DataError
+from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageInput, preprocess_batch
 from dinoserve.filelist import read_file_list
 
 __all__ = [
@@ -98,28 +97,13 @@ def preprocess_items(
     crop_pct: float = DEFAULT_CROP_PCT,
     num_workers: int | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Decode and transform images in parallel threads (Pillow releases the GIL).
+    """Decode and transform images in parallel threads; unreadable ones are skipped.
 
     Returns uint8 ``[N, 3, S, S]`` of the readable ones, their positions in ``items``, and
     ``(position, reason)`` for each unreadable image (skipped, never raised).
     """
-
-    def one(item: ImageInput) -> np.ndarray | str:
-        try:
-            return preprocess(item, image_size, crop_pct)
-        except ImageError as e:
-            return str(e)
-
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
-    if workers > 1 and len(items) > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(one, items))
-    else:
-        results = [one(item) for item in items]
-    kept = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
-    skipped = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
-    pixels = np.stack([results[i] for i in kept]) if kept else np.zeros((0, 3, image_size, image_size), np.uint8)
-    return pixels, kept, skipped
+    return preprocess_batch(items, image_size, crop_pct, on_error="skip", workers=workers)
 
 
 def _mean_std(backbone: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
