@@ -72,13 +72,13 @@ def _serve(client, index, gradio_tmp):
     return demo
 
 
-@pytest.fixture(scope="module")
-def vit(tiny_repo, photos, gradio_tmp, tmp_path_factory):
-    """(demo, gradio_client, dinoserve client, index path) for the tiny ViT."""
-    client = Client(repo=tiny_repo, model="vit_tiny")
-    index_path = tmp_path_factory.mktemp("vit_index") / "photos.index"
+def _served_app(model, tiny_repo, photos, gradio_tmp, index_dir, *, then_add_unindexed=False):
+    """Yield (demo, gradio_client, dinoserve client, index path) for ``model``; clean up after."""
+    client = Client(repo=tiny_repo, model=model)
+    index_path = index_dir / "photos.index"
     build_index(photos, index_path, client, progress=False)
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(photos / "not_indexed.png")
+    if then_add_unindexed:
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(photos / "not_indexed.png")
     demo = _serve(client, index_path, gradio_tmp)
     gc = GradioClient(demo.local_url, verbose=False, download_files=str(gradio_tmp / "downloads"))
     try:
@@ -87,21 +87,18 @@ def vit(tiny_repo, photos, gradio_tmp, tmp_path_factory):
         gc.close()
         demo.close()
         client.close()
+
+
+@pytest.fixture(scope="module")
+def vit(tiny_repo, photos, gradio_tmp, tmp_path_factory):
+    """(demo, gradio_client, dinoserve client, index path) for the tiny ViT."""
+    yield from _served_app("vit_tiny", tiny_repo, photos, gradio_tmp, tmp_path_factory.mktemp("vit_index"),
+                           then_add_unindexed=True)
 
 
 @pytest.fixture(scope="module")
 def resnet(tiny_repo, photos, gradio_tmp, tmp_path_factory):
-    client = Client(repo=tiny_repo, model="resnet_tiny")
-    index_path = tmp_path_factory.mktemp("resnet_index") / "photos.index"
-    build_index(photos, index_path, client, progress=False)
-    demo = _serve(client, index_path, gradio_tmp)
-    gc = GradioClient(demo.local_url, verbose=False, download_files=str(gradio_tmp / "downloads"))
-    try:
-        yield demo, gc, client, index_path
-    finally:
-        gc.close()
-        demo.close()
-        client.close()
+    yield from _served_app("resnet_tiny", tiny_repo, photos, gradio_tmp, tmp_path_factory.mktemp("resnet_index"))
 
 
 def _indexed(photos: Path) -> list[Path]:
