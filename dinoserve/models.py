@@ -579,15 +579,24 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> 
     model.load_state_dict(sd, strict=True)
 
 
-def load_weights(model: nn.Module, source: str | os.PathLike, checkpoint_key: str = "teacher") -> WeightsInfo:
-    """Load a weight source into a backbone, strictly. Returns where they came from."""
+def _read_source(source: str | os.PathLike, checkpoint_key: str) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], str]:
+    """(local path, whole checkpoint, backbone state dict, format) of a weight source."""
     path = resolve_source(source)
     obj = read_checkpoint(path)
     sd, fmt = extract_backbone_state_dict(obj, checkpoint_key, source=str(source))
+    return path, obj, sd, fmt
+
+
+def _fill(model: nn.Module, sd: dict[str, torch.Tensor], source: str | os.PathLike, path: Path, fmt: str) -> WeightsInfo:
     _load_strict(model, sd, str(source))
-    info = WeightsInfo(str(source), str(path), fmt, file_sha256(path))
-    model.dino_weights = info
-    return info
+    model.dino_weights = WeightsInfo(str(source), str(path), fmt, file_sha256(path))
+    return model.dino_weights
+
+
+def load_weights(model: nn.Module, source: str | os.PathLike, checkpoint_key: str = "teacher") -> WeightsInfo:
+    """Load a weight source into a backbone, strictly. Returns where they came from."""
+    path, _, sd, fmt = _read_source(source, checkpoint_key)
+    return _fill(model, sd, source, path, fmt)
 
 
 def load_backbone(
@@ -610,9 +619,7 @@ def load_backbone(
     if s.startswith("timm:"):
         arch = arch or s[len("timm:"):].split(".")[0]
         return create_backbone(arch, weights=weights, checkpoint_key=checkpoint_key, **kwargs)
-    path = resolve_source(weights)
-    obj = read_checkpoint(path)
-    sd, fmt = extract_backbone_state_dict(obj, checkpoint_key, source=s)
+    path, obj, sd, fmt = _read_source(weights, checkpoint_key)
     try:
         found, found_kwargs = _arch_from_checkpoint(obj, sd)
     except WeightsError:
@@ -622,6 +629,5 @@ def load_backbone(
     if arch is None:
         arch = found
     model = create_backbone(arch, **{**(found_kwargs if found == arch else {}), **kwargs})
-    _load_strict(model, sd, s)
-    model.dino_weights = WeightsInfo(s, str(path), fmt, file_sha256(path))
+    _fill(model, sd, weights, path, fmt)
     return model
