@@ -4,7 +4,7 @@ Built from a :class:`dinoserve.Client` (embedded onnxruntime or a Triton server)
 embedding index::
 
     from dinoserve import Client
-    import app
+    from dinoserve import app
 
     demo = app.launch(Client(repo="model_repository"), "photos.index", port=7860)
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gradio as gr
 
-    from app.handlers import ModelView
+    from dinoserve.app.handlers import ModelView
 
 __all__ = ["build_app", "launch", "model_view", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
 
@@ -44,7 +44,7 @@ def load_index(index: Any):
 
 def model_view(client: Any) -> "ModelView":
     """What the app shows and needs about ``client``'s model (from ``client.info``)."""
-    from app.handlers import ModelView
+    from dinoserve.app.handlers import ModelView
 
     info = client.info
     return ModelView(name=info.name, family=info.family, image_size=int(info.image_size),
@@ -57,8 +57,8 @@ def build_app(client: Any, index: Any, *, title: str = "dinoserve", workdir: str
     ``workdir`` is the one folder the app serves files from (copies of the index images it
     shows, embedding downloads); by default a temporary folder removed at exit.
     """
-    from app.blocks import build_blocks
-    from app.handlers import Handlers
+    from dinoserve.app.blocks import build_blocks
+    from dinoserve.app.handlers import Handlers
 
     index = load_index(index)
     owned = None

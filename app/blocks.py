@@ -1,17 +1,17 @@
-"""The layout: one small ``gr.Blocks`` with three tabs wired to :class:`app.handlers.Handlers`.
+"""The layout: one small ``gr.Blocks`` with three tabs wired to :class:`dinoserve.app.handlers.Handlers`.
 
 Each tab's main button carries the named API endpoint (``/search``, ``/attention``,
 ``/embed``); the same handler is also run on upload and on slider release for people in
 the browser, with those extra events kept private so the API stays three endpoints.
 Events that take an image run with ``preprocess=False``: the handler decodes the upload
-itself (:mod:`app.upload`), so a bad file gets a clear message instead of a bare "Error".
+itself (:mod:`dinoserve.app.upload`), so a bad file gets a clear message instead of a bare "Error".
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from app.handlers import DEFAULT_K, DEFAULT_THRESHOLD, Handlers
+from dinoserve.app.handlers import DEFAULT_K, DEFAULT_THRESHOLD, Handlers
 
 #: Largest k the slider offers; an index can be much bigger than a page of thumbnails.
 MAX_K = 50
@@ -29,7 +29,7 @@ def example_paths(paths: list[str], n: int = N_EXAMPLES) -> list[str]:
 
 
 def _image_input(**kwargs) -> gr.Image:
-    """An image input whose events get the raw upload (see :mod:`app.upload` for why)."""
+    """An image input whose events get the raw upload (see :mod:`dinoserve.app.upload` for why)."""
     return gr.Image(type="filepath", sources=["upload", "clipboard"], height=280, **kwargs)
 
 

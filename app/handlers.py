@@ -2,7 +2,7 @@
 
 Each method takes ordinary values (a PIL image, an int, a float) and returns ordinary
 values (lists of ``(image, caption)`` pairs, dicts, file paths), so it can be called and
-tested without a server. :mod:`app.blocks` only wires them to components.
+tested without a server. :mod:`dinoserve.app.blocks` only wires them to components.
 
 Every error a user can cause (a bad image, a ResNet asked for attention, a server that is
 down) arrives as a :class:`~dinoserve.errors.DinoserveError` and leaves here as a
@@ -28,9 +28,9 @@ from PIL import Image
 from dinoserve.atomic import atomic_write_bytes
 from dinoserve.images import load_image, resize_and_crop
 
-from app.errors import app_error, user_errors
-from app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
-from app.upload import read_upload
+from dinoserve.app.errors import app_error, user_errors
+from dinoserve.app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
+from dinoserve.app.upload import read_upload
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Handlers:
     Args:
         client: a :class:`dinoserve.Client` (embedded or Triton).
         index: a loaded :class:`dinoserve.index.EmbeddingIndex`.
-        model: facts about the client's model (see :func:`app.model_view`).
+        model: facts about the client's model (see :func:`dinoserve.app.model_view`).
         workdir: the only folder the app serves files from: copies of the index images it
             shows (see :meth:`servable`) and the Embed tab's downloads.
     """

@@ -21,7 +21,7 @@ from PIL import Image
 from dinoserve.errors import ImageError
 from dinoserve.images import MAX_PIXELS, load_image
 
-from app.errors import app_error
+from dinoserve.app.errors import app_error
 
 
 def read_upload(value: Any, *, max_pixels: int = MAX_PIXELS) -> Image.Image | str | None:

@@ -1,6 +1,6 @@
 """A short recipe sweep for the cpu_small preset on a CUDA GPU, ranked by k-NN top-1.
 
-Each recipe trains ``training.train`` for the same wall-clock budget on openclipart
+Each recipe trains ``dinoserve.training.train`` for the same wall-clock budget on openclipart
 (knn_train + pool, thumbnails of at most 128 px), then is evaluated with the DINO k-NN
 protocol on thumbnails of knn_train (bank) / knn_val (queries) at 64 and 96 px. Thumbnail
 k-NN tracks the full-resolution protocol closely (47.2 vs 47.8 % for one model), so the
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_train import save_teacher_halves  # noqa: E402
 from dinoserve.models import load_backbone  # noqa: E402
-from training import make_config, train  # noqa: E402
-from training.knn import evaluate_knn_set, prepare_knn_set  # noqa: E402
+from dinoserve.training import make_config, train  # noqa: E402
+from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set  # noqa: E402
 
 FAST = dict(out_dim=1024, lr=1e-3, norm_last_layer=False, warmup_epochs=1)
 RECIPES = {

@@ -1,6 +1,6 @@
 """DINO training on a CUDA GPU: throughput per precision, then a short real run.
 
-Runs ``training.train`` itself (DataLoader workers decoding real images, teacher, loss, EMA,
+Runs ``dinoserve.training.train`` itself (DataLoader workers decoding real images, teacher, loss, EMA,
 AMP), so the numbers are what a user gets, not a kernel microbenchmark:
 
 1. img/s for the ``cpu_small`` recipe (resnet18, 64/32 px) and the reference ``vit_s16``
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import make_config, train  # noqa: E402
+from dinoserve.training import make_config, train  # noqa: E402
 
 #: The recipe of the time-boxed run: cpu_small with crops and budget a GPU can afford.
 GPU_RECIPE = dict(arch="resnet18", global_crop_size=96, local_crop_size=48, local_crops=6,

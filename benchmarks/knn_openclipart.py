@@ -37,7 +37,7 @@ from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, wr
 from dinoserve.images import load_image  # noqa: E402
 from dinoserve.models import create_backbone, load_backbone  # noqa: E402
 from dinoserve.filelist import read_file_list  # noqa: E402
-from training.knn import KnnSet, evaluate_knn_set, knn_scores, labelled_items, prepare_knn_set, raw_pixel_features  # noqa: E402
+from dinoserve.training.knn import KnnSet, evaluate_knn_set, knn_scores, labelled_items, prepare_knn_set, raw_pixel_features  # noqa: E402
 
 NAME = "knn_openclipart"
 EVAL_SIZE = 112  # the protocol's evaluation size (data README)
@@ -172,7 +172,7 @@ def _evaluate_checkpoint(ckpt: Path, knn_set: KnnSet) -> float:
 
 
 def train_curve(results: dict, args) -> None:
-    from training import config_from_checkpoint, make_config, train
+    from dinoserve.training import config_from_checkpoint, make_config, train
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

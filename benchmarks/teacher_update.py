@@ -4,7 +4,7 @@
 ``epoch``  the teacher is the student of the previous epoch, frozen for an epoch;
 ``copy``   the teacher is the student after every step (the paper: does not converge).
 
-Each runs ``training.train`` with the cpu_small preset, the same seed, images (a fixed
+Each runs ``dinoserve.training.train`` with the cpu_small preset, the same seed, images (a fixed
 random subset of openclipart knn_train + pool) and number of epochs; the teacher backbone
 is k-NN evaluated after every epoch on the openclipart protocol (bank knn_train, queries
 knn_val). Loss and teacher-entropy curves come from each run's log.jsonl.
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import OPENCLIPART_CSV, machine, plot_path, write_json  # noqa: E402
-from training import make_config, train  # noqa: E402
+from dinoserve.training import make_config, train  # noqa: E402
 from dinoserve.filelist import read_file_list  # noqa: E402
 
 NAME = "teacher_update"

@@ -9,7 +9,7 @@ the CPU supports it), three measurements on the same cpu_small crops (2 x 64 px 
 ``step``   the DINO step on the same in-memory crops: teacher forward on the global crops,
            student forward, DINO loss with centering, backward, per-parameter clipping,
            last-layer freeze, AdamW, center update and teacher EMA.
-``train``  ``training.train`` itself (cpu_small, DataLoader workers decoding openclipart
+``train``  ``dinoserve.training.train`` itself (cpu_small, DataLoader workers decoding openclipart
            images), timed between log lines after warm-up steps: everything a user gets.
 
 Each figure is a median over steps (``bare`` and ``step`` run in turns), because the
@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._results import OPENCLIPART_CSV, machine, plot_path, write_json  # noqa: E402
 from dinoserve.images import load_image  # noqa: E402
 from dinoserve.models import backbone_spec, create_backbone  # noqa: E402
-from training import make_config, train  # noqa: E402
-from training.augment import MultiCropAugment  # noqa: E402
+from dinoserve.training import make_config, train  # noqa: E402
+from dinoserve.training.augment import MultiCropAugment  # noqa: E402
 from dinoserve.filelist import read_file_list  # noqa: E402
-from training.head import DINOHead, MultiCropWrapper  # noqa: E402
-from training.loss import DINOLoss  # noqa: E402
-from training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups  # noqa: E402
-from training.precision import autocast, cpu_supports_bf16  # noqa: E402
-from training.teacher import ema_update  # noqa: E402
+from dinoserve.training.head import DINOHead, MultiCropWrapper  # noqa: E402
+from dinoserve.training.loss import DINOLoss  # noqa: E402
+from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups  # noqa: E402
+from dinoserve.training.precision import autocast, cpu_supports_bf16  # noqa: E402
+from dinoserve.training.teacher import ema_update  # noqa: E402
 
 NAME = "train_throughput"
 ARCHS = ("resnet18", "vit_tiny_patch16_224")
@@ -149,7 +149,7 @@ def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> 
 
 
 def measure_train(cfg_kwargs: dict, precision: str, warmup: int, steps: int, data: dict) -> float:
-    """Median seconds per step of ``training.train``: the gaps between the log lines of
+    """Median seconds per step of ``dinoserve.training.train``: the gaps between the log lines of
     steps ``warmup`` ... ``warmup + steps``."""
     with tempfile.TemporaryDirectory(prefix="dino_tp_") as out:
         train(make_config("cpu_small", out=out, precision=precision, max_steps=warmup + steps, log_every=1,

@@ -158,7 +158,7 @@ def _thumbnails(d: DemoData, out: Path, echo: Echo) -> tuple[Path, int]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.data import find_images
+    from dinoserve.training.data import find_images
 
     sources = find_images(d.train_source, d.train_splits, d.root)
     folder = out / "thumbnails"
@@ -191,7 +191,7 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
     if cfg.weights:
         echo(f"[1/5] train: skipped, using --weights {cfg.weights}")
         return cfg.weights, True
-    from training import make_config, train
+    from dinoserve.training import make_config, train
 
     echo(f"[1/5] train: {d.train_source}" + (f" (splits {', '.join(d.train_splits)})" if d.train_splits else ""))
     data, n_images = _thumbnails(d, out, echo)
@@ -278,7 +278,7 @@ def _knn(cfg: DemoConfig, d: DemoData, weights: str, sha: str, state: DemoState,
         echo(f"[4/5] k-NN: top-1 {entry['top1']:.1f} % (raw pixels {entry['raw_top1']:.1f} %), reused")
         return entry["top1"], entry["raw_top1"]
     from dinoserve.models import load_backbone
-    from training.knn import evaluate_knn_set, prepare_knn_set
+    from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set
 
     echo(f"[4/5] k-NN: DINO protocol (k=20, T=0.07) on {d.knn_data} at {cfg.image_size} px")
     knn_set = prepare_knn_set(d.knn_data, cfg.image_size, root=d.root)

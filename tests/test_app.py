@@ -25,8 +25,8 @@ gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install 'di
 from gradio_client import Client as GradioClient, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-import app  # noqa: E402
-from app.overlay import heatmap_overlay, renormalize, threshold_mask  # noqa: E402
+from dinoserve import app  # noqa: E402
+from dinoserve.app.overlay import heatmap_overlay, renormalize, threshold_mask  # noqa: E402
 from dinoserve.client import Client  # noqa: E402
 from dinoserve.index import build_index  # noqa: E402
 
@@ -355,7 +355,7 @@ def test_app_missing_image_and_stale_click_are_clear_errors(vit):
 def test_app_read_upload_decodes_files_and_pasted_data(photos):
     import base64
 
-    from app.upload import read_upload
+    from dinoserve.app.upload import read_upload
 
     path = _indexed(photos)[0]
     from_file = read_upload({"path": str(path), "orig_name": path.name})

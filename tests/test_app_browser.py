@@ -29,7 +29,7 @@ if CHROMIUM is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives chromium with playwright (pip install playwright)")
 pytest.importorskip("gradio", reason="the app needs gradio (pip install 'dinoserve[app]')")
 
-import app  # noqa: E402
+from dinoserve import app  # noqa: E402
 from dinoserve.client import Client  # noqa: E402
 from dinoserve.index import build_index  # noqa: E402
 

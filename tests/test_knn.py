@@ -1,4 +1,4 @@
-"""k-NN evaluation (training.knn), CSV file lists (dinoserve.filelist) and `dinoserve eval knn`."""
+"""k-NN evaluation (dinoserve.training.knn), CSV file lists (dinoserve.filelist) and `dinoserve eval knn`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dinoserve.errors import DataError
 from dinoserve.images import normalize, preprocess
 from dinoserve.models import create_backbone, load_backbone
 from dinoserve.filelist import FileEntry, read_file_list
-from training.knn import (
+from dinoserve.training.knn import (
     evaluate_knn,
     evaluate_knn_set,
     extract_features,

@@ -26,7 +26,7 @@ from conftest import make_image_folder
 from dinoserve.cli import cli
 from dinoserve.errors import NonFiniteLossError
 from dinoserve.models import file_sha256, load_backbone, read_checkpoint
-from training import config_from_checkpoint, make_config, train
+from dinoserve.training import config_from_checkpoint, make_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +232,7 @@ def test_cli_trains_through_odd_images_and_reports_skips(tmp_path):
 def test_cli_help_lists_every_option_and_errors_are_clean(tmp_path):
     import dataclasses
 
-    from training.config import TrainConfig
+    from dinoserve.training.config import TrainConfig
 
     r = CliRunner().invoke(cli, ["train", "--help"])
     assert r.exit_code == 0

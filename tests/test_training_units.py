@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from dinoserve.errors import ConfigError
-from training.augment import MultiCropAugment
-from training.checkpoint import save_atomic
-from training.config import PRESETS, TrainConfig, make_config
-from training.data import Failure, MultiCropDataset, ResumableSampler, collate_crops, find_images
-from training.head import DINOHead, MultiCropWrapper
-from training.loss import DINOLoss, teacher_entropy
-from training.optim import cancel_last_layer_grads, clip_gradients, param_groups
-from training.precision import cpu_has_amx, cpu_supports_bf16, resolve_precision
-from training.schedules import cosine_schedule
-from training.teacher import ema_update, update_after_step, update_at_epoch_start
+from dinoserve.training.augment import MultiCropAugment
+from dinoserve.training.checkpoint import save_atomic
+from dinoserve.training.config import PRESETS, TrainConfig, make_config
+from dinoserve.training.data import Failure, MultiCropDataset, ResumableSampler, collate_crops, find_images
+from dinoserve.training.head import DINOHead, MultiCropWrapper
+from dinoserve.training.loss import DINOLoss, teacher_entropy
+from dinoserve.training.optim import cancel_last_layer_grads, clip_gradients, param_groups
+from dinoserve.training.precision import cpu_has_amx, cpu_supports_bf16, resolve_precision
+from dinoserve.training.schedules import cosine_schedule
+from dinoserve.training.teacher import ema_update, update_after_step, update_at_epoch_start
 
 
 # --- loss -------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_save_atomic_replaces_and_leaves_no_temp(tmp_path):
 
 
 def test_collapse_monitor_warns_once_per_kind():
-    from training.monitor import CollapseMonitor
+    from dinoserve.training.monitor import CollapseMonitor
 
     mon = CollapseMonitor(out_dim=4096, patience=3)
     ln_k = math.log(4096)
@@ -324,7 +324,7 @@ def test_collapse_monitor_warns_once_per_kind():
 
 
 def test_lars_scales_matrix_steps_by_trust_ratio():
-    from training.optim import LARS
+    from dinoserve.training.optim import LARS
 
     w = nn.Parameter(torch.full((2, 2), 2.0))  # ||w|| = 4
     b = nn.Parameter(torch.zeros(2))
@@ -346,7 +346,7 @@ def test_find_images_from_csv_with_split_filter(tmp_path, image_folder):
 
 
 def test_skip_report_counts_files_once_and_round_trips():
-    from training.data import SkipReport
+    from dinoserve.training.data import SkipReport
 
     r = SkipReport(keep=1)
     assert [f.path for f in r.add([Failure("a", "bad a"), Failure("b", "bad b")])] == ["a"]
@@ -359,7 +359,7 @@ def test_skip_report_counts_files_once_and_round_trips():
 def test_decode_cache_gives_the_same_crops_and_skips_full_decodes(tmp_path, monkeypatch):
     from PIL import Image
 
-    import training.data as data
+    import dinoserve.training.data as data
 
     rng = np.random.default_rng(0)
     big = tmp_path / "big.png"

@@ -1,6 +1,6 @@
 """DINO self-supervised training of timm ResNet and ViT backbones.
 
->>> from training import make_config, train
+>>> from dinoserve.training import make_config, train
 >>> result = train(make_config("cpu_small", data="photos/", out="runs/photos", epochs=5))
 >>> result.checkpoint  # loads with dinoserve.models.load_backbone(...)
 
@@ -10,7 +10,7 @@ Modules, one job each: ``config`` (options and presets), ``augment`` (multi-crop
 ``optim`` (parameter groups, clipping, LARS), ``precision``, ``distributed``, ``checkpoint``,
 ``monitor`` and ``engine`` (``train``).
 
-Names are imported on first use, so ``import training.config`` (the CLI's option table)
+Names are imported on first use, so ``import dinoserve.training.config`` (the CLI's option table)
 does not import torch.
 """
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "PRESETS": "training.config",
-    "TrainConfig": "training.config",
-    "apply_overrides": "training.config",
-    "make_config": "training.config",
-    "TrainResult": "training.engine",
-    "config_from_checkpoint": "training.engine",
-    "train": "training.engine",
+    "PRESETS": "dinoserve.training.config",
+    "TrainConfig": "dinoserve.training.config",
+    "apply_overrides": "dinoserve.training.config",
+    "make_config": "dinoserve.training.config",
+    "TrainResult": "dinoserve.training.engine",
+    "config_from_checkpoint": "dinoserve.training.engine",
+    "train": "dinoserve.training.engine",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,7 +34,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'training' has no attribute {name!r}")
+    raise AttributeError(f"module 'dinoserve.training' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

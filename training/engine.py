@@ -23,18 +23,18 @@ from torch.utils.data import DataLoader
 
 from dinoserve.errors import ConfigError, DataError, NonFiniteLossError, TrainingError
 from dinoserve.models import backbone_spec, create_backbone, load_weights
-from training import distributed as D
-from training.augment import MultiCropAugment
-from training.checkpoint import CHECKPOINT_NAME, load_for_resume, rng_state, save_atomic, set_rng_state
-from training.config import TrainConfig, apply_overrides, make_config, validate
-from training.data import MultiCropDataset, ResumableSampler, SkipReport, collate_crops, find_images
-from training.head import DINOHead, MultiCropWrapper
-from training.loss import DINOLoss, teacher_entropy
-from training.monitor import CollapseMonitor, JsonlLog, Throughput
-from training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
-from training.precision import autocast, grad_scaler, resolve_precision
-from training.schedules import cosine_schedule
-from training.teacher import update_after_step, update_at_epoch_start
+from dinoserve.training import distributed as D
+from dinoserve.training.augment import MultiCropAugment
+from dinoserve.training.checkpoint import CHECKPOINT_NAME, load_for_resume, rng_state, save_atomic, set_rng_state
+from dinoserve.training.config import TrainConfig, apply_overrides, make_config, validate
+from dinoserve.training.data import MultiCropDataset, ResumableSampler, SkipReport, collate_crops, find_images
+from dinoserve.training.head import DINOHead, MultiCropWrapper
+from dinoserve.training.loss import DINOLoss, teacher_entropy
+from dinoserve.training.monitor import CollapseMonitor, JsonlLog, Throughput
+from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
+from dinoserve.training.precision import autocast, grad_scaler, resolve_precision
+from dinoserve.training.schedules import cosine_schedule
+from dinoserve.training.teacher import update_after_step, update_at_epoch_start
 
 logger = logging.getLogger("training")
 
@@ -425,7 +425,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
     decoded once and kept in ``cache``); other processes wait."""
     row: dict[str, Any] = {"epoch": epoch, "step": step}
     if main:
-        from training.knn import evaluate_knn_set, prepare_knn_set
+        from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set
 
         t0 = time.perf_counter()
         if "set" not in cache:

@@ -29,7 +29,7 @@ def app(index_path, host, port, max_upload_mb, title, url, repo, model, batch_si
     """
     from dinoserve.index import EmbeddingIndex
 
-    import app as dinoserve_app
+    from dinoserve import app as dinoserve_app
 
     index = EmbeddingIndex.load(index_path)
     with make_client(url, repo, model or index.model_name, batch_size, timeout, concurrency) as client:

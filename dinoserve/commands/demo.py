@@ -48,7 +48,7 @@ def demo(data, out, repo, name, minutes, weights, arch, image_size, fresh, no_ap
     click.echo(json.dumps(summary))
     if no_app:
         return
-    from app import launch
+    from dinoserve.app import launch
     from dinoserve.client import Client
 
     click.echo(f"app: http://{host}:{port}  (Ctrl-C to stop)")

@@ -47,7 +47,7 @@ def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_roo
     import torch
 
     from dinoserve.models import backbone_spec, load_backbone
-    from training.knn import evaluate_knn
+    from dinoserve.training.knn import evaluate_knn
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_backbone(weights, arch, checkpoint_key=checkpoint_key).to(device)

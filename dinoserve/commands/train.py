@@ -1,6 +1,6 @@
 """`dinoserve train`: DINO self-supervised training on a folder or file list of images.
 
-Every option is generated from :class:`training.config.TrainConfig`, so ``--help`` shows
+Every option is generated from :class:`dinoserve.training.config.TrainConfig`, so ``--help`` shows
 each field's own help text and a new field becomes an option without code here. Options
 default to "not given": the preset's value (or, with ``--resume``, the checkpoint's) is
 used unless the option is on the command line.
@@ -15,7 +15,7 @@ import typing
 
 import click
 
-from training.config import PRESETS, TrainConfig
+from dinoserve.training.config import PRESETS, TrainConfig
 
 #: Short aliases for the options used most.
 SHORT = {"data": "-d", "out": "-o", "arch": "-a", "epochs": "-e", "batch_size": "-b"}
@@ -79,8 +79,8 @@ def train(preset: str | None, quiet: bool, **options: typing.Any) -> None:
       dinoserve train -o runs/clipart --resume          # continue where it stopped
       torchrun --nproc-per-node 2 -m dinoserve train -d photos/ --preset resnet50 -o runs/r50
     """
-    from training.config import make_config
-    from training.engine import config_from_checkpoint, train as run
+    from dinoserve.training.config import make_config
+    from dinoserve.training.engine import config_from_checkpoint, train as run
 
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
