@@ -103,3 +103,15 @@ class ConfigError(DinoserveError):
 
 class ServerTimeoutError(ServerError):
     """A request to the server took longer than the client's timeout."""
+
+
+class InputTypeError(ImageError, TypeError):
+    """An argument is not an image or a list of images (also a :class:`TypeError`)."""
+
+
+class ModelFileError(ModelError):
+    """A model file on disk (e.g. ``model.onnx``) is empty, truncated or not a model."""
+
+
+class IndexDamagedError(IndexStoreError):
+    """An index file does not match what was written at build time; rebuild the index."""
