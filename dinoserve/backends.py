@@ -32,6 +32,7 @@ from dinoserve.errors import (
     ServerUnavailableError,
 )
 from dinoserve.model_info import ModelInfo, from_repository_config, from_triton_json
+from dinoserve.ort_session import open_session
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class EmbeddedBackend:
 
     def __init__(self, repo: str | Path = "model_repository", model: str | None = None,
                  version: int | str | None = None, providers: Sequence[str] | None = None):
+        """``providers``: onnxruntime providers; default CUDA when this build has it, else the CPU
+        (:func:`dinoserve.ort_session.execution_providers`)."""
         from dinoserve import repository
 
         self.repo = Path(repo)
@@ -74,7 +77,9 @@ class EmbeddedBackend:
         self.onnx_path = Path(repository.model_onnx_path(self.repo, name, version))
         version = version if version is not None else repository.latest_version(model_dir)
         self.info: ModelInfo = from_repository_config(cfg, version=str(version))
-        self.session = _onnx_session(self.onnx_path, providers)
+        self.session = open_session(
+            self.onnx_path, providers=providers,
+            hint=f"re-export it with `dinoserve export ... --repo {self.repo}` (export writes model.onnx atomically)")
         self.url = None
 
     def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -86,19 +91,6 @@ class EmbeddedBackend:
 
     def describe(self) -> str:
         return f"onnxruntime {self.onnx_path}"
-
-
-def _onnx_session(path: Path, providers: Sequence[str] | None):
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if providers is None:
-        # Use a GPU when this onnxruntime build has one, else the CPU; never ask for a provider
-        # that is not compiled in (onnxruntime only warns and falls back, which hides mistakes).
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 
 # --- triton -----------------------------------------------------------------------------------

@@ -4,11 +4,14 @@
 >>> c = Client()                                   # onnxruntime in-process on ./model_repository
 >>> c = Client("http://127.0.0.1:8000")            # a Triton server; grpc://127.0.0.1:8001 for gRPC
 >>> emb = c.embed(["a.jpg", pil_image, array, raw_bytes])   # float32 [N, D], L2-normalised
+>>> hits = c.search(["q.jpg"], "photos.index", k=10)        # delegates to dinoserve.index.search
 
 Images are decoded and preprocessed here with :mod:`dinoserve.images` (the same code as
 training evaluation and export verification), using the image size and crop the model's
 config declares; the model receives uint8 ``[B, 3, S, S]``. Batches run concurrently
-(threads; for Triton each thread has its own connection). This module never imports torch.
+(threads; for Triton each thread has its own connection). This module never imports torch,
+and imports :mod:`dinoserve.index` only inside :meth:`Client.search` (the index side owns
+search; it never imports this module, so the two form no import circle).
 """
 
 from __future__ import annotations
@@ -19,19 +22,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from dinoserve.errors import ConfigError, ModelError
-from dinoserve.images import ImageInput, preprocess_batch
+from dinoserve.errors import ConfigError, InputTypeError, ModelError
+from dinoserve.images import ImageInput, l2_normalize, preprocess_batch
 from dinoserve.model_info import ATTENTION, EMBEDDING, ModelInfo
 
-if TYPE_CHECKING:
-    from dinoserve.index import EmbeddingIndex, Hit
+__all__ = ["Client", "ClientStats", "Embeddings", "l2_normalize"]
 
 _SINGLE = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+
+#: What every public call accepts, for error messages.
+ACCEPTED = ("one image (a file path, encoded bytes, a PIL image, or a uint8 numpy array HxW or HxWxC) "
+            "or a list of them (an NxHxWxC array counts as N images)")
 
 
 @dataclass
@@ -75,11 +81,13 @@ class Client:
         concurrency: batches in flight at once; default 4 for Triton, 2 in-process (one batch
             is preprocessed while the other runs; in-process inference runs one at a time).
         retries: retries of a request that failed transiently (server restarting, overloaded).
+        backoff: seconds before the first retry; each further retry waits twice as long
+            (jittered, at most 5 s).
     """
 
     def __init__(self, url: str | None = None, model: str | None = None, repo: str | os.PathLike = "model_repository",
                  *, version: int | str | None = None, batch_size: int = 32, timeout: float = 60.0,
-                 concurrency: int | None = None, retries: int = 3):
+                 concurrency: int | None = None, retries: int = 3, backoff: float = 0.25):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if concurrency is not None and concurrency < 1:
@@ -87,7 +95,8 @@ class Client:
         if url:
             from dinoserve.backends import TritonBackend
 
-            self._backend = TritonBackend(url, model, version, timeout=timeout, retries=retries, repo=repo)
+            self._backend = TritonBackend(url, model, version, timeout=timeout, retries=retries, backoff=backoff,
+                                          repo=repo)
         else:
             from dinoserve.backends import EmbeddedBackend
 
@@ -165,25 +174,23 @@ class Client:
             )
         return self._run(images, ATTENTION, on_error, names, None).vectors.astype(np.float32, copy=False)
 
-    def search(self, images: ImageInput | Iterable[ImageInput], index: "EmbeddingIndex | str | os.PathLike",
-               k: int = 10) -> "list[list[Hit]]":
-        """The ``k`` nearest images in ``index`` for each query image, best first.
+    def search(self, images: ImageInput | Iterable[ImageInput], index: Any, k: int = 10) -> list:
+        """The ``k`` nearest images in ``index`` (an :class:`~dinoserve.index.EmbeddingIndex`
+        or its path) for each query image, best first: ``[[Hit(path, score, rank), ...], ...]``.
 
-        Raises :class:`~dinoserve.errors.IndexMismatchError` if the index was built with
-        another model or preprocessing.
+        Shorthand for :func:`dinoserve.index.search` ``(self, images, index, k)``. Raises
+        :class:`~dinoserve.errors.IndexMismatchError` if the index was built with another
+        model or preprocessing.
         """
-        from dinoserve.index import EmbeddingIndex
+        from dinoserve.index import search
 
-        if not isinstance(index, EmbeddingIndex):
-            index = EmbeddingIndex.load(index)
-        index.check_model(self.info)
-        return index.search(self.embed(images), k)
+        return search(self, images, index, k)
 
     # -- machinery -------------------------------------------------------------------------
     def _run(self, images, output: str, on_error: str, names, progress) -> Embeddings:
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        items = [images] if _is_single(images) else list(images)
+        items = as_image_list(images, f"Client.{'attention' if output == ATTENTION else 'embed'}")
         if names is not None and len(names) != len(items):
             raise ConfigError(f"names has {len(names)} entries for {len(items)} images")
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
@@ -248,11 +255,38 @@ class Client:
         return got, kept, skipped
 
 
-def _is_single(images) -> bool:
-    return isinstance(images, _SINGLE) or (isinstance(images, np.ndarray) and images.ndim in (2, 3))
+def as_image_list(images: Any, what: str = "Client.embed") -> list:
+    """``images`` as a list of single images: one image becomes a list of one.
+
+    Raises :class:`~dinoserve.errors.InputTypeError` (also a ``TypeError``) naming what was
+    passed for anything else: None, numbers, 0-d/1-d or 5-d arrays, dicts and sets (no order).
+    Single items of a list are checked when they are decoded, with their position.
+    """
+    if isinstance(images, _SINGLE):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3):
+            return [images]
+        if images.ndim == 4:
+            return list(images)
+        raise InputTypeError(f"{what}: got {_describe_argument(images)}; pass {ACCEPTED}")
+    if images is None or isinstance(images, (Mapping, set, frozenset)) or not isinstance(images, Iterable):
+        raise InputTypeError(f"{what}: got {_describe_argument(images)}; pass {ACCEPTED}")
+    return list(images)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (rows of zeros stay zero)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+def _describe_argument(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, np.ndarray):
+        kind = "a scalar" if value.ndim == 0 else f"shape {tuple(value.shape)}"
+        return f"a {value.ndim}-d numpy array ({kind}, dtype {value.dtype})"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with {len(value)} keys (a mapping has no image order)"
+    if isinstance(value, (set, frozenset)):
+        return f"a {type(value).__name__} of {len(value)} items (a set has no order, rows could not be matched)"
+    if isinstance(value, (bool, int, float, complex, np.generic)):
+        return f"{type(value).__name__} {value!r}"
+    kind = type(value)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"a {name} object"

@@ -7,12 +7,17 @@ what makes an embedding computed in one place equal to one computed in another.
 Accepted inputs (:data:`ImageInput`): a path, raw encoded bytes, a PIL image, or a numpy
 array (``HxW`` grayscale or ``HxWxC`` with 1, 3 or 4 channels; uint8, or uint16 for
 16-bit data).
+
+Also the one place for two rules that every part must share: which files of a folder are
+images (:func:`walk_images`, :data:`IMAGE_EXTENSIONS`), and the normalisations done
+outside the ONNX graph (:func:`normalize` for pixels, :func:`l2_normalize` for embeddings).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +26,14 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dinoserve.errors import ImageDecodeError, ImageError, ImageNotFoundError, ImageTooLargeError
+from dinoserve.errors import (
+    DataError,
+    ImageDecodeError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InputTypeError,
+)
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -83,6 +95,11 @@ def _read_bytes(image: object, label: str) -> bytes:
         data = bytes(image)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise ImageNotFoundError(
+                f"{label}: is a folder, not an image file; pass the image files in it "
+                "(e.g. folder/*.jpg), or index the folder with `dinoserve index build`"
+            )
         if not path.is_file():
             raise ImageNotFoundError(f"{label}: no such image file; check the path")
         if path.stat().st_size > MAX_BYTES:
@@ -92,7 +109,7 @@ def _read_bytes(image: object, label: str) -> bytes:
             )
         data = path.read_bytes()
     else:
-        raise ImageError(
+        raise InputTypeError(
             f"{label}: unsupported input type {type(image).__name__}; pass a path, bytes, "
             "a PIL image or a numpy array"
         )
@@ -114,9 +131,14 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as e:
+        # Pillow refused in Image.open, above twice its own limit, before our header check
+        # ran. Name one limit: ours (or Pillow's, where a caller raised ours above it).
+        pillow = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
+        size = _BOMB_SIZE.search(str(e))
+        got = f"{_megapixels(int(size.group(1)))} is " if size else ""
         raise ImageTooLargeError(
-            f"{label}: refused as a decompression bomb, over the limit of {max_pixels / 1e6:.0f} "
-            f"megapixels ({e}); downscale the image"
+            f"{label}: {got}over the limit of {_megapixels(min(max_pixels, pillow))} "
+            "(decompression-bomb guard); downscale the image"
         ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{label}: not an image Pillow can read (unknown or corrupt format)") from None
@@ -125,14 +147,21 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
     return _to_rgb(ImageOps.exif_transpose(img), label)
 
 
+_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} megapixels"
+
+
 def _check_size(img: Image.Image, max_pixels: int, label: str) -> Image.Image:
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError(f"{label}: image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageTooLargeError(
-            f"{label}: {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
-            f"{max_pixels / 1e6:.0f} megapixels (decompression-bomb guard); downscale the image"
+            f"{label}: {w}x{h} = {_megapixels(w * h)} is over the limit of "
+            f"{_megapixels(max_pixels)} (decompression-bomb guard); downscale the image"
         )
     return img
 
@@ -264,7 +293,8 @@ def preprocess_batch(
     arrays, kept, skipped = [], [], []
     for i, result in zip(positions, results):
         if isinstance(result, ImageError):
-            if on_error == "raise":
+            # A value that is not an image at all is a caller's bug, never skipped.
+            if on_error == "raise" or isinstance(result, InputTypeError):
                 raise type(result)(f"image #{i}: {result}") from None
             skipped.append((i, str(result)))
         else:
@@ -274,8 +304,53 @@ def preprocess_batch(
     return batch, kept, skipped
 
 
+# --- normalisation outside the ONNX graph --------------------------------------------------
 def normalize(batch: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """uint8 ``[N, 3, H, W]`` to float32 normalised with ``mean``/``std`` (what the graph does)."""
     m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
     return (batch.astype(np.float32) / 255.0 - m) / s
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Embedding rows scaled to unit length, float32 (rows of zeros stay zero): what the client
+    returns and what the index stores and queries with."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+# --- folders ---------------------------------------------------------------------------------
+def walk_images(folder: str | os.PathLike, *, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The image files of ``folder``, by the one rule that training, k-NN evaluation, the index
+    and export verification share:
+
+    - recursive; a file counts when its extension is in :data:`IMAGE_EXTENSIONS` (any case);
+    - hidden entries (names starting with ``.``) are left out, files and folders alike;
+    - symlinked folders are not entered (no loops, nothing outside ``folder``); symlinked
+      files count;
+    - a file reached through several paths (a symlink beside its target, two links to one
+      file) is listed once: under a path that is not a symlink when there is one, else under
+      the first such path in sorted order;
+    - ``exclude`` (a folder, e.g. an index being written inside ``folder``) is left out;
+    - sorted by path string. Paths start with ``folder`` as given.
+
+    Raises:
+        DataError: ``folder`` is not a folder.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder of images")
+    skip = os.path.abspath(exclude) if exclude is not None else None
+    by_file: dict[str, list[tuple[bool, str]]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames
+                       if not d.startswith(".") and os.path.abspath(os.path.join(dirpath, d)) != skip]
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, name)
+            if not os.path.isfile(path):  # a dangling link, a fifo named like an image
+                continue
+            by_file.setdefault(os.path.realpath(path), []).append((os.path.islink(path), path))
+    return sorted((Path(min(paths)[1]) for paths in by_file.values()), key=str)

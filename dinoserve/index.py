@@ -1,16 +1,22 @@
 """A nearest-neighbour index of image embeddings: build, update, load, search.
 
 >>> from dinoserve import Client
->>> from dinoserve.index import EmbeddingIndex, build_index, update_index
+>>> from dinoserve.index import EmbeddingIndex, build_index, search, update_index
 >>> client = Client()
 >>> report = build_index("photos/", "photos.index", client)     # folder (recursive) or a CSV list
->>> index = EmbeddingIndex.load("photos.index")
->>> hits = index.search(client.embed(["query.jpg"]), k=10)       # [[Hit(path, score, rank), ...]]
+>>> index = EmbeddingIndex.load("photos.index")                 # checks every file's sha256 once
+>>> hits = search(client, ["query.jpg"], index, k=10)             # [[Hit(path, score, rank), ...]]
+>>> hits = index.search(client.embed(["query.jpg"]), k=10)       # the same, from embeddings
 >>> update_index("photos.index", client)                        # embeds only new/changed files
 
 Scores are cosine similarities (inner product of L2-normalised embeddings). The on-disk
 layout and its crash safety are described in :mod:`dinoserve.index_store`; the faiss
-kinds in :mod:`dinoserve.index_kinds`. No torch here.
+kinds in :mod:`dinoserve.index_kinds`. A folder holds the images
+:func:`dinoserve.images.walk_images` lists (the rule training uses too).
+
+The index sits above the client: it takes any :class:`Embedder` (a
+:class:`~dinoserve.client.Client` is one) and never imports :mod:`dinoserve.client`;
+``Client.search`` is a shorthand for :func:`search`. No torch here.
 """
 
 from __future__ import annotations
@@ -21,19 +27,28 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from dinoserve import index_kinds, index_store
 from dinoserve.errors import ConfigError, DataError, IndexMismatchError, IndexStoreError
-from dinoserve.images import IMAGE_EXTENSIONS, MAX_BYTES
+from dinoserve.images import IMAGE_EXTENSIONS, MAX_BYTES, l2_normalize, walk_images
 from dinoserve.model_info import ModelInfo
 
-if TYPE_CHECKING:
-    from dinoserve.client import Client
-
 CHUNK = 256  # files read, hashed and embedded per step (bounds memory of encoded bytes)
+
+
+class Embedder(Protocol):
+    """What the index needs from a model: a :class:`~dinoserve.client.Client` is one."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def embed(self, images: Any, normalize: bool = True) -> np.ndarray: ...
+
+    def embed_detailed(self, images: Any, *, normalize: bool = True, on_error: str = "raise",
+                       names: Sequence[str] | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -78,28 +93,25 @@ class EmbeddingIndex:
         self._paths = [it["path"] for it in items]
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> "EmbeddingIndex":
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, verify: bool = True) -> "EmbeddingIndex":
         """Open the live generation of the index directory ``path``.
 
         ``mmap`` leaves ``embeddings`` on disk (memory-mapped): the faiss index holds what
         search needs, and the exact vectors are read only to re-rank IVF-PQ candidates
-        and by updates.
+        and by updates. ``verify`` checks each file against the sha256 recorded at build
+        (one read of the files per open); a mismatch raises
+        :class:`~dinoserve.errors.IndexDamagedError`.
         """
         import faiss
 
-        gen = index_store.current_generation(Path(path))
-        meta = index_store.read_json(gen / index_store.META)
-        if meta.get("format") != index_store.FORMAT or meta.get("format_version") != index_store.FORMAT_VERSION:
-            raise IndexStoreError(
-                f"{path}: not a dinoserve index of format version {index_store.FORMAT_VERSION} "
-                f"(found {meta.get('format')!r} v{meta.get('format_version')}); rebuild it"
-            )
-        items = index_store.read_items(gen / index_store.ITEMS)
-        embeddings = index_store.read_embeddings(gen / index_store.EMBEDDINGS, mmap=mmap)
+        gen, meta = index_store.open_generation(Path(path), verify=verify)
+        items = index_store.read_items(gen / index_store.ITEMS, meta)
+        embeddings = index_store.read_embeddings(gen / index_store.EMBEDDINGS, mmap=mmap, meta=meta)
         try:
             fi = faiss.read_index(str(gen / index_store.FAISS))
         except RuntimeError as e:
-            raise IndexStoreError(f"{path}: cannot read its faiss index ({e}); rebuild it") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+            raise index_store.damaged(gen / index_store.FAISS, f"cannot be read by faiss ({first})", meta) from None
         index_kinds.configure(fi, meta["kind"], meta.get("kind_params", {}))
         if not (len(items) == len(embeddings) == fi.ntotal == meta.get("count")):
             raise IndexStoreError(
@@ -137,10 +149,17 @@ class EmbeddingIndex:
         problem = model_mismatch(self.meta, info)
         if problem:
             m = self.meta["model"]
+            source = (self.meta.get("source") or {}).get("path") or "SOURCE"
+            rebuild = f"`dinoserve index build {source} --out {self.path} --model {info.name}`"
+            if m["name"] == info.name:  # same name, other weights or preprocessing: --model cannot help
+                fix = (f"the model {info.name!r} changed since the index was built (re-exported?); "
+                       f"rebuild the index with {rebuild}, or serve the model it was built with")
+            else:
+                fix = f"use --model {m['name']} (the model that built it), or rebuild the index with {rebuild}"
             raise IndexMismatchError(
                 f"index {str(self.path)!r} was built with model {m['name']!r} ({_describe(m, self.meta['preprocessing'])}), "
                 f"but the client uses {info.name!r} ({_describe(info.identity(), info.preprocessing())}): {problem}. "
-                f"Query with --model {m['name']} (the model that built it), or rebuild the index with this model"
+                f"{fix[0].upper()}{fix[1:]}"
             )
 
     def search(self, query_embeddings: np.ndarray, k: int = 10) -> list[list[Hit]]:
@@ -157,14 +176,30 @@ class EmbeddingIndex:
             raise ConfigError(f"k must be at least 1, got {k}")
         if len(q) == 0 or len(self) == 0:
             return [[] for _ in range(len(q))]
-        norms = np.linalg.norm(q, axis=1, keepdims=True)
-        q = np.ascontiguousarray(q / np.maximum(norms, 1e-12))
+        q = np.ascontiguousarray(l2_normalize(q))
         scores, rows = index_kinds.search(self._faiss, q, min(k, len(self)), kind=self.kind,
                                           params=self.meta.get("kind_params"), vectors=self.embeddings)
         paths = self._paths
         return [[Hit(paths[r], float(s), rank) for rank, (s, r) in enumerate(
                     ((s, r) for s, r in zip(srow, rrow) if r >= 0), start=1)]
                 for srow, rrow in zip(scores, rows)]
+
+    def search_images(self, client: Embedder, images: Any, k: int = 10) -> list[list[Hit]]:
+        """The ``k`` most similar indexed images for each query image, embedded with ``client``.
+
+        Raises :class:`~dinoserve.errors.IndexMismatchError` before embedding anything if the
+        client's model cannot be compared with the one that built the index.
+        """
+        self.check_model(client.info)
+        return self.search(client.embed(images), k)
+
+
+def search(client: Embedder, images: Any, index: "EmbeddingIndex | str | os.PathLike", k: int = 10) -> list[list[Hit]]:
+    """The ``k`` nearest images in ``index`` (loaded, or its path) for each query image, best
+    first; ``Client.search(images, index, k)`` is the same call."""
+    if not isinstance(index, EmbeddingIndex):
+        index = EmbeddingIndex.load(index)
+    return index.search_images(client, images, k)
 
 
 def model_mismatch(meta: dict, info: ModelInfo) -> str | None:
@@ -204,28 +239,18 @@ def source_spec(source: str | os.PathLike, splits: Sequence[str] | None = None, 
 def scan(spec: dict, exclude: Path | None = None) -> list[str]:
     """Absolute paths of the images a source holds now, sorted."""
     if spec["type"] == "folder":
-        return scan_folder(Path(spec["path"]), exclude)
+        root = Path(spec["path"])
+        if not root.is_dir():
+            raise DataError(f"{root}: the indexed folder no longer exists")
+        return [str(p) for p in walk_images(root.absolute(), exclude=exclude)]
     from dinoserve.filelist import read_file_list  # torch-free
 
     entries = read_file_list(spec["path"], splits=spec.get("splits"), root=spec.get("root"))
     return sorted({str(Path(e.path).absolute()) for e in entries})
 
 
-def scan_folder(root: Path, exclude: Path | None = None) -> list[str]:
-    """Image files under ``root`` (recursive; hidden entries and ``exclude`` left out)."""
-    if not root.is_dir():
-        raise DataError(f"{root}: the indexed folder no longer exists")
-    skip = Path(exclude).absolute() if exclude else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root.absolute()):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and Path(dirpath, d) != skip)
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
-
-
 # --- build and update ---------------------------------------------------------------------------
-def build_index(source: str | os.PathLike, out: str | os.PathLike, client: "Client", *, kind: str = "flat",
+def build_index(source: str | os.PathLike, out: str | os.PathLike, client: Embedder, *, kind: str = "flat",
                 splits: Sequence[str] | None = None, root: str | os.PathLike | None = None,
                 kind_params: dict | None = None, progress: bool = True) -> IndexReport:
     """Embed every image of ``source`` (a folder, recursive, or a CSV file list) into a new index
@@ -239,7 +264,7 @@ def build_index(source: str | os.PathLike, out: str | os.PathLike, client: "Clie
     return _write(Path(out), spec, paths, client, kind, kind_params, previous=None, progress=progress)
 
 
-def update_index(path: str | os.PathLike, client: "Client", *, progress: bool = True) -> IndexReport:
+def update_index(path: str | os.PathLike, client: Embedder, *, progress: bool = True) -> IndexReport:
     """Bring the index at ``path`` up to date with its source: embed new and changed files,
     drop removed ones, keep the rest. Refuses a client with another model."""
     old = EmbeddingIndex.load(path)
@@ -249,7 +274,7 @@ def update_index(path: str | os.PathLike, client: "Client", *, progress: bool = 
                   previous=old, progress=progress)
 
 
-def _write(out: Path, spec: dict, paths: list[str], client: "Client", kind: str, kind_params: dict | None,
+def _write(out: Path, spec: dict, paths: list[str], client: Embedder, kind: str, kind_params: dict | None,
            previous: EmbeddingIndex | None, progress: bool) -> IndexReport:
     t0 = time.perf_counter()
     report = IndexReport(path=str(out), count=0, kind=kind)
@@ -293,7 +318,7 @@ def _write(out: Path, spec: dict, paths: list[str], client: "Client", kind: str,
     return report
 
 
-def _process_chunk(chunk: list[str], client: "Client", previous: EmbeddingIndex | None,
+def _process_chunk(chunk: list[str], client: Embedder, previous: EmbeddingIndex | None,
                    by_path: dict, by_sha: dict):
     """Rows and vectors for one chunk of paths, in path order; only unknown content is embedded."""
     slots: list[tuple[dict, np.ndarray | None]] = []
@@ -378,4 +403,5 @@ def load_index(path: str | os.PathLike) -> EmbeddingIndex:
     return EmbeddingIndex.load(path)
 
 
-__all__: Iterable[str] = ["Hit", "IndexReport", "EmbeddingIndex", "build_index", "update_index", "load_index"]
+__all__: Iterable[str] = ["Embedder", "Hit", "IndexReport", "EmbeddingIndex", "build_index", "update_index",
+                          "load_index", "search"]

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from dinoserve.errors import DataError, ImageError
 from dinoserve.atomic import atomic_write_bytes
-from dinoserve.images import IMAGE_EXTENSIONS, load_image
+from dinoserve.images import IMAGE_EXTENSIONS, load_image, walk_images
 
 
 
@@ -58,20 +58,8 @@ def find_images(data: str | os.PathLike, splits: Sequence[str] | None = None,
 
 
 def _walk(folder: Path) -> list[Path]:
-    seen: set[Path] = set()
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            real = p.resolve()
-            if real in seen:  # the same file reached through a symlink counts once
-                continue
-            seen.add(real)
-            out.append(p)
-    return out
+    # The one folder rule (hidden entries, symlinks, duplicates, order) lives in dinoserve.images.
+    return walk_images(folder)
 
 
 @dataclass

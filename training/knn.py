@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoserve.errors import DataError
-from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, ImageInput, preprocess_batch
+from dinoserve.images import (DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageInput,
+                             preprocess_batch, walk_images)
 from dinoserve.filelist import read_file_list
 
 __all__ = [
@@ -46,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # an alias: the one extension list is dinoserve.images.IMAGE_EXTENSIONS
 
 #: Bank and query splits of a CSV file list (the openclipart protocol).
 BANK_SPLIT = "knn_train"
@@ -226,11 +227,9 @@ def _accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
 
 
 def _folder_items(split_dir: Path) -> list[tuple[Path, str]]:
-    items = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                items.append((f, class_dir.name))
+    # The one folder rule (dinoserve.images.walk_images); the class is the first folder level.
+    items = [(f, f.relative_to(split_dir).parts[0]) for f in walk_images(split_dir)
+             if len(f.relative_to(split_dir).parts) > 1]
     if not items:
         raise DataError(f"{split_dir}: no images in class subfolders ({split_dir}/<class>/<image>)")
     return items

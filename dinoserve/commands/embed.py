@@ -33,8 +33,14 @@ def embed(images, out, no_normalize, skip_errors, url, repo, model, batch_size, 
     from dinoserve.atomic import atomic_write_bytes
 
     with make_client(url, repo, model, batch_size, timeout, concurrency) as client:
-        res = client.embed_detailed(list(images), normalize=not no_normalize,
-                                    on_error="skip" if skip_errors else "raise")
+        # Always embed what can be embedded, so that a failure lists every bad file at once.
+        res = client.embed_detailed(list(images), normalize=not no_normalize, on_error="skip")
+    if res.skipped and not skip_errors:
+        lines = "\n".join(f"  {msg}" for _, msg in res.skipped)
+        raise click.ClickException(
+            f"{len(res.skipped)} of {len(images)} images cannot be used, nothing was written:\n{lines}\n"
+            "Fix or remove them, or pass --skip-errors to leave them out (they are listed in the output)."
+        )
     buf = io.BytesIO()
     np.save(buf, res.vectors)
     atomic_write_bytes(Path(out), buf.getvalue())

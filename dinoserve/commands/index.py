@@ -17,8 +17,8 @@ def index() -> None:
 
 
 def _echo_report(report) -> None:
-    for path, err in report.skipped:
-        click.echo(f"skipped {path}: {err}", err=True)
+    for _, err in report.skipped:
+        click.echo(f"skipped {err}", err=True)  # each message starts with its path
     click.echo(json.dumps(report.as_dict()))
 
 
