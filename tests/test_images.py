@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import io
-import sys
-import subprocess
-import zlib
+import os
+import re
 import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dinoserve.errors import ImageDecodeError, ImageError, ImageNotFoundError, ImageTooLargeError
-from dinoserve.images import load_image, preprocess, preprocess_batch, resize_and_crop
+from dinoserve.errors import (
+    DataError,
+    DinoserveError,
+    ImageDecodeError,
+    ImageError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+    InputTypeError,
+)
+from dinoserve.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    l2_normalize,
+    load_image,
+    preprocess,
+    preprocess_batch,
+    resize_and_crop,
+    walk_images,
+)
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -107,6 +124,13 @@ def test_missing_empty_and_non_image_files_name_the_input(tmp_path):
         load_image(text)
 
 
+def test_a_folder_passed_as_an_image_is_called_a_folder(tmp_path):
+    (tmp_path / "photos.jpg").mkdir()
+    with pytest.raises(ImageNotFoundError) as e:
+        load_image(tmp_path / "photos.jpg")
+    assert "is a folder, not an image file" in str(e.value) and "no such" not in str(e.value)
+
+
 def test_truncated_file_is_refused(tmp_path):
     arr = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     data = encode(Image.fromarray(arr), "JPEG", quality=90)
@@ -132,8 +156,12 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     p = tmp_path / "bomb.png"
     p.write_bytes(_bomb_png(30000, 30000))  # 900 megapixels
     assert p.stat().st_size < 2_000_000
-    with pytest.raises(ImageTooLargeError, match="bomb.png.*megapixels"):
+    with pytest.raises(ImageTooLargeError, match="bomb.png.*megapixels") as e:
         load_image(p)
+    # One limit, ours, in one unit (Pillow refuses at twice its own limit and says so in pixels).
+    message = str(e.value)
+    assert re.findall(r"limit of ([\d.]+) megapixels", message) == [f"{MAX_PIXELS / 1e6:.3g}"]
+    assert "900 megapixels" in message and "pixels)" not in message and "178956970" not in message
     # A smaller limit applies to ordinary images too.
     small = encode(Image.new("RGB", (100, 100)))
     with pytest.raises(ImageTooLargeError):
@@ -145,8 +173,14 @@ def test_bad_array_inputs():
         load_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ImageError, match="channels-first"):
         load_image(np.zeros((3, 4, 4, 2), np.uint8))
-    with pytest.raises(ImageError, match="unsupported input type"):
+    with pytest.raises(InputTypeError, match="unsupported input type"):
         load_image(12345)
+
+
+def test_batch_never_skips_a_value_that_is_not_an_image():
+    good = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputTypeError, match=r"image #1: .*unsupported input type NoneType"):
+        preprocess_batch([good, None, b"junk"], 16, on_error="skip")
 
 
 def test_resize_and_crop_follows_the_evaluation_protocol():
@@ -174,7 +208,53 @@ def test_batch_names_the_position_or_skips():
     assert batch.shape == (2, 3, 16, 16) and kept == [0, 2] and skipped[0][0] == 1
 
 
-def test_images_module_does_not_import_torch():
-    code = "import sys, dinoserve.images, dinoserve.errors; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_l2_normalize_gives_unit_rows_and_keeps_zero_rows():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float64)
+    out = l2_normalize(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+
+
+# --- the one folder rule ------------------------------------------------------------------------
+def _png(path, value: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (value, value, value)).save(path, "PNG")
+    return path
+
+
+def test_walk_images_follows_the_one_folder_rule(tmp_path):
+    root = tmp_path / "photos"
+    _png(root / "b.png")
+    _png(root / "A.PNG")  # extensions in any case
+    _png(root / "sub" / "c.jpg", 1)
+    _png(root / "sub" / "deeper" / "d.webp", 2)
+    (root / "notes.txt").write_text("not an image")
+    _png(root / ".hidden.png")  # hidden file
+    _png(root / ".cache" / "e.png")  # hidden folder
+    outside = _png(tmp_path / "elsewhere" / "f.png", 3)
+    os.symlink(root / "b.png", root / "a_link_to_b.png")  # the same file twice: listed once, by its own path
+    os.symlink(outside, root / "link_to_outside.png")  # a linked file counts
+    os.symlink(tmp_path / "elsewhere", root / "linked_folder")  # a linked folder is not entered
+    os.symlink(root / "missing.png", root / "dangling.png")
+    os.symlink(root, root / "sub" / "loop")  # would loop forever if followed
+
+    got = [str(p.relative_to(root)) for p in walk_images(root)]
+    assert got == ["A.PNG", "b.png", "link_to_outside.png", "sub/c.jpg", "sub/deeper/d.webp"]
+    assert walk_images(root) == sorted(walk_images(root), key=str)
+    assert [p.name for p in walk_images(root, exclude=root / "sub")] == ["A.PNG", "b.png", "link_to_outside.png"]
+    assert {".png", ".jpg", ".jpeg", ".webp"} <= IMAGE_EXTENSIONS
+
+
+def test_walk_images_two_links_to_one_file_keep_the_first(tmp_path):
+    outside = _png(tmp_path / "elsewhere" / "f.png")
+    root = tmp_path / "photos"
+    root.mkdir()
+    os.symlink(outside, root / "y.png")
+    os.symlink(outside, root / "x.png")
+    assert [p.name for p in walk_images(root)] == ["x.png"]
+
+
+def test_walk_images_refuses_what_is_not_a_folder(tmp_path):
+    with pytest.raises(DataError, match="nowhere: no such folder"):
+        walk_images(tmp_path / "nowhere")
+    assert issubclass(DataError, DinoserveError)
