@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import socket
-import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -25,15 +24,19 @@ from dinoserve.cli import cli
 from dinoserve.client import Client
 from dinoserve.errors import (
     ConfigError,
+    DinoserveError,
     ImageDecodeError,
     ImageNotFoundError,
     InferenceError,
+    InputTypeError,
     ModelError,
+    ModelFileError,
     ModelNotFoundError,
     ServerTimeoutError,
     ServerUnavailableError,
 )
 from dinoserve.images import normalize, preprocess
+from dinoserve.ort_session import CPU, CUDA, execution_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,14 +50,6 @@ def vit(tiny_repo):
 @pytest.fixture(scope="module")
 def images(image_folder) -> list[Path]:
     return sorted(image_folder.rglob("*.png"))
-
-
-def test_client_import_never_loads_torch():
-    code = ("import sys, dinoserve, dinoserve.client, dinoserve.index, dinoserve.backends\n"
-            "from dinoserve import Client\n"
-            "print(sorted(m for m in ('torch', 'timm', 'gradio', 'onnx') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 def test_client_embedded_matches_pytorch(vit, images):
@@ -121,6 +116,89 @@ def test_client_attention_for_vit_and_clear_error_for_resnet(tiny_repo, vit, ima
         assert resnet.embed(images[:2]).shape == (2, 512)
         with pytest.raises(ModelError, match="resnet_tiny.*no attention maps"):
             resnet.attention(images[:1])
+
+
+@pytest.mark.parametrize("value, said", [
+    (None, "got None"),
+    (42, "got int 42"),
+    (np.array(7, np.uint8), "got a 0-d numpy array (a scalar"),
+    (np.zeros(5, np.uint8), "got a 1-d numpy array (shape (5,)"),
+    (np.zeros((1, 2, 2, 2, 3), np.uint8), "got a 5-d numpy array"),
+    ({"a.png": 1, "b.png": 2}, "got a dict with 2 keys"),
+    ({"a.png"}, "got a set of 1 items"),
+], ids=["none", "int", "0-d", "1-d", "5-d", "dict", "set"])
+def test_client_wrong_argument_says_what_was_passed_and_what_is_accepted(vit, value, said):
+    with pytest.raises(InputTypeError) as e:
+        vit.embed(value)
+    message = str(e.value)
+    assert message.startswith("Client.embed: ") and said in message
+    assert "a file path, encoded bytes, a PIL image, or a uint8 numpy array" in message and "list of them" in message
+    assert isinstance(e.value, DinoserveError) and isinstance(e.value, TypeError)
+    with pytest.raises(InputTypeError, match="Client.attention: "):
+        vit.attention(value)
+
+
+def test_client_wrong_item_in_a_list_is_named_even_when_skipping(vit, images):
+    with pytest.raises(InputTypeError, match=r"image #1: .*unsupported input type int"):
+        vit.embed_detailed([images[0], 42], on_error="skip")
+    # A batch array of N images is N images, not a mistake.
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images[:3]])
+    np.testing.assert_allclose(vit.embed(batch), vit.embed(list(batch)), atol=1e-6)
+
+
+@pytest.fixture
+def damaged_repo(tiny_repo, tmp_path):
+    """A private copy of the vit_tiny model whose model.onnx a test may break."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "vit_tiny", repo / "vit_tiny")
+    return repo
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_client_damaged_model_onnx_is_one_line_naming_file_and_fix(damaged_repo, images, tmp_path, damage):
+    onnx = damaged_repo / "vit_tiny" / "1" / "model.onnx"
+    data = onnx.read_bytes()
+    onnx.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(ModelFileError) as e:
+        Client(repo=damaged_repo)
+    message = str(e.value)
+    assert "\n" not in message and str(onnx) in message and "re-export" in message
+    assert ("empty (0 bytes)" if damage == "empty" else "truncated or damaged") in message
+    for args in (["embed", str(images[0]), "--out", str(tmp_path / "e.npy")],
+                 ["index", "build", str(images[0].parent), "--out", str(tmp_path / "x.index"), "--no-progress"]):
+        r = CliRunner().invoke(cli, [*args, "--repo", str(damaged_repo)])
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().count("\n") == 0 and str(onnx) in r.output and "re-export" in r.output
+    assert not (tmp_path / "e.npy").exists() and not (tmp_path / "x.index").exists()
+
+
+def test_execution_providers_never_ask_for_what_is_not_built_in():
+    assert execution_providers("auto", [CPU]) == [CPU]
+    assert execution_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert execution_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(ConfigError, match=f"needs onnxruntime's {CUDA}.*only {CPU}"):
+        execution_providers("gpu", [CPU])
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; choose one of auto, cpu, gpu"):
+        execution_providers("tpu", [CPU])
+
+
+def test_embed_cli_lists_every_bad_file_and_names_skip_errors(vit, images, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(images[0].read_bytes()[:50])
+    out = tmp_path / "emb.npy"
+    args = ["embed", str(images[0]), str(bad), str(images[1]), str(tmp_path / "missing.jpg"), str(tmp_path),
+            "--out", str(out), "--repo", str(vit.repo), "--model", "vit_tiny"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and not out.exists()
+    assert "3 of 5 images cannot be used, nothing was written" in r.output and "--skip-errors" in r.output
+    for name in ("broken.png", "missing.jpg: no such image file", f"{tmp_path}: is a folder"):
+        assert name in r.output
+    r = CliRunner().invoke(cli, [*args, "--skip-errors"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["shape"] == [2, 192] and summary["paths"] == [str(images[0]), str(images[1])]
+    assert [s["path"] for s in summary["skipped"]] == [str(bad), str(tmp_path / "missing.jpg"), str(tmp_path)]
+    np.testing.assert_allclose(np.load(out), vit.embed(images[:2]), atol=1e-6)
 
 
 def test_client_model_choice_errors_list_the_models(tiny_repo, tmp_path):
@@ -255,8 +333,8 @@ class _FlakyProxy:
 def test_client_retries_transient_failures_only(triton_server, vit, images):
     flaky = _FlakyProxy(triton_server.http_url, 503, failures=2)
     try:
-        with Client(flaky.url, model="vit_tiny", retries=3, concurrency=1) as c:
-            c._backend.backoff = 0.01  # keep the test short; the schedule itself is not under test
+        # A short backoff keeps the test short; the schedule itself is not under test.
+        with Client(flaky.url, model="vit_tiny", retries=3, backoff=0.01, concurrency=1) as c:
             np.testing.assert_allclose(c.embed(images[:3]), vit.embed(images[:3]), atol=1e-4)
         assert flaky.infer_calls == 3  # two 503s, then success
     finally:
