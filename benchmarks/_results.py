@@ -30,6 +30,7 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -37,6 +38,23 @@ def machine() -> dict[str, Any]:
         "git": _git_sha(),
         "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+#: Instruction-set features that change what is fast on a CPU (bf16 pays only with AMX).
+_ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+        "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """The CPU's instruction-set features that matter for speed, from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _ISA if f in flags]
+    except OSError:
+        pass
+    return []
 
 
 def _git_sha() -> str | None:

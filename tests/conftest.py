@@ -6,10 +6,13 @@ Tests run on 2 CPU cores: tiny models, small images, few steps.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# decoded-image stores of test runs stay out of the user's cache
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="dinoserve-test-cache-"))
 
 from pathlib import Path
 

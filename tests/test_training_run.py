@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: epoch on 12 images.
 TINY = dict(arch="vit_tiny_patch16_224", depth=2, patch_size=8, global_crop_size=32, local_crop_size=16, local_crops=2, out_dim=128,
             hidden_dim=64, bottleneck_dim=32, batch_size=4, num_workers=0, epochs=2, lr=0.05,
-            warmup_epochs=0, log_every=1, progress=False, precision="fp32", max_decode_side=64,
+            warmup_epochs=0, log_every=1, progress=False, precision="fp32",
             momentum_teacher=0.9, drop_path_rate=0.1, seed=1)
 
 
@@ -226,7 +226,7 @@ def test_cli_trains_through_odd_images_and_reports_skips(tmp_path):
     assert "decompression" in reasons and "empty" in reasons
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert {r["path"] for r in rows if r["event"] == "skip"} == bad
-    assert [r["skipped"] for r in rows if r["event"] == "epoch"] == [4]
+    assert [r["skipped"]["count"] for r in rows if r["event"] == "start"] == [4]  # said once, not per epoch
 
 
 def test_cli_help_lists_every_option_and_errors_are_clean(tmp_path):
@@ -267,3 +267,25 @@ def test_knn_during_training_and_epoch_teacher(twelve, tmp_path):
         assert torch.equal(epoch_teacher["teacher"][k], v), k
     assert not torch.equal(epoch_teacher["student"]["backbone.patch_embed.proj.weight"],
                            init_teacher["backbone.patch_embed.proj.weight"])
+
+
+def test_no_readable_image_fails_and_names_what_was_skipped(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (data / "b.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "-d", str(data), "-o", str(out), "-p", "cpu_small", "-q"])
+    assert r.exit_code == 1
+    assert "none of its 2 image(s) could be read" in r.output and "a.png" in r.output and "b.jpg" in r.output
+    assert not (out / "checkpoint.pth").exists()  # no checkpoint of an untrained model
+
+
+def test_resume_removes_the_temp_file_of_a_run_killed_while_saving(twelve, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(**TINY, data=str(twelve), out=str(out), max_steps=1))
+    stale = out / ".checkpoint.pth.k1ll3d.tmp"  # what atomic_write leaves when killed mid-write
+    stale.write_bytes(b"\0" * 1024)
+    result = train(config_from_checkpoint(str(out), max_steps=2))
+    assert result.steps == 2 and not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

@@ -23,11 +23,11 @@ from PIL import Image, ImageFilter, ImageOps
 from dinoserve.images import IMAGENET_MEAN, IMAGENET_STD
 
 
-def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """A crop of random area fraction in ``scale`` and aspect ratio in ``ratio``, resized
-    (bicubic) to ``size`` x ``size``. Falls back to the largest centred crop that fits."""
-    w, h = img.size
+def crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(left, top, width, height)`` of a random-resized crop of a ``w`` x ``h`` image: area
+    fraction in ``scale``, log-uniform aspect ratio in ``ratio``, the first of 10 draws that
+    fits, else the largest centred crop within ``ratio``."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -36,19 +36,22 @@ def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float],
         cw = int(round(math.sqrt(target * aspect)))
         ch = int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            left = rng.randint(0, w - cw)
-            top = rng.randint(0, h - ch)
-            break
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
     else:
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, int(round(w / ratio[0]))
-        elif in_ratio > ratio[1]:
-            ch, cw = h, int(round(h * ratio[1]))
-        else:
-            cw, ch = w, h
-        cw, ch = max(1, cw), max(1, ch)
-        left, top = (w - cw) // 2, (h - ch) // 2
+        cw, ch = w, h
+    cw, ch = max(1, cw), max(1, ch)
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: tuple[float, float], rng: random.Random,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """A :func:`crop_box` of ``img`` resized (bicubic) to ``size`` x ``size``."""
+    left, top, cw, ch = crop_box(*img.size, scale, rng, ratio)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
 
 

@@ -3,7 +3,7 @@
 ``checkpoint.pth`` holds ``student`` and ``teacher`` (plain module state dicts, keys
 ``backbone.*`` and ``head.*``), ``optimizer``, ``epoch`` (finished epochs), ``args`` (the
 config as a plain dict), ``dino_loss`` (``{"center": ...}``), ``scaler``, ``meta`` (the
-teacher backbone's :class:`~dinoserve.models.BackboneSpec` plus head and crop settings),
+teacher backbone's :class:`~dinoserve.card.ModelCard` plus head and crop settings),
 and ``progress``: what an exact resume needs (global step, step within the epoch, RNG
 states, skipped files). Everything is tensors, containers and plain values, so
 ``torch.load(weights_only=True)`` -- :func:`dinoserve.models.read_checkpoint` -- reads it.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dinoserve.atomic import atomic_write
-from dinoserve.errors import TrainingError
+from dinoserve.errors import TrainingError, UnreadableWeightsError
 from dinoserve.models import read_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -29,6 +29,20 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through a temp file, fsync and rename: a crash at any moment leaves
     either the old checkpoint or the new one, never half of one."""
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that a run killed while writing ``path`` left beside it (the
+    atomic write names them ``.<name>.*.tmp``); return what was removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -57,7 +71,13 @@ def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(out_dir) / CHECKPOINT_NAME
     if not path.is_file():
         raise TrainingError(f"--resume: {path} does not exist; start without --resume or point --out at a run folder")
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except UnreadableWeightsError as e:
+        raise TrainingError(
+            f"--resume: {path}: {e.problem}. Restore it from a copy, or start a new run without "
+            f"--resume in another --out folder"
+        ) from None
     missing = [k for k in ("student", "teacher", "optimizer", "epoch", "args", "dino_loss", "meta", "progress") if k not in ckpt]
     if missing:
         raise TrainingError(f"--resume: {path} is not a dinoserve training checkpoint (no {', '.join(missing)})")

@@ -35,9 +35,10 @@ class TrainConfig:
     split: Optional[tuple] = _f(None, "CSV only: keep rows whose split is one of these (repeat or comma list), e.g. knn_train,pool.")
     data_root: Optional[str] = _f(None, "CSV only: folder that relative paths are resolved against (default: the file list's own default).")
     out: str = _f("runs/dino", "Output folder: checkpoint.pth and log.jsonl.")
-    num_workers: int = _f(4, "DataLoader worker processes (0 = decode in the main process).")
-    max_decode_side: int = _f(512, "Downscale decoded images so the shorter side is at most this before cropping (0 = never); saves time on huge images.")
-    decode_cache: bool = _f(True, "Keep each downscaled decode as a PNG under <out>/decode_cache, so epochs after the first skip full-size decodes (huge PNGs can take seconds each).")
+    augment: str = _f("tensor", "tensor: multi-crop as batched tensor ops on the training device; pil: the PIL reference pipeline in DataLoader workers.", choices=("tensor", "pil"))
+    num_workers: int = _f(4, "DataLoader worker processes of --augment pil (0 = in the main process).")
+    store_size: Optional[int] = _f(None, "Side in pixels of the decoded-image store every crop is cut from (each image decoded once, shorter side resized, centre square; default 1.5 x the global crop size).")
+    store_dir: Optional[str] = _f(None, "Folder of decoded-image stores, shared by runs (default ~/.cache/dinoserve/stores); a store whose source images changed is rebuilt.")
 
     # --- model -----------------------------------------------------------------------
     arch: str = _f("vit_small_patch16_224", "timm architecture (vit_* or resnet*) or DINO alias (dino_vits16 ...).")
@@ -45,6 +46,7 @@ class TrainConfig:
     img_size: Optional[int] = _f(None, "ViT only: position-embedding grid size in pixels (default: the global crop size, or with --pretrained the size of those weights).")
     patch_size: Optional[int] = _f(None, "ViT only: override the patch size of the architecture (e.g. 8 for small images).")
     depth: Optional[int] = _f(None, "ViT only: override the number of blocks (tiny test models).")
+    reference_init: bool = _f(True, "From scratch, initialise as the reference does: ResNet blocks' last BatchNorm gamma 1 (timm: 0), ViT cls token trunc_normal(0.02) (timm: 1e-6).")
     drop_path_rate: float = _f(0.1, "Stochastic depth rate of the student (the teacher uses 0).")
     out_dim: int = _f(65536, "K, the number of prototypes (head output dimension).")
     hidden_dim: int = _f(2048, "Hidden width of the projection head MLP.")
@@ -75,6 +77,7 @@ class TrainConfig:
     # --- teacher and loss -------------------------------------------------------------
     teacher_update: str = _f("ema", "ema: momentum teacher; epoch: teacher = student of the previous epoch; copy: teacher = student every step (fails, per the paper).", choices=("ema", "epoch", "copy"))
     momentum_teacher: float = _f(0.996, "EMA momentum at the start, raised to 1 by a cosine per step (0.9995 for small batches).")
+    momentum_constant: bool = _f(False, "Keep the EMA momentum at --momentum-teacher for the whole run instead of raising it to 1.")
     teacher_temp: float = _f(0.04, "Teacher softmax temperature after warmup.")
     warmup_teacher_temp: float = _f(0.04, "Teacher temperature at the start of its warmup.")
     warmup_teacher_temp_epochs: int = _f(0, "Epochs of linear teacher-temperature warmup.")
@@ -135,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_last_layer=False, use_bn_in_head=True, epochs=20, batch_size=64, lr=2.5e-3, warmup_epochs=1,
         min_lr=1e-5,
         weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.99,
-        teacher_temp=0.04, warmup_teacher_temp=0.04, num_workers=2, max_decode_side=256,
+        teacher_temp=0.04, warmup_teacher_temp=0.04, num_workers=2,
         # precision stays "auto": bf16 on CPUs with AMX, fp32 elsewhere (see precision.py)
     ),
 }
@@ -224,7 +227,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"option {name!r} must be at least 1, got {getattr(cfg, name)}")
     for name in ["local_crops", "num_workers", "save_every", "freeze_last_layer", "warmup_epochs",
                  "warmup_teacher_temp_epochs", "clip_grad", "lr", "min_lr", "weight_decay",
-                 "weight_decay_end", "drop_path_rate", "max_decode_side"]:
+                 "weight_decay_end", "drop_path_rate"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"option {name!r} must not be negative, got {getattr(cfg, name)}")
     for name in ["momentum_teacher", "center_momentum"]:
@@ -243,6 +246,9 @@ def validate(cfg: TrainConfig) -> None:
     if vit_only and not cfg.arch.startswith(("vit", "dino_vit")):
         raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in vit_only)}: ViT options, "
                           f"but --arch {cfg.arch} is not a ViT")
+    if cfg.store_size is not None and cfg.store_size < cfg.global_crop_size // 2:
+        raise ConfigError(f"option 'store_size' ({cfg.store_size}) is under half the global crop size "
+                          f"({cfg.global_crop_size}): crops would be blown-up blur; raise --store-size")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"option 'max_steps' must be at least 1, got {cfg.max_steps}")
     if cfg.time_limit is not None and cfg.time_limit <= 0:

@@ -1,7 +1,11 @@
 """``train(cfg)``: a DINO run from top to bottom.
 
 Phases, in order (each marked by a banner comment): config and resume, distributed
-set-up, data, models, loss/optimizer/precision, schedules, restore, loop, teardown.
+set-up, data, models, loss/optimizer/precision, schedules, restore, loop, teardown. The
+loop calls :func:`train_one_epoch`, whose body is one step after another: schedules,
+forward, loss, backward, step, teacher update, log. What every step needs and never changes
+within a run lives in one :class:`Run`.
+
 The same function runs on one CPU, one GPU, or under ``torchrun`` (see distributed.py).
 """
 
@@ -13,30 +17,34 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from dinoserve.errors import ConfigError, DataError, NonFiniteLossError, TrainingError
-from dinoserve.models import backbone_spec, create_backbone, load_weights
+from dinoserve.models import Weights, backbone_card, create_backbone, load_weights, read_weights
 from dinoserve.training import distributed as D
 from dinoserve.training.augment import MultiCropAugment
-from dinoserve.training.checkpoint import CHECKPOINT_NAME, load_for_resume, rng_state, save_atomic, set_rng_state
+from dinoserve.training.checkpoint import (CHECKPOINT_NAME, load_for_resume, remove_stale_temp_files, rng_state,
+                                           save_atomic, set_rng_state)
 from dinoserve.training.config import TrainConfig, apply_overrides, make_config, validate
-from dinoserve.training.data import MultiCropDataset, ResumableSampler, SkipReport, collate_crops, find_images
+from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches, find_images
 from dinoserve.training.head import DINOHead, MultiCropWrapper
+from dinoserve.training.init import match_reference_init
 from dinoserve.training.loss import DINOLoss, teacher_entropy
 from dinoserve.training.monitor import CollapseMonitor, JsonlLog, Throughput
 from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
 from dinoserve.training.precision import autocast, grad_scaler, resolve_precision
 from dinoserve.training.schedules import cosine_schedule
+from dinoserve.training.store import ImageStore, open_store
 from dinoserve.training.teacher import update_after_step, update_at_epoch_start
+from dinoserve.training.tensor_augment import BatchMultiCrop
 
-logger = logging.getLogger("training")
+logger = logging.getLogger("dinoserve.training")
 
 #: Options that define the network; on --resume they always come from the checkpoint.
 ARCH_KEYS = ("arch", "img_size", "patch_size", "depth", "out_dim", "hidden_dim", "bottleneck_dim",
@@ -58,9 +66,50 @@ class TrainResult:
     skipped: dict[str, Any]
     knn: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    data_wait_share: float | None = None  # fraction of loop time spent waiting for batches
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Run:
+    """Everything a step needs that does not change during a run, and the step counter."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    student: MultiCropWrapper
+    teacher: MultiCropWrapper
+    ddp_student: nn.Module
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    precision: str
+    lr: np.ndarray  # per-step schedules of the whole run
+    wd: np.ndarray
+    momentum: np.ndarray
+    steps_per_epoch: int
+    log: JsonlLog
+    ckpt_path: Path
+    t_start: float
+    spec: Any = None  # the teacher backbone's description, written into checkpoint meta
+    step: int = 0
+    collapse: CollapseMonitor = None  # type: ignore[assignment]
+    speed: Throughput = field(default_factory=Throughput)
+    images_seen: int = 0
+    data_wait: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+@dataclass
+class EpochOutcome:
+    mean_loss: float
+    last_loss: float | None
+    steps_done: int  # within the epoch, counting steps done before a resume
+    stopped: bool
 
 
 def config_from_checkpoint(out_dir: str, **overrides: Any) -> TrainConfig:
@@ -87,6 +136,8 @@ def train(cfg: TrainConfig | None = None, **overrides: Any) -> TrainResult:
     elif overrides:
         cfg = apply_overrides(cfg, overrides)
     validate(cfg)
+    if cfg.data is None:
+        raise ConfigError("no training data: pass --data FOLDER or --data FILE.csv")
     info = D.setup(cfg.device)
     try:
         return _train(cfg, info)
@@ -103,6 +154,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     # ----------------------------------------------------------------------------------
     # config and resume: architecture keys come from the checkpoint, the rest from cfg
     # ----------------------------------------------------------------------------------
+    if main:
+        remove_stale_temp_files(ckpt_path)  # a run killed while saving left one behind
     resume = load_for_resume(out) if cfg.resume else None
     if resume is not None:
         saved = resume["args"]
@@ -112,40 +165,35 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
             cfg = apply_overrides(cfg, changed)
     elif ckpt_path.exists():
         raise TrainingError(f"{ckpt_path} already exists: pass --resume to continue that run or choose another --out")
-    if cfg.data is None:
-        raise ConfigError("no training data: pass --data FOLDER or --data FILE.csv")
 
     # ----------------------------------------------------------------------------------
-    # data: multi-crop views decoded in workers, bad images skipped, resumable sampler
+    # data: every image decoded once into the store; crops on the device (or PIL workers)
     # ----------------------------------------------------------------------------------
-    paths = find_images(cfg.data, cfg.split, cfg.data_root)
-    augment = MultiCropAugment(cfg.global_crop_size, cfg.global_crop_scale, cfg.local_crops,
-                               cfg.local_crop_size, cfg.local_crop_scale)
-    dataset = MultiCropDataset(paths, augment, seed=cfg.seed, max_decode_side=cfg.max_decode_side,
-                               cache_dir=out / "decode_cache" if cfg.decode_cache else None)
-    sampler = ResumableSampler(dataset, info.world_size, info.rank, seed=cfg.seed)
+    store = _open_store(cfg, main)
+    sampler = ResumableSampler(range(len(store)), info.world_size, info.rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // cfg.batch_size
     if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data}: {len(paths)} images give each of {info.world_size} process(es) "
+        raise DataError(f"{cfg.data}: {len(store)} readable images give each of {info.world_size} process(es) "
                         f"{sampler.num_samples}, fewer than one batch of {cfg.batch_size}; lower --batch-size")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=collate_crops, drop_last=True, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))  # own generator: model RNG untouched
+    batches = _batches(cfg, store, sampler, info)
 
     # ----------------------------------------------------------------------------------
     # models: student and teacher, same init on every rank; teacher gets no gradients
     # ----------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    bb_kwargs = _backbone_kwargs(cfg)
+    pretrained = read_weights(cfg.pretrained) if cfg.pretrained else None  # read once: sizes and values
+    bb_kwargs = _backbone_kwargs(cfg, pretrained)
     student_bb = create_backbone(cfg.arch, drop_path_rate=cfg.drop_path_rate, **bb_kwargs)
     teacher_bb = create_backbone(cfg.arch, drop_path_rate=0.0, **bb_kwargs)
-    if cfg.pretrained and resume is None:
-        src = load_weights(student_bb, cfg.pretrained)
-        logger.info("student and teacher start from %s (%s)", src.source, src.format)
-    spec = backbone_spec(teacher_bb)
+    if pretrained is not None and resume is None:
+        load_weights(student_bb, pretrained)
+        logger.info("student and teacher start from %s (%s)", pretrained.source, pretrained.format)
+    elif cfg.reference_init:
+        match_reference_init(student_bb)
+    spec = backbone_card(teacher_bb)
     if spec.family == "resnet":  # resolution is not architectural: record what we train at
-        spec = dataclasses.replace(spec, image_size=cfg.global_crop_size)
-        teacher_bb.dino_spec = student_bb.dino_spec = spec
+        spec = spec.replace(image_size=cfg.global_crop_size)
+        teacher_bb.dino_card = student_bb.dino_card = spec
     head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                    bottleneck_dim=cfg.bottleneck_dim)
     student = MultiCropWrapper(student_bb, DINOHead(spec.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_kw))
@@ -165,161 +213,73 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     # ----------------------------------------------------------------------------------
     # loss, optimizer, precision
     # ----------------------------------------------------------------------------------
-    ncrops = 2 + cfg.local_crops
-    dino_loss = DINOLoss(cfg.out_dim, ncrops, teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
+    dino_loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, teacher_temp=cfg.teacher_temp,
+                         warmup_teacher_temp=cfg.warmup_teacher_temp,
                          warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
                          student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(device)
     optimizer = build_optimizer(cfg.optimizer, param_groups(student))
     precision = resolve_precision(cfg.precision, device)
-    scaler = grad_scaler(precision, device)
 
     # ----------------------------------------------------------------------------------
     # schedules, one value per step of the whole run
     # ----------------------------------------------------------------------------------
     total_batch = cfg.batch_size * info.world_size
-    lr_s = cosine_schedule(cfg.lr * total_batch / 256, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs)
-    wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
-    mom_s = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+    run = Run(cfg=cfg, info=info, student=student, teacher=teacher, ddp_student=ddp_student, dino_loss=dino_loss,
+              optimizer=optimizer, scaler=grad_scaler(precision, device), precision=precision,
+              lr=cosine_schedule(cfg.lr * total_batch / 256, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+              wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
+              momentum=_momentum_schedule(cfg, steps_per_epoch), steps_per_epoch=steps_per_epoch,
+              log=JsonlLog(out / "log.jsonl" if main else None), ckpt_path=ckpt_path, t_start=t_start,
+              spec=spec, collapse=CollapseMonitor(cfg.out_dim))
 
     # ----------------------------------------------------------------------------------
     # restore (resume) or seed; per-rank RNG so drop path differs between ranks
     # ----------------------------------------------------------------------------------
-    start_epoch, start_in_epoch, step = 0, 0, 0
-    skipped = SkipReport()
+    start_epoch, start_in_epoch = 0, 0
     if resume is not None:
-        student.load_state_dict(resume["student"])
-        teacher.load_state_dict(resume["teacher"])
-        optimizer.load_state_dict(resume["optimizer"])
-        dino_loss.center.copy_(resume["dino_loss"]["center"].to(device))
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        prog = resume["progress"]
-        start_epoch, start_in_epoch, step = int(resume["epoch"]), int(prog["epoch_step"]), int(prog["step"])
-        if prog.get("steps_per_epoch") != steps_per_epoch and start_in_epoch:
-            raise TrainingError(f"--resume: the checkpoint stopped mid-epoch with {prog.get('steps_per_epoch')} steps per "
-                                f"epoch, but this run has {steps_per_epoch}; keep --batch-size and the process count")
-        skipped = SkipReport.from_dict(prog.get("skipped", {}))
-        rngs = prog.get("rng", [])
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank], device)
-        else:
-            torch.manual_seed(cfg.seed + info.rank + 1_000_003 * step)
+        start_epoch, start_in_epoch = _restore(run, resume)
     else:
         torch.manual_seed(cfg.seed + info.rank)
-
-    log = JsonlLog(out / "log.jsonl" if main else None)
-    log.write("start", args=cfg.to_dict(), world_size=info.world_size, device=str(device), precision=precision,
-              images=len(paths), steps_per_epoch=steps_per_epoch, resumed_at_step=step if resume else None,
-              meta=_meta(spec, cfg))
+    skipped = _skip_summary(store)
+    run.log.write("start", args=cfg.to_dict(), world_size=info.world_size, device=str(device), precision=precision,
+                  images=len(store), steps_per_epoch=steps_per_epoch, resumed_at_step=run.step if resume else None,
+                  meta=_meta(spec, cfg), skipped=skipped)
+    for path, reason in store.skipped:
+        run.log.write("skip", path=path, reason=reason)
     if main:
-        logger.info("training %s on %d images: %d steps/epoch x %d epochs, total batch %d, %s on %s",
-                    cfg.arch, len(paths), steps_per_epoch, cfg.epochs, total_batch, precision, device)
-
-    saved_epochs = [start_epoch]
-
-    def save(epochs_done: int, epoch_step: int) -> None:
-        saved_epochs[0] = epochs_done
-        rngs = [rng_state(device)]
-        if info.enabled:
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng_state(device))
-        if not main:
-            return
-        state = {
-            "student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epochs_done, "args": cfg.to_dict(),
-            "dino_loss": {"center": dino_loss.center.detach().cpu()},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "meta": _meta(spec, cfg),
-            "progress": {"step": step, "epoch_step": epoch_step, "steps_per_epoch": steps_per_epoch,
-                         "world_size": info.world_size, "rng": rngs, "skipped": skipped.to_dict(all_paths=True)},
-        }
-        save_atomic(state, ckpt_path)
+        logger.info("training %s on %d images: %d steps/epoch x %d epochs, total batch %d, %s on %s, %s crops",
+                    cfg.arch, len(store), steps_per_epoch, cfg.epochs, total_batch, precision, device, cfg.augment)
 
     # ----------------------------------------------------------------------------------
     # loop
     # ----------------------------------------------------------------------------------
-    collapse = CollapseMonitor(cfg.out_dim)
-    speed = Throughput()
     epoch_losses: list[float] = []
     knn_results: list[dict[str, Any]] = []
     knn_cache: dict[str, Any] = {}
     last_loss: float | None = None
+    epochs_saved = start_epoch
     stopped = False
-    images_seen, t_loop = 0, time.perf_counter()
+    t_loop = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
         in_epoch = start_in_epoch if epoch == start_epoch else 0
-        if in_epoch:
-            sampler.set_start(in_epoch * cfg.batch_size)  # skip the batches already done
-        else:
+        if not in_epoch:
             update_at_epoch_start(cfg.teacher_update, teacher, student)
-        student.train()
-        teacher.train()
-        speed.reset()
-        loss_sum, loss_n, epoch_skipped = 0.0, 0, 0
-        bar = _progress(cfg, main, epoch, steps_per_epoch, in_epoch)
-        for batch in loader:
-            it = epoch * steps_per_epoch + in_epoch
-            for i, g in enumerate(optimizer.param_groups):
-                g["lr"] = float(lr_s[it])
-                if i == 0:
-                    g["weight_decay"] = float(wd_s[it])
-            epoch_skipped += len(batch.failures)
-            for f in skipped.add(batch.failures):
-                logger.warning("skipped image: %s", f.reason)
-                log.write("skip", path=f.path, reason=f.reason)
-            n = torch.tensor(float(len(batch)))
-            if D.all_reduce(n, "min").item() >= 2:  # BatchNorm needs 2 samples; all ranks agree
-                loss_value = _step(cfg, batch, device, teacher, student, ddp_student, dino_loss, optimizer, scaler,
-                                   precision, epoch, it, mom_s, info, step, ckpt_path)
-                last_loss = loss_value["loss"]
-                loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-                speed.add(len(batch) * info.world_size)
-                images_seen += len(batch) * info.world_size
-            else:
-                loss_value = None
-            step += 1
-            in_epoch += 1
-            if loss_value is not None and main and (step % cfg.log_every == 0 or in_epoch == steps_per_epoch):
-                row = dict(step=step, epoch=epoch, lr=float(lr_s[it]), wd=float(wd_s[it]),
-                           momentum=float(mom_s[it]), teacher_temp=dino_loss.teacher_temp(epoch),
-                           img_per_s=round(speed.rate, 2), **loss_value)
-                if scaler is not None:
-                    row["grad_scale"] = float(scaler.get_scale())  # falling fast: fp16 overflow
-                log.write("step", **row)
-                if epoch >= max(1, math.ceil(cfg.warmup_epochs)):
-                    warning = collapse.check(row["loss"], row["teacher_mean_entropy"])
-                    if warning:
-                        logger.warning(warning)
-                        log.write("warning", step=step, message=warning)
-            if bar is not None:
-                bar.update(1)
-                if loss_value is not None:
-                    bar.set_postfix(loss=f"{loss_value['loss']:.3f}", lr=f"{lr_s[it]:.2e}", wd=f"{wd_s[it]:.3f}",
-                                    mom=f"{mom_s[it]:.4f}", H_t=f"{loss_value['teacher_entropy']:.2f}",
-                                    img_s=f"{speed.rate:.1f}", refresh=False)
-            if cfg.save_every and step % cfg.save_every == 0 and in_epoch < steps_per_epoch:
-                save(epoch, in_epoch)
-            if _should_stop(cfg, step, t_start):
-                stopped = True
-                break
-        if bar is not None:
-            bar.close()
-        epoch_done = in_epoch >= steps_per_epoch
-        save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else in_epoch)
-        sums = D.all_reduce(torch.tensor([loss_sum, float(loss_n), float(epoch_skipped)], dtype=torch.float64))
-        mean_loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
-        if epoch_done:
-            epoch_losses.append(mean_loss)
-            log.write("epoch", epoch=epoch, step=step, loss=mean_loss, skipped=int(sums[2]),
-                      img_per_s=round(speed.rate, 2), skipped_total_files=len(skipped.paths))
-            if int(sums[2]):
-                logger.warning("epoch %d: skipped %d unreadable image(s)", epoch, int(sums[2]))
+        outcome = train_one_epoch(run, batches.epoch(epoch, in_epoch), epoch, in_epoch)
+        last_loss = outcome.last_loss if outcome.last_loss is not None else last_loss
+        done = outcome.steps_done >= steps_per_epoch
+        epochs_saved = epoch + 1 if done else epoch
+        _save(run, epochs_saved, 0 if done else outcome.steps_done)
+        if done:
+            epoch_losses.append(outcome.mean_loss)
+            run.log.write("epoch", epoch=epoch, step=run.step, loss=outcome.mean_loss, img_per_s=round(run.speed.rate, 2))
             if cfg.knn_data and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                knn_results.append(_knn(cfg, teacher.backbone, device, epoch, step, log, main, knn_cache))
-        if stopped:
+                knn_results.append(_knn(cfg, teacher.backbone, device, epoch, run.step, run.log, main, knn_cache))
+        if outcome.stopped:
+            stopped = True
+            why = "--max-steps" if cfg.max_steps is not None and run.step >= cfg.max_steps else "--time-limit"
+            if main:
+                logger.info("%s reached after %d steps (epoch %d of %d); checkpoint saved, --resume continues",
+                            why, run.step, epoch + 1, cfg.epochs)
             break
 
     # ----------------------------------------------------------------------------------
@@ -327,76 +287,211 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     # ----------------------------------------------------------------------------------
     elapsed = time.perf_counter() - t_loop
     result = TrainResult(
-        checkpoint=str(ckpt_path), out_dir=str(out), epochs_done=saved_epochs[0],
-        steps=step, final_loss=last_loss, epoch_losses=epoch_losses,
-        images_per_second=round(images_seen / elapsed, 2) if elapsed > 0 else 0.0,
-        precision=precision, skipped=skipped.to_dict(), knn=knn_results, stopped_early=stopped,
+        checkpoint=str(ckpt_path), out_dir=str(out), epochs_done=epochs_saved,
+        steps=run.step, final_loss=last_loss, epoch_losses=epoch_losses,
+        images_per_second=round(run.images_seen / elapsed, 2) if elapsed > 0 else 0.0,
+        precision=precision, skipped=skipped, knn=knn_results, stopped_early=stopped,
+        data_wait_share=round(run.data_wait / elapsed, 4) if elapsed > 0 else None,
     )
-    log.write("end", **{k: v for k, v in result.to_dict().items() if k != "skipped"}, skipped=skipped.to_dict())
-    log.close()
+    run.log.write("end", **result.to_dict())
+    run.log.close()
     return result
 
 
-def _step(cfg, batch, device, teacher, student, ddp_student, dino_loss, optimizer, scaler, precision,
-          epoch, it, mom_s, info, step, ckpt_path) -> dict[str, float]:
+def train_one_epoch(run: Run, batches: Iterator[Batch], epoch: int, in_epoch: int) -> EpochOutcome:
+    """Train on ``batches`` (the rest of epoch ``epoch``, which starts at batch ``in_epoch``)."""
+    cfg, main = run.cfg, run.info.is_main
+    run.student.train()
+    run.teacher.train()
+    run.speed.reset()
+    loss_sum, loss_n, last_loss, stopped = 0.0, 0, None, False
+    bar = _progress(cfg, main, epoch, run.steps_per_epoch, in_epoch)
+    t_wait = time.perf_counter()
+    for batch in batches:
+        run.data_wait += time.perf_counter() - t_wait
+        it = epoch * run.steps_per_epoch + in_epoch
+        for i, g in enumerate(run.optimizer.param_groups):
+            g["lr"] = float(run.lr[it])
+            if i == 0:  # the regularised group
+                g["weight_decay"] = float(run.wd[it])
+        stats = _step(run, batch, epoch, it)
+        last_loss = stats["loss"]
+        loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
+        n_images = len(batch) * run.info.world_size
+        run.speed.add(n_images)
+        run.images_seen += n_images
+        run.step += 1
+        in_epoch += 1
+        if main and (run.step % cfg.log_every == 0 or in_epoch == run.steps_per_epoch):
+            _log_step(run, epoch, it, stats)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{run.lr[it]:.2e}", H_t=f"{stats['teacher_entropy']:.2f}",
+                            img_s=f"{run.speed.rate:.1f}", refresh=False)
+        if cfg.save_every and run.step % cfg.save_every == 0 and in_epoch < run.steps_per_epoch:
+            _save(run, epoch, in_epoch)
+        if _should_stop(cfg, run.step, run.t_start):
+            stopped = True
+            break
+        t_wait = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    sums = D.all_reduce(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64))
+    mean_loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
+    return EpochOutcome(mean_loss=mean_loss, last_loss=last_loss, steps_done=in_epoch, stopped=stopped)
+
+
+def _step(run: Run, batch: Batch, epoch: int, it: int) -> dict[str, float]:
     """One optimisation step; returns loss and teacher statistics as floats."""
-    crops = [c.to(device, non_blocking=True) for c in batch.crops]
-    with autocast(precision, device):
+    crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
+    with autocast(run.precision, run.device):
         with torch.no_grad():
-            teacher_out = teacher(crops[:2])  # the teacher sees only the global crops
-        student_out = ddp_student(crops)
-    loss = dino_loss(student_out, teacher_out, epoch)
+            teacher_out = run.teacher(crops[:2])  # the teacher sees only the global crops
+        student_out = run.ddp_student(crops)
+    loss = run.dino_loss(student_out, teacher_out, epoch)
     # all ranks stop together on a non-finite loss; the mean is what we log
     stats = D.all_reduce(torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()]).cpu())
     if stats[1] > 0:
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {step} (epoch {epoch}); stopped. The last good checkpoint "
-            f"{ckpt_path} is kept. Try a lower --lr, --precision fp32, a smaller --clip-grad or "
+            f"loss is {loss.item()} at step {run.step} (epoch {epoch}); stopped. The last good checkpoint "
+            f"{run.ckpt_path} is kept. Try a lower --lr, --precision fp32, a smaller --clip-grad or "
             f"--norm-last-layer, then --resume or start again.")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
     else:
         loss.backward()
-    if cfg.clip_grad:
-        clip_gradients(student, cfg.clip_grad)
-    cancel_last_layer_grads(student, epoch, cfg.freeze_last_layer)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
+    if run.cfg.clip_grad:
+        clip_gradients(run.student, run.cfg.clip_grad)
+    cancel_last_layer_grads(run.student, epoch, run.cfg.freeze_last_layer)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
     else:
-        optimizer.step()
-    dino_loss.update_center(teacher_out)  # after the loss, as the method prescribes
-    update_after_step(cfg.teacher_update, teacher, student, float(mom_s[it]))
+        run.optimizer.step()
+    run.dino_loss.update_center(teacher_out)  # after the loss, as the method prescribes
+    update_after_step(run.cfg.teacher_update, run.teacher, run.student, float(run.momentum[it]))
     with torch.no_grad():
-        h, h_mean = teacher_entropy(dino_loss.teacher_probs(teacher_out, epoch))
-    return {"loss": float(stats[0]) / info.world_size, "teacher_entropy": h, "teacher_mean_entropy": h_mean}
+        h, h_mean = teacher_entropy(run.dino_loss.teacher_probs(teacher_out, epoch))
+    return {"loss": float(stats[0]) / run.info.world_size, "teacher_entropy": h, "teacher_mean_entropy": h_mean}
 
 
-def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+def _log_step(run: Run, epoch: int, it: int, stats: dict[str, float]) -> None:
+    row = dict(step=run.step, epoch=epoch, lr=float(run.lr[it]), wd=float(run.wd[it]), momentum=float(run.momentum[it]),
+               teacher_temp=run.dino_loss.teacher_temp(epoch), img_per_s=round(run.speed.rate, 2), **stats)
+    if run.scaler is not None:
+        row["grad_scale"] = float(run.scaler.get_scale())  # falling fast: fp16 overflow
+    run.log.write("step", **row)
+    if epoch >= max(1, math.ceil(run.cfg.warmup_epochs)):
+        warning = run.collapse.check(row["loss"], row["teacher_mean_entropy"])
+        if warning:
+            logger.warning(warning)
+            run.log.write("warning", step=run.step, message=warning)
+
+
+def _save(run: Run, epochs_done: int, epoch_step: int) -> None:
+    """The checkpoint, in the dino layout plus ``meta`` and ``progress`` (main process)."""
+    rngs = [rng_state(run.device)]
+    if run.info.enabled:
+        rngs = [None] * run.info.world_size
+        dist.all_gather_object(rngs, rng_state(run.device))
+    if not run.info.is_main:
+        return
+    state = {
+        "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "epoch": epochs_done, "args": run.cfg.to_dict(),
+        "dino_loss": {"center": run.dino_loss.center.detach().cpu()},
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "meta": _meta(run.spec, run.cfg),
+        "progress": {"step": run.step, "epoch_step": epoch_step, "steps_per_epoch": run.steps_per_epoch,
+                     "world_size": run.info.world_size, "rng": rngs},
+    }
+    save_atomic(state, run.ckpt_path)
+
+
+def _restore(run: Run, resume: dict[str, Any]) -> tuple[int, int]:
+    """Load a checkpoint into ``run``; return (epoch, batch within it) to start at."""
+    run.student.load_state_dict(resume["student"])
+    run.teacher.load_state_dict(resume["teacher"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.dino_loss.center.copy_(resume["dino_loss"]["center"].to(run.device))
+    if run.scaler is not None and resume.get("scaler"):
+        run.scaler.load_state_dict(resume["scaler"])
+    prog = resume["progress"]
+    start_epoch, start_in_epoch, run.step = int(resume["epoch"]), int(prog["epoch_step"]), int(prog["step"])
+    if prog.get("steps_per_epoch") != run.steps_per_epoch and start_in_epoch:
+        raise TrainingError(f"--resume: the checkpoint stopped mid-epoch with {prog.get('steps_per_epoch')} steps per "
+                            f"epoch, but this run has {run.steps_per_epoch}; keep --batch-size and the process count")
+    rngs = prog.get("rng", [])
+    if len(rngs) == run.info.world_size:
+        set_rng_state(rngs[run.info.rank], run.device)
+    else:
+        torch.manual_seed(run.cfg.seed + run.info.rank + 1_000_003 * run.step)
+    return start_epoch, start_in_epoch
+
+
+def _open_store(cfg: TrainConfig, main: bool) -> ImageStore:
+    """The decoded images of ``cfg.data``; the main process builds it, the others read it."""
+    paths = find_images(cfg.data, cfg.split, cfg.data_root)
+    size = store_size(cfg)
+    if main:
+        store = open_store(paths, size, cfg.store_dir, progress=cfg.progress)
+    D.barrier()
+    if not main:
+        store = open_store(paths, size, cfg.store_dir)
+    if len(store) == 0:
+        reasons = "; ".join(reason for _, reason in store.skipped[:5])
+        raise DataError(f"{cfg.data}: none of its {len(paths)} image(s) could be read, so there is nothing to "
+                        f"train on ({reasons}{' ...' if len(store.skipped) > 5 else ''})")
+    if store.skipped and main:
+        logger.warning("%d of %d images could not be read and are left out (first: %s)", len(store.skipped),
+                       len(paths), store.skipped[0][1])
+    return store
+
+
+def store_size(cfg: TrainConfig) -> int:
+    """Side of the stored images: ``--store-size``, else 1.5x the global crop, so that the
+    largest crop shrinks its source region by at most 1.5x."""
+    return cfg.store_size or int(round(cfg.global_crop_size * 1.5))
+
+
+def _batches(cfg: TrainConfig, store: ImageStore, sampler: ResumableSampler, info: D.DistInfo):
+    crop_args = (cfg.global_crop_size, cfg.global_crop_scale, cfg.local_crops, cfg.local_crop_size, cfg.local_crop_scale)
+    if cfg.augment == "tensor":
+        return TensorBatches(store.pixels, BatchMultiCrop(*crop_args), sampler, cfg.batch_size, cfg.seed, info.rank,
+                             info.device)
+    return PilBatches(StoreCrops(store.pixels, MultiCropAugment(*crop_args), seed=cfg.seed), sampler, cfg.batch_size,
+                      cfg.num_workers, cfg.seed, info.device.type == "cuda")
+
+
+def _skip_summary(store: ImageStore, keep: int = 10) -> dict[str, Any]:
+    return {"count": len(store.skipped), "files": len(store.skipped),
+            "examples": [{"path": p, "reason": r} for p, r in store.skipped[:keep]]}
+
+
+def _momentum_schedule(cfg: TrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """Teacher momentum per step: a cosine from ``momentum_teacher`` to 1 (the reference),
+    or constant with ``--momentum-constant`` (short runs, where the cosine freezes the
+    teacher long before the student has learned)."""
+    if cfg.momentum_constant:
+        return np.full(cfg.epochs * steps_per_epoch, cfg.momentum_teacher)
+    return cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+
+
+def _backbone_kwargs(cfg: TrainConfig, pretrained: Weights | None) -> dict[str, Any]:
     vit_only = {"patch_size": cfg.patch_size, "depth": cfg.depth, "img_size": cfg.img_size}
     if not cfg.arch.startswith(("vit", "dino_vit")):
         return {}  # validate() has refused ViT options for other architectures
     if vit_only["img_size"] is None:
         # position embeddings at the training size, or at the size the weights were made for
-        vit_only["img_size"] = _weights_img_size(cfg.pretrained) if cfg.pretrained else cfg.global_crop_size
+        vit_only["img_size"] = pretrained.image_size if pretrained is not None else cfg.global_crop_size
     return vit_only
 
 
-def _weights_img_size(source: str) -> int | None:
-    """The image size a ViT weight source's position embeddings were made for (None: unknown)."""
-    from dinoserve.models import extract_backbone_state_dict, read_checkpoint, resolve_source
-
-    sd, _ = extract_backbone_state_dict(read_checkpoint(resolve_source(source)), source=source)
-    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
-        return None
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
-    return grid * int(sd["patch_embed.proj.weight"].shape[-1])
-
-
-def _meta(spec, cfg: TrainConfig) -> dict[str, Any]:
-    return {**spec.to_dict(), "out_dim": cfg.out_dim, "hidden_dim": cfg.hidden_dim,
+def _meta(card, cfg: TrainConfig) -> dict[str, Any]:
+    """Checkpoint ``meta``: the teacher backbone's model card, plus head and crop settings."""
+    return {**card.to_dict(), "out_dim": cfg.out_dim, "hidden_dim": cfg.hidden_dim,
             "bottleneck_dim": cfg.bottleneck_dim, "head_layers": cfg.head_layers,
             "use_bn_in_head": cfg.use_bn_in_head, "norm_last_layer": cfg.norm_last_layer,
             "global_crop_size": cfg.global_crop_size, "local_crop_size": cfg.local_crop_size,
@@ -429,7 +524,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
 
         t0 = time.perf_counter()
         if "set" not in cache:
-            size = cfg.knn_image_size or backbone_spec(backbone).image_size
+            size = cfg.knn_image_size or backbone_card(backbone).image_size
             cache["set"] = prepare_knn_set(cfg.knn_data, size, root=cfg.knn_data_root)
         backbone.eval()
         try:
