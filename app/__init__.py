@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gradio as gr
 
-    from dinoserve.app.handlers import ModelView
-
-__all__ = ["build_app", "launch", "model_view", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
+__all__ = ["build_app", "launch", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
 
 #: Default upload limit; a photo rarely needs more, and dinoserve.images caps pixels anyway.
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -40,15 +38,6 @@ def load_index(index: Any):
 
         return EmbeddingIndex.load(index)
     return index
-
-
-def model_view(client: Any) -> "ModelView":
-    """What the app shows and needs about ``client``'s model (from ``client.info``)."""
-    from dinoserve.app.handlers import ModelView
-
-    info = client.info
-    return ModelView(name=info.name, family=info.family, image_size=int(info.image_size),
-                     crop_pct=float(info.crop_pct), has_attention=bool(info.has_attention))
 
 
 def build_app(client: Any, index: Any, *, title: str = "dinoserve", workdir: str | os.PathLike | None = None) -> "gr.Blocks":
@@ -66,7 +55,7 @@ def build_app(client: Any, index: Any, *, title: str = "dinoserve", workdir: str
         # Removed when the app object is collected or the process exits.
         owned = tempfile.TemporaryDirectory(prefix="dinoserve-app-")
         workdir = owned.name
-    handlers = Handlers(client, index, model_view(client), workdir)
+    handlers = Handlers(client, index, client.info, workdir)
     demo = build_blocks(handlers, title=title)
     demo.dinoserve_handlers = handlers  # for tests and callers who want the plain functions
     demo.dinoserve_workdir = owned

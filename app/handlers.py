@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from PIL import Image
 
 from dinoserve.atomic import atomic_write_bytes
 from dinoserve.images import load_image, resize_and_crop
+from dinoserve.model_info import ModelInfo
 
 from dinoserve.app.errors import app_error, user_errors
 from dinoserve.app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
@@ -41,17 +41,6 @@ DISPLAY_SIZE = 320
 DEFAULT_THRESHOLD = 0.6
 
 DEFAULT_K = 8
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """What the app needs to know about the served model."""
-
-    name: str
-    family: str  # "vit", "resnet" or "" when the repository does not say
-    image_size: int
-    crop_pct: float
-    has_attention: bool
 
 
 def _require(image: Any, what: str) -> None:
@@ -77,12 +66,12 @@ class Handlers:
     Args:
         client: a :class:`dinoserve.Client` (embedded or Triton).
         index: a loaded :class:`dinoserve.index.EmbeddingIndex`.
-        model: facts about the client's model (see :func:`dinoserve.app.model_view`).
+        model: the client's model (``client.info``: its card, name and outputs).
         workdir: the only folder the app serves files from: copies of the index images it
             shows (see :meth:`servable`) and the Embed tab's downloads.
     """
 
-    def __init__(self, client: Any, index: Any, model: ModelView, workdir: str | os.PathLike):
+    def __init__(self, client: Any, index: Any, model: ModelInfo, workdir: str | os.PathLike):
         self.client = client
         self.index = index
         self.model = model

@@ -46,6 +46,16 @@ class WeightsNotFoundError(WeightsError):
     """The weight source does not exist locally and cannot be downloaded."""
 
 
+class UnreadableWeightsError(WeightsError):
+    """A weights or checkpoint file is empty, truncated, damaged or not a checkpoint at all."""
+
+    def __init__(self, path: object, problem: str,
+                 advice: str = "pass a file written by torch.save or dinoserve train, a .safetensors file, "
+                               "timm:<arch>.<tag> or an alias (see `dinoserve models`)"):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}; {advice}")
+
+
 class UnsafeCheckpointError(WeightsError):
     """The checkpoint would need to run arbitrary code to load."""
 

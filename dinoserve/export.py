@@ -5,7 +5,9 @@ The exported graph (see DESIGN.md, "ONNX and Triton contract"):
 - input ``images``: UINT8 ``[B, 3, H, W]``; the graph converts to float and normalises;
 - output ``embedding``: FP32 ``[B, D]``;
 - output ``attention`` (ViTs): FP32 ``[B, heads, H/p, W/p]``, the last block's CLS attention;
-- the batch dimension is dynamic, and so are a ViT's ``H`` and ``W`` (multiples of the patch).
+- the batch dimension is dynamic, and so are a ViT's ``H`` and ``W`` (multiples of the patch);
+- ``config.pbtxt`` is written by :mod:`dinoserve.repository` and carries the backbone's
+  :class:`~dinoserve.card.ModelCard` (with the export's image size, crop and precision).
 
 :func:`export_onnx` builds everything in a staging folder next to the repository, runs
 the ONNX file with onnxruntime against the PyTorch model on real (decoded, preprocessed)
@@ -15,6 +17,7 @@ repository exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -31,13 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dinoserve.atomic import atomic_write_text, fsync_path
+from dinoserve.atomic import fsync_path
+from dinoserve.attention import AttentionTap
+from dinoserve.card import ModelCard
 from dinoserve.errors import DinoserveError, ExportError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch
-from dinoserve.models import BackboneSpec, backbone_spec, forward_with_attention, load_backbone
-from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version
+from dinoserve.models import backbone_card, forward_with_attention, load_backbone
+from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
 
-__all__ = ["ExportResult", "export_onnx", "ExportWrapper", "render_config", "sample_images"]
+__all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ class ExportResult:
     version: int
     onnx_path: Path
     max_abs_diff: float  # onnxruntime vs PyTorch, over every verified output and size
-    spec: BackboneSpec
+    card: ModelCard  # as written into config.pbtxt
     image_size: int = 0
     tolerance: float = 0.0
     sizes_checked: tuple[tuple[int, int], ...] = ()
@@ -68,38 +73,30 @@ class ExportResult:
 class ExportWrapper(nn.Module):
     """The exported graph: uint8 images -> normalised float -> backbone -> outputs.
 
-    For ViTs the last block's attention probabilities are captured from its attention
-    dropout (the non-fused path), the mechanism of :func:`dinoserve.models.forward_with_attention`.
-    The backbone is modified (``fused_attn``), so pass a copy.
+    For ViTs an :class:`~dinoserve.attention.AttentionTap` (the one
+    :func:`dinoserve.models.forward_with_attention` uses) stays installed on the last block,
+    so the ``attention`` output is the tensor PyTorch code sees. The tap changes the
+    backbone, so pass a copy.
     """
 
     def __init__(self, backbone: nn.Module, fp16: bool = False):
         super().__init__()
-        spec = backbone_spec(backbone)
+        card = backbone_card(backbone)
         self.backbone = backbone.half() if fp16 else backbone
         self.fp16 = fp16
-        self.spec = spec
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self._captured: list[torch.Tensor] = []
-        if spec.family == "vit":
-            attn = backbone.blocks[-1].attn
-            attn.fused_attn = False
-            attn.attn_drop.register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+        self.register_buffer("mean", torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.tap = AttentionTap(backbone) if card.family == "vit" else None
 
     def forward(self, images: torch.Tensor):
         # Same arithmetic as dinoserve.images.normalize, so clients and the graph agree.
         x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
         if self.fp16:
             x = x.half()
-        self._captured.clear()
         features = self.backbone(x).float()
-        if self.spec.family != "vit":
+        if self.tap is None:
             return features
-        p = self.spec.patch_size
-        cls_row = self._captured[-1][:, :, 0, self.backbone.num_prefix_tokens:]
-        attention = cls_row.reshape(images.shape[0], self.spec.num_heads, images.shape[2] // p, images.shape[3] // p)
-        return features, attention.float()
+        return features, self.tap.cls_maps(images).float()
 
 
 # --------------------------------------------------------------------------------------
@@ -148,73 +145,6 @@ def _verify_inputs(images: Sequence[ImageInput] | str | os.PathLike | None, size
             raise ExportError(f"verify images {folder}: holds no .png/.jpg/... images")
     batch, _, _ = preprocess_batch(list(images), size, crop_pct)
     return batch
-
-
-# --------------------------------------------------------------------------------------
-# config.pbtxt
-# --------------------------------------------------------------------------------------
-
-
-def render_config(
-    name: str,
-    spec: BackboneSpec,
-    *,
-    image_size: int,
-    max_batch: int,
-    device: str = "cpu",
-    trt_fp16: bool = False,
-    crop_pct: float = DEFAULT_CROP_PCT,
-    weights_sha256: str = "",
-    precision: str = "fp32",
-    queue_delay_us: int = 500,
-) -> str:
-    """The Triton ``config.pbtxt`` of an exported backbone (dims exclude the batch)."""
-    vit = spec.family == "vit"
-    hw = "-1, -1" if vit else f"{image_size}, {image_size}"
-    outputs = [f'  {{ name: "embedding", data_type: TYPE_FP32, dims: [ {spec.embed_dim} ] }}']
-    if vit:
-        outputs.append(f'  {{ name: "attention", data_type: TYPE_FP32, dims: [ {spec.num_heads}, -1, -1 ] }}')
-    params = {
-        "arch": spec.arch,
-        "family": spec.family,
-        "image_size": str(image_size),
-        "crop_pct": repr(float(crop_pct)),
-        "patch_size": str(spec.patch_size),
-        "embed_dim": str(spec.embed_dim),
-        "num_heads": str(spec.num_heads),
-        "weights_sha256": weights_sha256,
-        "mean": ",".join(repr(float(v)) for v in spec.mean),
-        "std": ",".join(repr(float(v)) for v in spec.std),
-        "precision": precision,
-    }
-    kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
-    lines = [
-        f'name: "{name}"',
-        'backend: "onnxruntime"',
-        f"max_batch_size: {max_batch}",
-        "input [",
-        f'  {{ name: "images", data_type: TYPE_UINT8, dims: [ 3, {hw} ] }}',
-        "]",
-        "output [",
-        ",\n".join(outputs),
-        "]",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
-        f"instance_group [ {{ kind: {kind}, count: 1 }} ]",
-    ]
-    if trt_fp16:
-        # TensorRT builds its engine at load time; cache it so restarts are fast.
-        lines += [
-            "optimization { execution_accelerators { gpu_execution_accelerator [ {",
-            '  name: "tensorrt"',
-            '  parameters { key: "precision_mode" value: "FP16" }',
-            '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
-            '  parameters { key: "trt_engine_cache_enable" value: "1" }',
-            f'  parameters {{ key: "trt_engine_cache_path" value: "/tmp/triton_trt_cache/{name}" }}',
-            "} ] } }",
-        ]
-    for key, value in params.items():
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -271,12 +201,12 @@ def export_onnx(
     _check_writable(repo)
     if model is None:
         model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
-    spec = backbone_spec(model)
-    size = int(image_size or spec.image_size)
-    if spec.family == "vit" and size % spec.patch_size:
-        raise ExportError(f"--image-size {size} is not a multiple of the patch size {spec.patch_size} of {spec.arch}")
-    info = getattr(model, "dino_weights", None)
-    sha = info.sha256 if info is not None else ""
+    built = backbone_card(model)
+    size = int(image_size or built.image_size)
+    if built.family == "vit" and size % built.patch_size:
+        raise ExportError(f"--image-size {size} is not a multiple of the patch size {built.patch_size} of {built.arch}")
+    # What the model is and what clients must do to feed it: the card config.pbtxt carries.
+    card = built.replace(image_size=size, crop_pct=float(crop_pct), precision="fp16" if fp16 else "fp32")
     tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
     batch = _verify_inputs(verify_images, size, crop_pct)
 
@@ -286,16 +216,13 @@ def export_onnx(
         staged_model = stage / name
         onnx_path = staged_model / str(version) / ONNX_FILENAME
         onnx_path.parent.mkdir(parents=True)
-        _torch_export(model, spec, onnx_path, fp16=fp16, size=size)
-        diff, sizes = _verify(model, spec, onnx_path, batch, tol, device, crop_pct, verify_images)
-        config = render_config(name, spec, image_size=size, max_batch=max_batch, device=device,
-                               trt_fp16=trt_fp16, crop_pct=crop_pct, weights_sha256=sha,
-                               precision="fp16" if fp16 else "fp32")
-        atomic_write_text(staged_model / CONFIG_FILENAME, config)
+        _torch_export(model, card, onnx_path, fp16=fp16, size=size)
+        diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images)
+        write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16)
         fsync_path(onnx_path)
         _commit(staged_model, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
-    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, spec,
+    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, card,
                         size, tol, sizes)
 
 
@@ -357,15 +284,13 @@ def _staging(repo: Path) -> Iterator[Path]:
                     break
 
 
-def _torch_export(model: nn.Module, spec: BackboneSpec, path: Path, *, fp16: bool, size: int) -> None:
-    import copy
-
+def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, size: int) -> None:
     # Traced on the CPU whatever the model's device: the graph itself is device-free.
     wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), fp16=fp16).eval()
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # batch 2: 1 would be specialised
     batch = torch.export.Dim("batch", min=1)
-    if spec.family == "vit":
-        p = spec.patch_size
+    if card.family == "vit":
+        p = card.patch_size
         hp, wp = torch.export.Dim("h_patches", min=1, max=4096), torch.export.Dim("w_patches", min=1, max=4096)
         dynamic = {"images": {0: batch, 2: p * hp, 3: p * wp}}
         outputs = ["embedding", "attention"]
@@ -386,9 +311,9 @@ def _torch_export(model: nn.Module, spec: BackboneSpec, path: Path, *, fp16: boo
         raise
     except Exception as e:  # the exporter raises many types; all mean "this model did not export"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"ONNX export of {spec.arch} failed: {type(e).__name__}: {first}") from e
+        raise ExportError(f"ONNX export of {card.arch} failed: {type(e).__name__}: {first}") from e
     if not path.is_file():
-        raise ExportError(f"ONNX export of {spec.arch} wrote no file at {path}")
+        raise ExportError(f"ONNX export of {card.arch} wrote no file at {path}")
 
 
 def _providers(device: str) -> list[str]:
@@ -400,20 +325,18 @@ def _providers(device: str) -> list[str]:
 
 
 @torch.no_grad()
-def _reference(model: nn.Module, spec: BackboneSpec, batch: np.ndarray) -> list[np.ndarray]:
-    import copy
-
+def _reference(model: nn.Module, card: ModelCard, batch: np.ndarray) -> list[np.ndarray]:
     # The reference is the exact float32 model on the CPU: on a GPU, cuDNN's default TF32
     # convolutions alone differ from float32 by ~1e-4.
     model = copy.deepcopy(model).cpu().float().eval()
-    x = torch.from_numpy(normalize(batch, spec.mean, spec.std))
-    if spec.family == "vit":
+    x = torch.from_numpy(normalize(batch, card.mean, card.std))
+    if card.family == "vit":
         features, attention = forward_with_attention(model, x)
         return [features.numpy(), attention.numpy()]
     return [model(x).numpy()]
 
 
-def _verify(model: nn.Module, spec: BackboneSpec, onnx_path: Path, batch: np.ndarray, tol: float,
+def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarray, tol: float,
             device: str, crop_pct: float, verify_images: Any) -> tuple[float, tuple[tuple[int, int], ...]]:
     """Run onnxruntime and PyTorch on the same uint8 batch; raise above tolerance.
 
@@ -425,20 +348,20 @@ def _verify(model: nn.Module, spec: BackboneSpec, onnx_path: Path, batch: np.nda
     try:
         session = ort.InferenceSession(str(onnx_path), providers=_providers(device))
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ExportError(f"onnxruntime cannot load the exported graph of {spec.arch}: {e}") from e
+        raise ExportError(f"onnxruntime cannot load the exported graph of {card.arch}: {e}") from e
     batches = [batch]
-    if spec.family == "vit":
-        p = spec.patch_size
+    if card.family == "vit":
+        p = card.patch_size
         big = _verify_inputs(verify_images, batch.shape[2] + 2 * p, crop_pct)
         batches.append(np.ascontiguousarray(big[:3, :, : batch.shape[2] + p, :]))  # non-square
     worst = 0.0
     sizes = []
     for b in batches:
-        ref = _reference(model, spec, b)
+        ref = _reference(model, card, b)
         try:
             got = session.run(None, {"images": b})
         except Exception as e:
-            raise ExportError(f"onnxruntime failed on a {tuple(b.shape)} batch of {spec.arch}: {e}") from e
+            raise ExportError(f"onnxruntime failed on a {tuple(b.shape)} batch of {card.arch}: {e}") from e
         for name, r, g in zip(("embedding", "attention"), ref, got):
             if g.shape != r.shape:
                 raise ExportError(f"ONNX output {name!r} has shape {g.shape}, PyTorch {r.shape}")

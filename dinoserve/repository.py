@@ -1,50 +1,75 @@
-"""Read a Triton model repository: models, versions, and each model's ``config.pbtxt``.
+"""A Triton model repository, both ways: layout, and each model's ``config.pbtxt``.
 
 Layout (see DESIGN.md)::
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/<version>/model.onnx
 
-No torch and no protobuf here: the client, the index and the app read repositories
-with numpy-only installs. ``config.pbtxt`` is protobuf text format; the small parser
-below reads the subset Triton model configurations use (messages, repeated fields,
-lists, strings, numbers, identifiers, ``#`` comments).
+This module is the only one that reads or writes ``config.pbtxt``:
+
+- :func:`render_config` / :func:`write_model_config` write an exported backbone's config,
+  with its :class:`~dinoserve.card.ModelCard` in ``parameters``;
+- :func:`read_model_config` parses one into a :class:`ModelConfig`, whose ``card`` is the
+  model's description read back (parameter sets of older exports included);
+- :func:`python_backend_config` gives the variant that the pip-bundled tritonserver (Python
+  backend only) serves the same model with.
+
+No torch and no protobuf here: the client, the index and the app read repositories with
+numpy-only installs. ``config.pbtxt`` is protobuf text format; the small parser and writer
+below handle the subset Triton model configurations use (messages, repeated fields, lists,
+strings, numbers, identifiers, ``#`` comments), and a parsed config writes back as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dinoserve.atomic import atomic_write_text
+from dinoserve.card import ModelCard
 from dinoserve.errors import ModelNotFoundError, ServerError
 
 __all__ = [
     "TensorConfig",
     "ModelConfig",
     "ConfigParseError",
+    "Word",
     "list_models",
     "latest_version",
     "list_versions",
-    "read_model_config",
-    "parse_pbtxt",
     "model_onnx_path",
+    "read_model_config",
+    "config_from_dict",
+    "render_config",
+    "write_model_config",
+    "python_backend_config",
+    "parse_pbtxt",
+    "format_pbtxt",
     "ONNX_FILENAME",
+    "CONFIG_FILENAME",
 ]
 
 ONNX_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
 
-#: How each ``parameters`` entry written by dinoserve's export is typed when read back.
-_INT_PARAMS = ("image_size", "patch_size", "embed_dim", "num_heads")
-_FLOAT_PARAMS = ("crop_pct",)
-_TUPLE_PARAMS = ("mean", "std")
+#: The graph's tensors (see DESIGN.md, "ONNX and Triton contract").
+INPUT, EMBEDDING, ATTENTION = "images", "embedding", "attention"
+
+#: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.
+RUNNER_DEVICE, RUNNER_THREADS = "runner_device", "runner_intra_op_threads"
 
 
 class ConfigParseError(ServerError):
     """A ``config.pbtxt`` is not valid protobuf text format."""
+
+
+class Word(str):
+    """A bare protobuf-text identifier (an enum value such as ``TYPE_FP32``, or ``true``):
+    equal to its text, but written back without quotes."""
 
 
 @dataclass(frozen=True)
@@ -71,76 +96,52 @@ _TRITON_TO_NUMPY = {
 
 @dataclass
 class ModelConfig:
-    """A model's ``config.pbtxt``, with dinoserve's ``parameters`` typed.
-
-    ``parameters`` holds, for models written by ``dinoserve export``: ``arch`` (timm name),
-    ``family`` (``"vit"`` or ``"resnet"``), ``image_size``, ``crop_pct``, ``patch_size``,
-    ``embed_dim``, ``num_heads`` (ints/float), ``weights_sha256``, and ``mean``/``std``
-    (3-tuples of floats). Unknown parameters are kept as strings.
-    """
+    """A model's ``config.pbtxt``: its tensors, its ``parameters`` (strings, as Triton keeps
+    them) and, as :attr:`card`, the model description that export put there."""
 
     name: str
     max_batch_size: int
     inputs: list[TensorConfig]
     outputs: list[TensorConfig]
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
     backend: str = ""
     platform: str = ""
     model_dir: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    # Convenience views of the parameters that every consumer needs.
-    @property
-    def arch(self) -> str | None:
-        return self.parameters.get("arch")
+    @functools.cached_property
+    def card(self) -> ModelCard:
+        """The :class:`~dinoserve.card.ModelCard` in ``parameters``.
 
-    @property
-    def family(self) -> str | None:
-        return self.parameters.get("family")
-
-    @property
-    def image_size(self) -> int | None:
-        return self.parameters.get("image_size")
-
-    @property
-    def crop_pct(self) -> float:
-        return self.parameters.get("crop_pct", 0.875)
-
-    @property
-    def patch_size(self) -> int:
-        return self.parameters.get("patch_size", 0)
-
-    @property
-    def embed_dim(self) -> int | None:
-        return self.parameters.get("embed_dim")
-
-    @property
-    def num_heads(self) -> int:
-        return self.parameters.get("num_heads", 0)
-
-    @property
-    def weights_sha256(self) -> str | None:
-        return self.parameters.get("weights_sha256")
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        """Normalisation mean the graph applies (ImageNet's unless the weights say otherwise)."""
-        return self.parameters.get("mean", (0.485, 0.456, 0.406))
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.parameters.get("std", (0.229, 0.224, 0.225))
+        A field that an older export did not write takes its default, and the embedding
+        size may come from the ``embedding`` output's dims. Raises
+        :class:`~dinoserve.errors.ModelError` when the config does not say enough (e.g. a
+        hand-written config without dinoserve's parameters).
+        """
+        where = f"model {self.name!r}" + (f" ({self.model_dir / CONFIG_FILENAME})" if self.model_dir else "")
+        return ModelCard.from_params(self.parameters, source=where, embed_dim=output_dim(self.outputs))
 
     @property
     def has_attention(self) -> bool:
         """True when the model has an ``attention`` output (ViTs)."""
-        return any(o.name == "attention" for o in self.outputs)
+        return any(o.name == ATTENTION for o in self.outputs)
 
     def input(self, name: str) -> TensorConfig:
         return _by_name(self.inputs, name, self.name, "input")
 
     def output(self, name: str) -> TensorConfig:
         return _by_name(self.outputs, name, self.name, "output")
+
+
+def output_dim(outputs: list) -> int | None:
+    """The embedding size the ``embedding`` output declares (from :class:`TensorConfig`\\ s or
+    Triton's JSON dicts); None when it is dynamic or absent."""
+    for o in outputs:
+        name = o["name"] if isinstance(o, dict) else o.name
+        dims = list(o.get("dims") or []) if isinstance(o, dict) else list(o.dims)
+        if name == EMBEDDING and dims and int(dims[-1]) > 0:
+            return int(dims[-1])
+    return None
 
 
 def _by_name(items: list[TensorConfig], name: str, model: str, kind: str) -> TensorConfig:
@@ -231,12 +232,10 @@ def config_from_dict(raw: dict[str, Any], model_dir: Path | None = None) -> Mode
             for t in _as_list(raw.get(key, []))
         ]
 
-    params: dict[str, Any] = {}
+    params: dict[str, str] = {}
     for entry in _as_list(raw.get("parameters", [])):
-        key = str(entry.get("key", ""))
         value = entry.get("value", {})
-        text = value.get("string_value", "") if isinstance(value, dict) else str(value)
-        params[key] = _typed_param(key, str(text))
+        params[str(entry.get("key", ""))] = str(value.get("string_value", "") if isinstance(value, dict) else value)
     name = str(raw.get("name") or (model_dir.name if model_dir else ""))
     return ModelConfig(
         name=name,
@@ -251,17 +250,86 @@ def config_from_dict(raw: dict[str, Any], model_dir: Path | None = None) -> Mode
     )
 
 
-def _typed_param(key: str, text: str) -> Any:
-    try:
-        if key in _INT_PARAMS:
-            return int(text)
-        if key in _FLOAT_PARAMS:
-            return float(text)
-        if key in _TUPLE_PARAMS:
-            return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        pass  # keep the text; a consumer that needs the number reports it
-    return text
+# --------------------------------------------------------------------------------------
+# Writing: an exported backbone's config, and its Python-backend variant
+# --------------------------------------------------------------------------------------
+
+
+def config_dict(
+    name: str,
+    card: ModelCard,
+    *,
+    max_batch: int,
+    device: str = "cpu",
+    trt_fp16: bool = False,
+    queue_delay_us: int = 500,
+) -> dict[str, Any]:
+    """The ``config.pbtxt`` of an exported backbone, as the dict :func:`format_pbtxt` writes.
+
+    Dims exclude the batch; a ViT's height and width are dynamic (-1), a ResNet's are
+    ``card.image_size``. ``device`` picks the instance kind (``cpu``/``gpu``); ``trt_fp16``
+    adds Triton's TensorRT FP16 accelerator. The card goes into ``parameters``.
+    """
+    vit = card.family == "vit"
+    hw = [-1, -1] if vit else [card.image_size, card.image_size]
+    outputs = [{"name": EMBEDDING, "data_type": Word("TYPE_FP32"), "dims": [card.embed_dim]}]
+    if vit:
+        outputs.append({"name": ATTENTION, "data_type": Word("TYPE_FP32"), "dims": [card.num_heads, -1, -1]})
+    config: dict[str, Any] = {
+        "name": name,
+        "backend": "onnxruntime",
+        "max_batch_size": max_batch,
+        "input": [{"name": INPUT, "data_type": Word("TYPE_UINT8"), "dims": [3, *hw]}],
+        "output": outputs,
+        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
+        "instance_group": [{"kind": Word("KIND_GPU" if device == "gpu" else "KIND_CPU"), "count": 1}],
+    }
+    if trt_fp16:
+        # TensorRT builds its engine at load time; cache it so restarts are fast.
+        trt = {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824",
+               "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/tmp/triton_trt_cache/{name}"}
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+            {"name": "tensorrt", "parameters": [{"key": k, "value": v} for k, v in trt.items()]}]}}
+    config["parameters"] = _string_params(card.to_params())
+    return config
+
+
+def render_config(name: str, card: ModelCard, **options: Any) -> str:
+    """The ``config.pbtxt`` text of an exported backbone (options: see :func:`config_dict`)."""
+    return format_pbtxt(config_dict(name, card, **options))
+
+
+def write_model_config(model_dir: str | os.PathLike, name: str, card: ModelCard, **options: Any) -> Path:
+    """Write ``<model_dir>/config.pbtxt`` atomically (options: see :func:`config_dict`)."""
+    return atomic_write_text(Path(model_dir) / CONFIG_FILENAME, render_config(name, card, **options))
+
+
+def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0) -> str:
+    """``<model_dir>/config.pbtxt`` rewritten for Triton's Python backend.
+
+    The backend becomes ``python`` (no ``platform``), instances run on the CPU, execution
+    accelerators are dropped, and two parameters tell the runner where onnxruntime runs
+    (``runner_device``: ``gpu`` when the original asked for GPU instances) and with how many
+    threads (0: onnxruntime's default). Everything else (name, inputs, outputs,
+    max_batch_size, dynamic_batching, the card's parameters) is kept, so clients see the
+    same model.
+    """
+    path = Path(model_dir) / CONFIG_FILENAME
+    raw = parse_pbtxt(path.read_text(encoding="utf-8"), source=str(path))
+    groups = _as_list(raw.get("instance_group", []))
+    device = "gpu" if any(g.get("kind") == "KIND_GPU" for g in groups) else "cpu"
+    out = {"backend": "python", **{k: v for k, v in raw.items() if k not in ("backend", "platform")}}
+    out["instance_group"] = [{"kind": Word("KIND_CPU"), "count": 1}]
+    optimization = {k: v for k, v in (out.pop("optimization", None) or {}).items() if k != "execution_accelerators"}
+    if optimization:
+        out["optimization"] = optimization
+    kept = [p for p in _as_list(out.get("parameters", [])) if p.get("key") not in (RUNNER_DEVICE, RUNNER_THREADS)]
+    out["parameters"] = kept + _string_params({RUNNER_DEVICE: device, RUNNER_THREADS: str(intra_op_threads)})
+    return format_pbtxt(out)
+
+
+def _string_params(values: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
 
 
 def _as_list(v: Any) -> list:
@@ -287,7 +355,8 @@ def parse_pbtxt(text: str, source: str = "config.pbtxt") -> dict[str, Any]:
     """Parse protobuf text format into nested dicts; repeated fields become lists.
 
     Scalars: quoted strings -> str, integers -> int, other numbers -> float, anything else
-    (enum names, true/false) -> str. ``parameters`` maps keep Triton's ``key``/``value`` form.
+    (enum names, true/false) -> :class:`Word`. ``parameters`` maps keep Triton's
+    ``key``/``value`` form. :func:`format_pbtxt` writes the result back.
     """
     tokens: list[tuple[str, str]] = []
     pos = 0
@@ -298,9 +367,7 @@ def parse_pbtxt(text: str, source: str = "config.pbtxt") -> dict[str, Any]:
         pos = m.end()
         if m.lastgroup:
             tokens.append((m.lastgroup, m.group(m.lastgroup)))
-    parser = _Parser(tokens, source)
-    result = parser.message(end=None)
-    return result
+    return _Parser(tokens, source).message(end=None)
 
 
 class _Parser:
@@ -389,4 +456,46 @@ class _Parser:
         try:
             return float(text)
         except ValueError:
-            return text
+            return Word(text)
+
+
+def format_pbtxt(message: dict[str, Any]) -> str:
+    """Write nested dicts (as :func:`parse_pbtxt` returns them) as protobuf text format.
+
+    One top-level field per line; a repeated message field as a ``[ ... ]`` list with one
+    message per line; nested messages inline. Strings are quoted and escaped, :class:`Word`
+    identifiers are not, numbers are written as Python writes them.
+    """
+    lines = []
+    for key, value in message.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            items = ",\n".join(f"  {_message(v)}" for v in value)
+            lines.append(f"{key} [\n{items}\n]")
+        else:
+            lines.append(_field(key, value))
+    return "\n".join(lines) + "\n"
+
+
+def _field(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{key} {_message(value)}"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"{key} [ {', '.join(_message(v) for v in value)} ]"
+    return f"{key}: {_scalar(value)}"
+
+
+def _message(message: dict[str, Any]) -> str:
+    return "{ " + " ".join(_field(k, v) for k, v in message.items()) + " }" if message else "{ }"
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, list):
+        return "[ " + ", ".join(_scalar(v) for v in value) + " ]"
+    if isinstance(value, Word) or isinstance(value, bool):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as protobuf text")

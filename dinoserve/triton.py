@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Sequence
 
 from dinoserve.errors import ModelNotFoundError, ServerError
-from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, read_model_config
+from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, python_backend_config,
+                                  read_model_config)
 
 __all__ = ["TritonBinary", "TritonServer", "find_tritonserver", "prepare_serving_repository", "free_port"]
 
@@ -118,24 +119,6 @@ def _stub_path(root: Path) -> Path:
     return stub
 
 
-def _runner_config(config_text: str, name: str, device: str, threads: int) -> str:
-    """The ONNX model's config with the backend switched to python and CPU instances.
-
-    Everything else (inputs, outputs, max_batch_size, dynamic_batching, parameters) is
-    kept, so clients see the same model.
-    """
-    text = re.sub(r'(?m)^\s*backend\s*:\s*"[^"]*"\s*$', 'backend: "python"', config_text)
-    text = re.sub(r'(?m)^\s*platform\s*:\s*"[^"]*"\s*$', "", text)
-    # The pip server runs on CPU; a GPU runner uses onnxruntime's CUDA provider inside.
-    text = re.sub(r"instance_group\s*\[[^\]]*\]", "instance_group [ { kind: KIND_CPU, count: 1 } ]", text)
-    text = re.sub(r"optimization\s*\{\s*execution_accelerators[\s\S]*?\}\s*\]\s*\}\s*\}", "", text)
-    if 'backend: "python"' not in text:
-        text = 'backend: "python"\n' + text
-    text += f'parameters {{ key: "runner_device" value: {{ string_value: "{device}" }} }}\n'
-    text += f'parameters {{ key: "runner_intra_op_threads" value: {{ string_value: "{threads}" }} }}\n'
-    return text
-
-
 def prepare_serving_repository(
     repo: str | os.PathLike, target: str | os.PathLike, models: Sequence[str] | None = None,
     *, intra_op_threads: int = 0,
@@ -157,8 +140,7 @@ def prepare_serving_repository(
             continue
         dst = target / name
         dst.mkdir(parents=True)
-        device = "gpu" if "KIND_GPU" in (src / CONFIG_FILENAME).read_text(encoding="utf-8") else "cpu"
-        text = _runner_config((src / CONFIG_FILENAME).read_text(encoding="utf-8"), name, device, intra_op_threads)
+        text = python_backend_config(src, intra_op_threads=intra_op_threads)
         (dst / CONFIG_FILENAME).write_text(text, encoding="utf-8")
         for version in list_versions(src):
             onnx = src / str(version) / ONNX_FILENAME

@@ -45,7 +45,7 @@ def torch_outputs(model: torch.nn.Module, batch: np.ndarray) -> list[np.ndarray]
 
 
 def backbone_family(model) -> str:
-    return model.dino_spec.family
+    return model.dino_card.family
 
 
 def images_at(n: int, h: int, w: int) -> np.ndarray:
@@ -96,11 +96,12 @@ def test_config_matches_onnx_graph(tiny_repo, name):
     else:
         assert config.inputs[0].dims == (3, 64, 64)
     model = build_tiny_backbone(name)
-    assert config.arch == arch and config.image_size == size and config.embed_dim == model.dino_spec.embed_dim
-    assert config.family == model.dino_spec.family and config.crop_pct == 0.875
-    assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
     weights = tiny_repo.parent / "weights" / f"{name}.safetensors"
-    assert config.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # The config carries the backbone's card, with the export's image size and the weights' hash.
+    assert config.card == model.dino_card.replace(
+        image_size=size, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), model_kwargs={})
+    assert config.card.arch == arch and config.card.crop_pct == 0.875 and config.card.precision == "fp32"
+    assert config.card.mean == (0.485, 0.456, 0.406) and config.card.std == (0.229, 0.224, 0.225)
     text = (tiny_repo / name / "config.pbtxt").read_text()
     assert "dynamic_batching" in text and "KIND_CPU" in text
 
@@ -176,7 +177,7 @@ def test_export_from_every_weight_source(tmp_path, monkeypatch):
     assert read_model_config(repo / "r18").max_batch_size == 8
     assert sorted(p.name for p in repo.iterdir()) == ["r18"]  # no staging folders left
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    assert read_model_config(repo / "r18").weights_sha256 == hashlib.sha256(
+    assert read_model_config(repo / "r18").card.weights_sha256 == hashlib.sha256(
         next((tmp_path / "hf").rglob("model.safetensors")).read_bytes()).hexdigest()  # the last export's
 
 
@@ -191,7 +192,7 @@ def test_export_fp16_keeps_float32_io(tmp_path):
     got = session.run(None, {"images": images})[0]
     # Half precision: close to the float32 model, but not bit-for-bit.
     assert 0 < np.abs(got - ref).max() < 5e-2 * max(1.0, np.abs(ref).max())
-    assert read_model_config(res.model_dir).parameters["precision"] == "fp16"
+    assert read_model_config(res.model_dir).card.precision == "fp16" == res.card.precision
 
 
 # --- failures leave the repository unchanged ------------------------------------------------
@@ -265,13 +266,12 @@ def test_bad_model_name(tmp_path, name):
 
 
 def test_trt_fp16_needs_gpu_and_renders_accelerator():
-    from dinoserve.export import render_config
-    from dinoserve.repository import parse_pbtxt
+    from dinoserve.repository import parse_pbtxt, render_config
 
     with pytest.raises(ExportError, match="--device gpu"):
         export_onnx(model=build_tiny_backbone("resnet_tiny"), name="x", trt_fp16=True)
-    spec = build_tiny_backbone("vit_tiny").dino_spec
-    raw = parse_pbtxt(render_config("m", spec, image_size=32, max_batch=4, device="gpu", trt_fp16=True))
+    card = build_tiny_backbone("vit_tiny").dino_card
+    raw = parse_pbtxt(render_config("m", card, max_batch=4, device="gpu", trt_fp16=True))
     assert raw["instance_group"] == [{"kind": "KIND_GPU", "count": 1}]
     accel = raw["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]
     assert accel["name"] == "tensorrt"
@@ -304,7 +304,7 @@ def test_cli_export_bad_input_exit_1(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
-# --- reading repositories (no torch needed there) ---------------------------------------------
+# --- config.pbtxt both ways, and reading repositories (no torch needed there) --------------------
 
 
 def test_parse_pbtxt_reads_triton_configs():
@@ -326,11 +326,50 @@ def test_parse_pbtxt_reads_triton_configs():
     assert config.name == "m" and config.max_batch_size == 8 and config.platform == "onnxruntime_onnx"
     assert [(t.name, t.dims) for t in config.outputs] == [("embedding", (384,)), ("attention", (6, -1, -1))]
     assert config.inputs[0].numpy_dtype == "uint8" and config.has_attention
-    assert config.image_size == 224 and config.mean == (0.5, 0.5, 0.5)
+    assert config.card.image_size == 224 and config.card.mean == (0.5, 0.5, 0.5) and config.card.embed_dim == 384
     assert config.parameters["note"] == 'a "quoted" word'
     assert config.raw["instance_group"] == [{"count": 2, "kind": "KIND_GPU", "gpus": [0]}]
     with pytest.raises(ConfigParseError, match="config.pbtxt"):
         parse_pbtxt('name: "m" input [ { name: "x" ')
+
+
+def test_pbtxt_writes_back_what_it_read(tiny_repo):
+    from dinoserve.repository import format_pbtxt, parse_pbtxt
+
+    text = """name: "m" platform: "onnxruntime_onnx" max_batch_size: 8
+    input [ { name: "images" data_type: TYPE_UINT8 dims: [ 3, -1, -1 ] } ]
+    instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] } ]
+    optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" } ] } }
+    parameters { key: "note" value { string_value: "a \\"quoted\\" word\\nand a line" } }
+    version_policy { latest { num_versions: 2 } } ensemble_scheduling { step [ ] }
+    """
+    raw = parse_pbtxt(text)
+    assert parse_pbtxt(format_pbtxt(raw)) == raw
+    exported = (tiny_repo / "vit_tiny" / "config.pbtxt").read_text()
+    assert format_pbtxt(parse_pbtxt(exported)) == exported  # export writes through the same writer
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_python_backend_variant_keeps_the_model_and_runs_on_cpu(tmp_path, device):
+    from dinoserve.repository import config_from_dict, parse_pbtxt, python_backend_config, write_model_config
+
+    card = build_tiny_backbone("vit_tiny").dino_card.replace(image_size=32, weights_sha256="ab" * 32)
+    write_model_config(tmp_path, "m", card, max_batch=4, device=device, trt_fp16=device == "gpu")
+    original = read_model_config(tmp_path)
+    raw = parse_pbtxt(python_backend_config(tmp_path, intra_op_threads=3))
+    variant = config_from_dict(raw)
+    assert variant.backend == "python" and variant.platform == "" and "optimization" not in raw
+    assert raw["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+    assert variant.parameters["runner_device"] == device and variant.parameters["runner_intra_op_threads"] == "3"
+    # Clients cannot tell the difference: same name, tensors, batching and card.
+    assert (variant.name, variant.inputs, variant.outputs, variant.max_batch_size) == (
+        original.name, original.inputs, original.outputs, original.max_batch_size)
+    assert raw["dynamic_batching"] == original.raw["dynamic_batching"]
+    assert variant.card == original.card
+    # Written over an already prepared variant, the runner parameters are not repeated.
+    (tmp_path / "config.pbtxt").write_text(python_backend_config(tmp_path, intra_op_threads=3))
+    again = parse_pbtxt(python_backend_config(tmp_path, intra_op_threads=1))["parameters"]
+    assert [p["key"] for p in again].count("runner_intra_op_threads") == 1
 
 
 def test_repository_lookups_name_what_exists(tiny_repo, tmp_path):

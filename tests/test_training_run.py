@@ -160,7 +160,7 @@ def test_sigkill_mid_epoch_leaves_loadable_resumable_checkpoint(twelve, tmp_path
     done = ckpt["progress"]["step"]
     assert done >= 4
     model = load_backbone(out / "checkpoint.pth")
-    assert model.dino_spec.family == "vit" and model.dino_spec.patch_size == 8
+    assert model.dino_card.family == "vit" and model.dino_card.patch_size == 8
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(1, 3, 32, 32))).all()
     resumed = train(config_from_checkpoint(str(out), max_steps=done + 2, num_workers=0))

@@ -93,7 +93,7 @@ def test_models_ready_with_the_exported_signature(triton_server, tiny_repo):
             served = client.get_model_config(name)
             assert served["max_batch_size"] == config.max_batch_size
             assert "dynamic_batching" in served
-            assert served["parameters"]["arch"]["string_value"] == config.arch
+            assert served["parameters"]["arch"]["string_value"] == config.card.arch
     finally:
         client.close()
 

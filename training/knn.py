@@ -108,8 +108,8 @@ def preprocess_items(
 
 
 def _mean_std(backbone: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
-    spec = getattr(backbone, "dino_spec", None)
-    return (spec.mean, spec.std) if spec is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    card = getattr(backbone, "dino_card", None)
+    return (card.mean, card.std) if card is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()
@@ -347,9 +347,9 @@ def evaluate_knn(
         image_size: evaluation size; default the backbone's own image size.
     """
     if image_size is None:
-        spec = getattr(backbone, "dino_spec", None)
-        if spec is None:
-            raise ValueError("image_size is required for a backbone without a dino_spec or for raw pixels")
-        image_size = spec.image_size
+        card = getattr(backbone, "dino_card", None)
+        if card is None:
+            raise ValueError("image_size is required for a backbone without a dino_card or for raw pixels")
+        image_size = card.image_size
     knn_set = prepare_knn_set(data, image_size, root=root, crop_pct=crop_pct)
     return evaluate_knn_set(backbone, knn_set, k=k, temperature=temperature, batch_size=batch_size, device=device)

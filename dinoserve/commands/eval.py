@@ -46,19 +46,19 @@ def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_roo
     """
     import torch
 
-    from dinoserve.models import backbone_spec, load_backbone
+    from dinoserve.models import backbone_card, load_backbone
     from dinoserve.training.knn import evaluate_knn
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_backbone(weights, arch, checkpoint_key=checkpoint_key).to(device)
-    spec = backbone_spec(model)
-    size = image_size or spec.image_size
+    card = backbone_card(model)
+    size = image_size or card.image_size
     result = evaluate_knn(model, data, root=data_root, image_size=size, k=k, temperature=temperature,
                           batch_size=batch_size, device=device)
     if as_json:
-        click.echo(json.dumps({"weights": weights, "arch": spec.arch, "image_size": size,
+        click.echo(json.dumps({"weights": weights, "arch": card.arch, "image_size": size,
                                "data": data, **result.to_dict()}))
     else:
-        click.echo(f"{spec.arch} @ {size}px, k={k}, T={temperature}: top-1 {result.top1:.2f} %  "
+        click.echo(f"{card.arch} @ {size}px, k={k}, T={temperature}: top-1 {result.top1:.2f} %  "
                    f"top-5 {result.top5:.2f} %  (bank {result.n_bank}, queries {result.n_query}, "
                    f"skipped {result.skipped})")

@@ -54,7 +54,7 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, device
                f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
     click.echo(json.dumps({
         "name": name, "version": res.version, "model_dir": str(res.model_dir), "onnx": str(res.onnx_path),
-        "arch": res.spec.arch, "family": res.spec.family, "embed_dim": res.spec.embed_dim,
+        "arch": res.card.arch, "family": res.card.family, "embed_dim": res.card.embed_dim,
         "image_size": res.image_size, "max_abs_diff": res.max_abs_diff,
         "sizes_checked": [list(s) for s in res.sizes_checked],
     }))

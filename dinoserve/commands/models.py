@@ -9,12 +9,15 @@ import click
 
 @click.command("models")
 @click.argument("pattern", default="*")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per alias instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model instead of a table.")
 def models(pattern: str, as_json: bool) -> None:
-    """List DINO aliases and timm resnet*/vit* architectures matching PATTERN (wildcards).
+    """List DINO aliases and timm resnet*/vit* architectures matching PATTERN.
+
+    A plain word matches anywhere in the name; *, ? and [...] are shell wildcards.
 
     \b
-    Example:
+    Examples:
+      dinoserve models dino
       dinoserve models 'vit_small*'
     """
     from dinoserve.models import ALIASES, list_models

@@ -1,0 +1,91 @@
+"""Which backbones dinoserve builds: the official DINO aliases and timm's ResNets and ViTs.
+
+An alias (``dino_vits16`` ... ``dino_resnet50``, the official hub names) is a timm
+architecture plus the weights that belong to it. :func:`list_models` is the one listing
+(``dinoserve models``), :func:`resolve_name` the one name check the factory uses; both read
+the registry below. timm is imported only when a listing or check needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass
+
+from dinoserve.card import FAMILIES, family_of
+from dinoserve.errors import UnknownModelError
+
+__all__ = ["AliasConfig", "ALIASES", "list_models", "resolve_name"]
+
+_FB = "https://dl.fbaipublicfiles.com/dino"
+
+
+@dataclass(frozen=True)
+class AliasConfig:
+    """An official DINO model: a timm architecture plus the weights that belong to it."""
+
+    name: str
+    arch: str
+    weights: str  # a weight source (timm tag or URL)
+    official_url: str  # the facebookresearch/dino backbone-only file
+    knn_top1: float  # ImageNet k-NN top-1 reported by the paper
+    linear_top1: float
+    description: str = ""
+
+
+ALIASES: dict[str, AliasConfig] = {
+    a.name: a
+    for a in [
+        AliasConfig("dino_vits16", "vit_small_patch16_224", "timm:vit_small_patch16_224.dino",
+                    f"{_FB}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", 74.5, 77.0,
+                    "ViT-S/16, 21M params"),
+        AliasConfig("dino_vits8", "vit_small_patch8_224", "timm:vit_small_patch8_224.dino",
+                    f"{_FB}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", 78.3, 79.7,
+                    "ViT-S/8, 21M params"),
+        AliasConfig("dino_vitb16", "vit_base_patch16_224", "timm:vit_base_patch16_224.dino",
+                    f"{_FB}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", 76.1, 78.2,
+                    "ViT-B/16, 85M params"),
+        AliasConfig("dino_vitb8", "vit_base_patch8_224", "timm:vit_base_patch8_224.dino",
+                    f"{_FB}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", 77.4, 80.1,
+                    "ViT-B/8, 85M params"),
+        AliasConfig("dino_resnet50", "resnet50",
+                    f"{_FB}/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+                    f"{_FB}/dino_resnet50_pretrain/dino_resnet50_pretrain.pth", 67.5, 75.3,
+                    "ResNet-50, 23M params (timm hosts no DINO ResNet-50)"),
+    ]
+}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Aliases and every timm ``resnet*``/``vit*`` architecture matching ``pattern``.
+
+    ``pattern`` is a shell wildcard (``'vit_small*'``); a plain word without ``*``, ``?``
+    or ``[`` matches anywhere in the name (``dino`` lists every alias).
+    """
+    import timm
+
+    if not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
+    names = list(ALIASES) + [n for family in FAMILIES for n in timm.list_models(f"{family}*")]
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def resolve_name(name: str) -> tuple[AliasConfig | None, str, str]:
+    """``(alias or None, timm architecture, family)`` of an alias or a timm name.
+
+    Raises :class:`~dinoserve.errors.UnknownModelError` naming the choices and the closest
+    known names.
+    """
+    import timm
+
+    alias = ALIASES.get(name)
+    arch = alias.arch if alias else name
+    family = family_of(arch)
+    if not family or (alias is None and not timm.is_model(arch)):
+        close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}: use a DINO alias ({', '.join(ALIASES)}) or a timm resnet*/vit* "
+            f"architecture (see `dinoserve models`).{hint}"
+        )
+    return alias, arch, family
