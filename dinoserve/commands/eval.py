@@ -62,3 +62,56 @@ def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_roo
         click.echo(f"{card.arch} @ {size}px, k={k}, T={temperature}: top-1 {result.top1:.2f} %  "
                    f"top-5 {result.top5:.2f} %  (bank {result.n_bank}, queries {result.n_query}, "
                    f"skipped {result.skipped})")
+
+
+@eval_.command("attention")
+@click.option("--weights", "-w", required=True, help="Weight source of a ViT (as for `eval knn`).")
+@click.option("--arch", default=None, help="timm architecture, when it cannot be read from the weights.")
+@click.option("--checkpoint-key", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+@click.option("--data", "-d", required=True, type=click.Path(path_type=str),
+              help="PNGs with transparency: a folder, or a CSV file list (then rows of --split).")
+@click.option("--split", default="knn_val", show_default=True, help="CSV only: rows of this split.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Folder that relative CSV paths resolve against.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Evaluation size (default: the model's own).")
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.6, show_default=True,
+              help="Keep the smallest set of patches holding this share of the attention (the paper: 0.6).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def attention(weights: str, arch: str | None, checkpoint_key: str, data: str, split: str, data_root: str | None,
+              image_size: int | None, mass: float, as_json: bool) -> None:
+    """Jaccard of a ViT's thresholded CLS attention with the images' alpha masks, next to
+    the same ViT at random init and a centred box of the object's size.
+
+    \b
+    Example:
+      dinoserve eval attention -w weights/dinoserve_vit_tiny_p8_openclipart.safetensors \\
+          -d data/openclipart_knn.csv
+    """
+    import torch
+
+    from dinoserve.errors import DataError
+    from dinoserve.models import backbone_card, create_backbone, load_backbone
+    from dinoserve.training.attention_eval import attention_jaccard, load_masked_set
+    from dinoserve.training.data import find_images
+    from dinoserve.training.init import match_reference_init
+
+    model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
+    card = backbone_card(model)
+    if card.family != "vit":
+        raise DataError(f"{weights}: {card.arch} is not a ViT; attention maps exist for ViT models only")
+    size = image_size or card.image_size
+    masked = load_masked_set(find_images(data, [split] if data.endswith(".csv") else None, data_root), size)
+    if not len(masked.paths):
+        raise DataError(f"{data}: no image with a transparent background to score ({len(masked.skipped)} skipped)")
+    trained = attention_jaccard(model, masked, mass)
+    torch.manual_seed(0)
+    random_init = match_reference_init(create_backbone(card.arch, img_size=card.image_size, patch_size=card.patch_size,
+                                                       depth=len(model.blocks)))
+    baseline = attention_jaccard(random_init, masked, mass)
+    out = {"weights": weights, "arch": card.arch, **trained.to_dict(), "random_init": baseline.jaccard,
+           "skipped": len(masked.skipped)}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"{card.arch} @ {size}px, {trained.images} images, mass {mass}: Jaccard {trained.jaccard:.1f} %  "
+                   f"(random init {baseline.jaccard:.1f} %, centred box {trained.centred_box:.1f} %)")
