@@ -6,11 +6,11 @@ Real onnxruntime on the exported ``tiny_repo`` models and real faiss; no mocks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ from conftest import make_image_folder
 from dinoserve import index_kinds, index_store
 from dinoserve.cli import cli
 from dinoserve.client import Client
-from dinoserve.errors import ConfigError, DataError, IndexMismatchError, IndexStoreError
-from dinoserve.index import EmbeddingIndex, Hit, build_index, update_index
+from dinoserve.errors import ConfigError, DataError, IndexDamagedError, IndexMismatchError, IndexStoreError
+from dinoserve.index import EmbeddingIndex, Hit, build_index, search, update_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,44 +174,150 @@ def test_index_skips_and_reports_corrupt_files(folder, vit, tmp_path):
     result = CliRunner().invoke(cli, ["index", "build", str(folder), "--out", str(tmp_path / "y.index"),
                                       "--repo", str(vit.repo), "--model", "vit_tiny", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "skipped" in result.output and "truncated.png" in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("skipped")]
+    assert len(lines) == 3 and any("truncated.png" in line for line in lines)
+    for line in lines:  # each names its file once
+        assert sum(line.count(p) for p in skipped) == 1, line
 
 
-def test_index_build_killed_midway_leaves_old_index(vit, tiny_repo, tmp_path):
-    small = tmp_path / "small"
-    make_image_folder(small, per_class=2, size=32)
+def _cli_build(source: Path, out: Path, repo: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`dinoserve index build` in its own process; ``kill_at`` makes it SIGKILL itself at that phase."""
+    env = dict(os.environ)
+    if kill_at:
+        env[index_store.KILL_AT_ENV] = kill_at
+    cmd = [sys.executable, "-m", "dinoserve", "index", "build", str(source), "--out", str(out),
+           "--repo", str(repo), "--model", "vit_tiny", "--no-progress"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.parametrize("phase", index_store.PHASES)
+def test_index_build_killed_at_each_publishing_phase_recovers_on_its_own(phase, vit, tiny_repo, tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    make_image_folder(old, per_class=1, size=32)  # 3 images
+    make_image_folder(new, per_class=2, size=32, seed=5)  # 6 images
     out = tmp_path / "photos.index"
-    build_index(small, out, vit, progress=False)
+    build_index(old, out, vit, progress=False)
+    build_index(old, out, vit, progress=False)  # gen-000002 live, gen-000001 kept as the previous one
+    live = index_store.current_generation(out).name
     before = EmbeddingIndex.load(out)
-    query = vit.embed(sorted(small.rglob("*.png"))[:2])
 
-    big = tmp_path / "big"
-    make_image_folder(big, per_class=250, size=32, seed=3)  # 750 images: three chunks of work
-    cmd = [sys.executable, "-m", "dinoserve", "index", "build", str(big), "--out", str(out),
-           "--repo", str(tiny_repo), "--model", "vit_tiny", "--batch-size", "1", "--concurrency", "1",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    partial = None
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            staged = [p / index_store.ITEMS for p in out.glob(".staging-*")]
-            if any(p.is_file() and p.stat().st_size > 0 for p in staged):
-                partial = staged
-                break
-            time.sleep(0.002)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert partial, f"the build ended before it could be killed midway: {proc.stderr.read().decode()[-500:]}"
+    killed = _cli_build(new, out, tiny_repo, kill_at=phase)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
-    after = EmbeddingIndex.load(out)  # the previous generation, whole
-    assert after.paths == before.paths and len(after) == 6
-    np.testing.assert_array_equal(after.embeddings, before.embeddings)
-    assert [h.path for h in after.search(query, 1)[0]] == [before.search(query, 1)[0][0].path]
-    assert list(out.glob(".staging-*")), "the killed build's staging directory should be left behind"
-    update_index(out, vit, progress=False)  # the next writer cleans the debris
-    assert not list(out.glob(".staging-*"))
+    # What the kill left proves where it happened.
+    entries = _entries(out)
+    staging = [out / e for e in entries if e.startswith(".staging-")]
+    expected_debris = {
+        "staging": staging and not (staging[0] / index_store.META).exists(),
+        "written": staging and (staging[0] / index_store.META).exists(),
+        "renamed": "gen-000003" in entries and index_store.current_generation(out).name == live,
+        "current-tmp": any(e.startswith(".CURRENT.") and e.endswith(".tmp") for e in entries),
+        "published": entries.count("CURRENT") and len([e for e in entries if e.startswith("gen-")]) == 3,
+    }
+    assert expected_debris[phase], entries
+
+    # A reader sees the last published generation, whole, without any help.
+    after = EmbeddingIndex.load(out)
+    if phase == "published":
+        assert len(after) == 6 and index_store.current_generation(out).name == "gen-000003"
+    else:
+        assert index_store.current_generation(out).name == live and after.paths == before.paths
+        np.testing.assert_array_equal(after.embeddings, before.embeddings)
+    live_now = index_store.current_generation(out).name
+
+    # The next writer of any kind cleans up on its own, and keeps the published generation.
+    update_index(out, vit, progress=False)
+    assert not [e for e in _entries(out) if e.startswith(".staging-") or e.startswith(".CURRENT.")]
+    assert index_store.current_generation(out).name == live_now
+    report = build_index(new, out, vit, progress=False)
+    assert report.count == 6
+    final = index_store.current_generation(out).name
+    assert _entries(out) == sorted([".lock", "CURRENT", live_now, final])  # the live one and the one it replaced
+    hit = search(vit, [new / "square" / "square_001.png"], out, k=1)[0][0]
+    assert hit.path == str(new / "square" / "square_001.png")
+
+
+def test_index_first_build_killed_before_publishing_leaves_no_index_and_rebuilds(vit, tiny_repo, tmp_path):
+    src = tmp_path / "src"
+    make_image_folder(src, per_class=1, size=32)
+    out = tmp_path / "first.index"
+    assert _cli_build(src, out, tiny_repo, kill_at="renamed").returncode == -signal.SIGKILL
+    assert "gen-000001" in _entries(out)  # renamed, never published
+    with pytest.raises(IndexStoreError, match="has no finished build"):
+        EmbeddingIndex.load(out)
+    build_index(src, out, vit, progress=False)
+    assert _entries(out) == [".lock", "CURRENT", "gen-000001"] and len(EmbeddingIndex.load(out)) == 3
+
+
+def test_index_kill_hook_refuses_an_unknown_phase(folder, vit, tmp_path, monkeypatch):
+    monkeypatch.setenv(index_store.KILL_AT_ENV, "halfway")
+    with pytest.raises(ConfigError, match="'halfway' is not a publishing phase; use one of staging, written"):
+        build_index(folder, tmp_path / "x.index", vit, progress=False)
+
+
+@pytest.fixture
+def private_index(folder, vit, tmp_path) -> Path:
+    out = tmp_path / "private.index"
+    build_index(folder, out, vit, progress=False)
+    return out
+
+
+def _search_cli(query: Path, index: Path, repo: Path):
+    return CliRunner().invoke(cli, ["search", str(query), "--index", str(index), "--repo", str(repo)])
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "older-index-without-checksums"])
+def test_index_empty_embeddings_file_says_damaged_rebuild(private_index, folder, vit, checksums):
+    gen = index_store.current_generation(private_index)
+    if not checksums:
+        meta = json.loads((gen / index_store.META).read_text())
+        del meta["files"]
+        (gen / index_store.META).write_text(json.dumps(meta))
+    (gen / index_store.EMBEDDINGS).write_bytes(b"")
+    with pytest.raises(IndexDamagedError) as e:
+        EmbeddingIndex.load(private_index)
+    message = str(e.value)
+    assert f"{gen.name}/embeddings.npy" in message and "is damaged" in message
+    assert f"rebuild it with `dinoserve index build {folder} --out {private_index}`" in message
+    r = _search_cli(folder / "circle" / "circle_001.png", private_index, vit.repo)
+    assert r.exit_code == 1 and "Aborted" not in r.output and "is damaged" in r.output and "rebuild" in r.output
+
+
+def test_index_flipped_bytes_are_found_on_open_not_returned_as_neighbours(private_index, folder, vit):
+    gen = index_store.current_generation(private_index)
+    faiss_file = gen / index_store.FAISS
+    data = bytearray(faiss_file.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+    faiss_file.write_bytes(bytes(data))
+    with pytest.raises(IndexDamagedError, match=r"index.faiss does not match the sha256 recorded when it was written"):
+        EmbeddingIndex.load(private_index)
+    r = _search_cli(folder / "circle" / "circle_001.png", private_index, vit.repo)
+    assert r.exit_code == 1 and "is damaged" in r.output and "index build" in r.output
+    with pytest.raises(IndexDamagedError):
+        update_index(private_index, vit, progress=False)  # an update never builds on damaged vectors
+    build_index(folder, private_index, vit, progress=False)  # the fix the message names
+    assert len(EmbeddingIndex.load(private_index)) == 24
+
+
+def test_index_checksums_of_every_data_file_are_in_meta(private_index):
+    gen = index_store.current_generation(private_index)
+    files = json.loads((gen / index_store.META).read_text())["files"]
+    assert sorted(files) == sorted(index_store.CHECKED_FILES)
+    for name, record in files.items():
+        assert record == index_store.file_record(gen / name)
+
+
+def test_index_stray_files_in_an_index_are_named_without_suggesting_out(private_index, vit):
+    (private_index / "notes.txt").write_text("mine")
+    with pytest.raises(IndexStoreError) as e:
+        update_index(private_index, vit, progress=False)
+    assert "holds files that are not part of it (notes.txt); move them elsewhere" in str(e.value)
+    assert "--out" not in str(e.value)
 
 
 def test_index_layout_keeps_previous_generation_and_locks_writers(folder, vit, tmp_path):
@@ -321,3 +427,41 @@ def test_index_hnsw_kind_records_recall_and_survives_update(folder, vit, tmp_pat
     (folder / "stripes" / "stripes_002.png").unlink()
     update_index(out, vit, progress=False)
     assert EmbeddingIndex.load(out).kind == "hnsw" and len(EmbeddingIndex.load(out)) == 23
+
+
+def test_index_same_model_name_with_other_weights_says_rebuild_not_model(built, tiny_repo, tmp_path, folder):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "vit_tiny", repo / "vit_tiny")
+    config = repo / "vit_tiny" / "config.pbtxt"
+    with Client(repo=tiny_repo, model="vit_tiny") as original:
+        sha = original.info.weights_sha256
+    assert sha and sha in config.read_text()
+    config.write_text(config.read_text().replace(sha, "f" * 64))  # re-exported with other weights
+    with Client(repo=repo, model="vit_tiny") as changed:
+        with pytest.raises(IndexMismatchError) as e:
+            changed.search([folder / "circle" / "circle_001.png"], built[0])
+    message = str(e.value)
+    assert "the weights differ" in message and "changed since the index was built" in message
+    assert "use --model" not in message and "dinoserve index build" in message
+
+
+def test_index_training_and_knn_list_the_same_files_of_a_folder(vit, tmp_path):
+    """One folder rule: hidden files, symlinked duplicates and linked folders alike everywhere."""
+    from dinoserve.training.data import find_images
+    from dinoserve.training.knn import labelled_items
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=2, size=32)
+    make_image_folder(data / "val", per_class=1, size=32, seed=1)
+    train = data / "train"
+    shutil.copy(train / "circle" / "circle_000.png", train / "circle" / ".hidden.png")
+    os.symlink(train / "square" / "square_000.png", train / "square" / "a_link.png")
+    make_image_folder(tmp_path / "outside", per_class=1, size=32, seed=2)
+    os.symlink(tmp_path / "outside" / "stripes", train / "stripes" / "linked_folder")
+
+    out = tmp_path / "train.index"
+    build_index(train, out, vit, progress=False)
+    indexed = EmbeddingIndex.load(out).paths
+    trained = [str(p) for p in find_images(train)]
+    bank = [str(p) for p, _ in labelled_items(data)[0]]
+    assert indexed == trained == bank and len(indexed) == 6
