@@ -1,4 +1,4 @@
-"""k-NN evaluation (dinoserve.training.knn), CSV file lists (dinoserve.filelist) and `dinoserve eval knn`."""
+"""k-NN evaluation (dinoserve.training.knn) and `dinoserve eval knn`; file lists are in test_filelist.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from dinoserve.cli import cli
 from dinoserve.errors import DataError
 from dinoserve.images import normalize, preprocess
 from dinoserve.models import create_backbone, load_backbone
-from dinoserve.filelist import FileEntry, read_file_list
 from dinoserve.training.knn import (
     evaluate_knn,
     evaluate_knn_set,
@@ -166,54 +165,6 @@ def test_raw_pixel_baseline_separates_colour_classes(tmp_path):
     knn_set = prepare_knn_set(tmp_path, 16)
     result = evaluate_knn_set(None, knn_set)
     assert (result.top1, result.n_bank, result.n_query) == (100.0, 12, 6)
-
-
-# --- file lists -----------------------------------------------------------------------------
-
-
-def test_read_file_list_resolves_relative_and_absolute_paths(tmp_path):
-    (tmp_path / "imgs").mkdir()
-    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
-    absolute = tmp_path / "elsewhere.png"
-    absolute.write_bytes(b"x")
-    csv_path = tmp_path / "list.csv"
-    csv_path.write_text(f"path,category,split\nimgs/a.png,cat,knn_train\n{absolute},,pool\nimgs/b.png,dog,\n")
-
-    entries = read_file_list(csv_path)
-    assert entries == [FileEntry(tmp_path / "imgs" / "a.png", "cat", "knn_train"),
-                       FileEntry(absolute, None, "pool"),
-                       FileEntry(tmp_path / "imgs" / "b.png", "dog", None)]
-    assert read_file_list(csv_path, splits="pool") == [FileEntry(absolute, None, "pool")]
-    other = read_file_list(csv_path, splits=["knn_train"], root=tmp_path / "imgs" / "..")
-    assert other[0].path.resolve() == (tmp_path / "imgs" / "a.png").resolve()
-
-
-def test_read_file_list_errors_name_the_input(tmp_path):
-    with pytest.raises(DataError, match="missing.csv: no such file list"):
-        read_file_list(tmp_path / "missing.csv")
-
-    bad = tmp_path / "bad.csv"
-    bad.write_text("file,label\na.png,x\n")
-    with pytest.raises(DataError, match="missing column.*path"):
-        read_file_list(bad)
-
-    ok = tmp_path / "ok.csv"
-    (tmp_path / "a.png").write_bytes(b"x")
-    ok.write_text("path,category,split\na.png,x,knn_train\na.png,x,pool\n")
-    with pytest.raises(DataError, match=r"unknown split\(s\) 'test'; the file has knn_train, pool"):
-        read_file_list(ok, splits=["knn_train", "test"])
-
-    with pytest.raises(DataError, match=r"none of its 2 listed images exists under .*nowhere.*--data-root"):
-        read_file_list(ok, root=tmp_path / "nowhere")
-
-
-def test_openclipart_list_defaults_to_the_debian_folder_and_says_how_to_install(tmp_path):
-    csv_path = tmp_path / "openclipart_knn.csv"
-    csv_path.write_text("path,category,split\nno_such_topic/x_01.png,x,knn_val\n")
-    with pytest.raises(DataError) as e:
-        read_file_list(csv_path)
-    assert "/usr/share/openclipart/png" in str(e.value)
-    assert "apt-get install -y openclipart-png" in str(e.value)
 
 
 def test_knn_data_errors(tiny_vit, tmp_path):
