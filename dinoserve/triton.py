@@ -10,12 +10,18 @@ Two kinds of ``tritonserver`` are supported:
   a Python-backend runner (:mod:`dinoserve.triton_runner`) with the same name, inputs
   and outputs that runs the same ``model.onnx`` with onnxruntime.
 
-:class:`TritonServer` starts either on 127.0.0.1 with free ports, waits until every model
-is ready, and stops it cleanly. It never imports torch.
+:class:`TritonServer` starts either on 127.0.0.1, waits until every model is ready, and
+stops it cleanly. The server runs in its own process group and gets SIGTERM if this process
+dies (even by ``kill -9``); when it stops or crashes, whatever it left (Python-backend runner
+processes, their ``/dev/shm`` regions, the serving folder) is removed.
+:meth:`TritonServer.watch` supervises it: a runner that dies gets its model reloaded through
+Triton's repository API (readiness is false meanwhile), and a server that stops by itself
+ends the watch with the cause. It never imports torch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,8 +38,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from dinoserve import triton_process as proc_tree
 from dinoserve.errors import ModelNotFoundError, ServerError
 from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, python_backend_config,
                                   read_model_config)
@@ -96,14 +103,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _check_port(host: str, port: int, what: str) -> None:
+    """Fail clearly, naming the port and its option, unless ``port`` can be listened on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As a server binds: a port a closed connection still lingers on (TIME_WAIT) is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServerError(
-                f"{what} port {port} on {host} is already in use ({e.strerror}); pick another "
-                f"port (--{what}-port) or stop what is using it"
-            ) from None
+            if e.errno == errno.EADDRINUSE:
+                raise ServerError(
+                    f"{what} port {port} on {host} is already in use; choose another with --{what}-port "
+                    f"(0 picks a free one), or stop what is using it"
+                ) from None
+            raise ServerError(f"cannot bind {what} port {port} on {host}: {e.strerror}; check --host and --{what}-port") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -202,7 +214,20 @@ def _bundled_env(root: Path) -> dict[str, str]:
 
 #: Lines a CPU-only machine always prints; never the reason a start failed.
 _NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda|GPU metrics|pinned memory", re.IGNORECASE)
+#: Triton's start-up tables (options, backends, models): "+---+" borders and "| key | value |" rows.
+_TABLE_LINE = re.compile(r"^\s*[+|]")
 _ERROR_LINE = re.compile(r"^E\d{4} |error|failed|UNAVAILABLE|Traceback|Exception", re.IGNORECASE)
+
+#: A model whose runner dies this often within RESTART_WINDOW_S is not reloaded again.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 300.0
+
+#: ``notify(event, model, message)``: what :meth:`TritonServer.watch` reports. Events are
+#: "runner-died", "unloaded" (the model is not ready now) and "reloaded".
+Notify = Callable[[str, str, str], None]
+
+_WORKDIR_PREFIX = "dinoserve-triton-"
+_OWNER_FILE = "owner"
 
 
 class TritonServer:
@@ -216,12 +241,18 @@ class TritonServer:
     Args:
         repo: the model repository (as written by ``dinoserve export --onnx``).
         host: address to bind; 127.0.0.1 by default (Triton itself would bind 0.0.0.0).
-        http_port, grpc_port, metrics_port: ports; free ones when None.
+        http_port, grpc_port, metrics_port: ports; a free one when None or 0 (``dinoserve
+            serve`` defaults to Triton's 8000, 8001 and 8002).
         models: model names to serve; all of the repository's by default.
         log_file: where the server's output goes; a file in the serving folder by default.
-        startup_timeout: seconds to wait until every model is ready.
+        startup_timeout: seconds to wait until every model is ready (also per reload).
         binary: a :class:`TritonBinary`; :func:`find_tritonserver` by default.
         intra_op_threads: onnxruntime threads per runner (pip server only; 0 = default).
+
+    The server runs in its own process group, in explicit model-control mode (so a model
+    can be reloaded), and gets SIGTERM when the thread that started it is gone with its
+    process (set up from the main thread only). :meth:`stop` leaves nothing behind: no
+    runner process, no shared-memory region of this server, no serving folder.
     """
 
     def __init__(
@@ -247,8 +278,12 @@ class TritonServer:
         self.intra_op_threads = intra_op_threads
         self.process: subprocess.Popen | None = None
         self.served_models: list[str] = []
+        self.log_path: Path | None = None
         self._workdir: Path | None = None
         self._log_handle = None
+        self._runners: dict[int, proc_tree.Runner] = {}  # pid -> runner, as last seen alive
+        self._shm_regions: set[str] = set()  # every region this server's runners used
+        self._restarts: dict[str, list[float]] = {}  # model -> monotonic times of its reloads
 
     # -- addresses ------------------------------------------------------------------
     @property
@@ -293,22 +328,32 @@ class TritonServer:
             raise ServerError("this TritonServer is already running")
         binary = self.binary or find_tritonserver()
         self.served_models = _select_models(self.repo, self.models)
+        host = self.host or "127.0.0.1"
         for what, port in self._ports.items():
-            if port is None:
-                self._ports[what] = free_port(self.host or "127.0.0.1")
-            else:
-                _check_port(self.host or "127.0.0.1", port, what)
-        self._workdir = Path(tempfile.mkdtemp(prefix="dinoserve-triton-"))
+            if port:
+                _check_port(host, port, what)
+        taken = {p for p in self._ports.values() if p}
+        for what, port in self._ports.items():
+            while not self._ports[what]:  # None or 0: a free one, distinct from the others
+                candidate = free_port(host)
+                if candidate not in taken:
+                    self._ports[what] = candidate
+                    taken.add(candidate)
+        _remove_stale_workdirs()
+        self._workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        (self._workdir / _OWNER_FILE).write_text(proc_tree.owner_token(), encoding="ascii")
         try:
             cmd, env = self._command(binary)
-            log_path = self.log_file or self._workdir / "tritonserver.log"
-            self.log_path = Path(log_path)
+            self.log_path = Path(self.log_file or self._workdir / "tritonserver.log")
             self._log_handle = open(self.log_path, "ab")
             log.info("starting %s", " ".join(cmd))
-            # Own session: stopping the server also reaches its Python stub processes.
+            # Own process group: the runners join it, so they can be found and ended with it.
+            # Parent-death signal: a kill -9 of this process still stops the server.
             self.process = subprocess.Popen(cmd, env=env, stdout=self._log_handle, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=proc_tree.parent_death_signal())
             self._wait_ready()
+            self._track_runners()
         except BaseException:
             self.stop()
             raise
@@ -321,11 +366,12 @@ class TritonServer:
             f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}", "--exit-timeout-secs=10",
             "--log-verbose=0", "--allow-metrics=true",
+            # Explicit control: the served models load at start, and one whose runner died
+            # can be reloaded through the repository API (see watch()).
+            "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.served_models),
         ]
         if binary.has_onnxruntime:
             cmd = [str(binary.path), f"--model-repository={self.repo}", *common]
-            if self.models is not None:
-                cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.served_models)]
             if binary.backend_dir is not None:
                 cmd.append(f"--backend-directory={binary.backend_dir}")
             return cmd, dict(os.environ)
@@ -348,7 +394,8 @@ class TritonServer:
         while True:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(self.failure_report(f"tritonserver exited with code {code} while starting"))
+                raise ServerError(self.failure_report(
+                    f"tritonserver {proc_tree.describe_exit(code)} while starting"))
             if pending:
                 pending = [m for m in pending if not self._get_ok(f"/v2/models/{m}/ready")]
             if not pending and self._get_ok("/v2/health/ready"):
@@ -367,10 +414,118 @@ class TritonServer:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
+    # -- supervision ------------------------------------------------------------------
+    def runners(self) -> list[proc_tree.Runner]:
+        """The live Python-backend runner processes of this server (one per model instance;
+        none for models that Triton's own onnxruntime backend serves)."""
+        if self.process is None:
+            return []
+        found = []
+        for info in proc_tree.group_members(self.process.pid):
+            runner = proc_tree.runner_of(info)
+            if runner is not None and info.alive:
+                found.append(runner)
+        return found
+
+    def _track_runners(self) -> None:
+        for runner in self.runners():
+            self._runners[runner.pid] = runner
+            self._shm_regions.add(runner.shm_region)
+
+    def check(self, notify: Notify | None = None) -> list[str]:
+        """One round of supervision; the models reloaded because their runner had died.
+
+        Triton does not notice a dead Python-backend runner: every request to its model
+        fails ("Stub process ... is not healthy") while the server and the model still
+        report ready. So the model is unloaded (readiness turns false), loaded again (a new
+        runner) and waited for. Raises :class:`ServerError` with the cause when tritonserver
+        has stopped, when a reload fails, or when a runner keeps dying
+        (``MAX_RESTARTS`` times within ``RESTART_WINDOW_S``).
+        """
+        if self.process is None:
+            raise ServerError("the server is not running")
+        code = self.process.poll()
+        if code is not None:
+            raise ServerError(self.failure_report(self._stopped_headline(code)))
+        dead: dict[str, list[proc_tree.Runner]] = {}
+        for runner in list(self._runners.values()):
+            if not proc_tree.is_alive(runner.pid):
+                dead.setdefault(runner.model, []).append(runner)
+        for model, runners in dead.items():
+            self._reload(model, runners, notify or (lambda *_: None))
+        self._track_runners()
+        return list(dead)
+
+    def watch(self, notify: Notify | None = None, interval: float = 0.5) -> None:
+        """Supervise the server until it stops (see :meth:`check`); never returns normally.
+
+        Raises :class:`ServerError` naming the cause (a signal, an exit code, the server's
+        last meaningful lines) when tritonserver stops by itself or a model cannot be reloaded.
+        """
+        while True:
+            self.check(notify)
+            time.sleep(interval)
+
+    def _reload(self, model: str, runners: list[proc_tree.Runner], notify: Notify) -> None:
+        first = runners[0]
+        cause = f"the runner process of model {model!r} (pid {first.pid}) {proc_tree.why_gone(first.pid)}"
+        for runner in runners:
+            self._runners.pop(runner.pid, None)
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(model, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            raise ServerError(self.failure_report(
+                f"{cause}; it has died {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s, so it is "
+                f"not reloaded again"))
+        self._restarts[model] = recent + [now]
+        notify("runner-died", model, f"{cause}; reloading {model} (not ready until then)")
+        for action in ("unload", "load"):
+            error = self._repository_request(model, action)
+            if error is not None:
+                raise ServerError(self.failure_report(f"{cause}, and {action}ing {model} again failed: {error}"))
+            if action == "unload":
+                notify("unloaded", model, f"{model} unloaded; readiness is false until it is loaded again")
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._get_ok(f"/v2/models/{model}/ready"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(self.failure_report(f"{cause}, and {model} did not become ready again"))
+            time.sleep(0.2)
+        # The server never unlinks a region whose runner was killed; it is unused now.
+        proc_tree.remove_shm_regions(r.shm_region for r in runners)
+        self._shm_regions.difference_update(r.shm_region for r in runners)
+        self._track_runners()
+        pids = ", ".join(str(r.pid) for r in self._runners.values() if r.model == model) or "none"
+        notify("reloaded", model, f"{model} reloaded and ready again (runner pid {pids})")
+
+    def _repository_request(self, model: str, action: str) -> str | None:
+        """POST Triton's model-repository ``load``/``unload`` for ``model``; None or the error."""
+        url = f"{self.http_url}/v2/repository/models/{model}/{action}"
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.startup_timeout):
+                return None
+        except urllib.error.HTTPError as e:
+            body = e.read().decode("utf-8", errors="replace")
+            try:
+                return json.loads(body).get("error") or body
+            except (ValueError, AttributeError):
+                return body or str(e)
+        except (urllib.error.URLError, OSError) as e:
+            return str(getattr(e, "reason", e))
+
+    # -- reporting --------------------------------------------------------------------
+    def _stopped_headline(self, code: int) -> str:
+        headline = f"tritonserver {proc_tree.describe_exit(code)} while serving"
+        if code == -signal.SIGKILL:
+            headline += " (SIGKILL comes from outside: kill -9, or the kernel's out-of-memory killer; see dmesg)"
+        return headline
+
     def failure_report(self, headline: str) -> str:
-        """``headline`` plus the server's own error lines (GPU-probing noise left out)."""
-        lines = [line for line in self.log_lines() if not _NOISE.search(line)]
-        errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-15:]
+        """``headline`` plus the server's last meaningful lines: its errors if it printed
+        any, else its last lines; GPU-probing noise and the start-up tables left out."""
+        lines = [line for line in self.log_lines()
+                 if line.strip() and not _NOISE.search(line) and not _TABLE_LINE.match(line)]
+        errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-6:]
         shown = "\n  ".join(errors[-12:]) if errors else "(no output)"
         if self._workdir is not None:  # name the user's repository, not our serving copy
             shown = shown.replace(str(self._workdir / "model_repository"), str(self.repo))
@@ -379,9 +534,11 @@ class TritonServer:
 
     def log_lines(self) -> list[str]:
         """The server's output so far."""
+        if self.log_path is None:
+            return []
         try:
-            return Path(self.log_path).read_text(encoding="utf-8", errors="replace").splitlines()
-        except (OSError, AttributeError):
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
             return []
 
     def is_running(self) -> bool:
@@ -394,18 +551,19 @@ class TritonServer:
         return self.process.wait()
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s) and clean up."""
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` s) and clean up: any
+        runner it left behind is killed, and its shared memory and serving folder removed."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         if proc is not None:
-            self._reap_group(proc.pid)
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                    proc.kill()
+                    proc.wait()
+            self._clean_up_group(proc.pid)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -413,18 +571,29 @@ class TritonServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    @staticmethod
-    def _reap_group(pgid: int) -> None:
-        """Python stubs left behind by a crashed server are in its process group: end them."""
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _clean_up_group(self, pgid: int) -> None:
+        """After the server is gone: kill what is left of its process group (runners of a
+        crashed server outlive it, and ignore SIGTERM), then unlink its shared memory."""
+        left = [info for info in proc_tree.group_members(pgid) if info.alive]
+        for info in left:
+            runner = proc_tree.runner_of(info)
+            if runner is not None:
+                self._shm_regions.add(runner.shm_region)
+        if left:
+            log.info("tritonserver left %d process(es) behind; killing pid %s",
+                     len(left), ", ".join(str(i.pid) for i in left))
+            stuck = proc_tree.kill_and_wait([info.pid for info in left])
+            if stuck:
+                log.warning("processes %s of the stopped tritonserver did not die", stuck)
+        proc_tree.remove_shm_regions(self._shm_regions)
+        self._shm_regions.clear()
+        self._runners.clear()
 
     def status(self) -> dict:
-        """Addresses and models, for printing."""
+        """Addresses, models and the server's pid, for printing."""
         return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
-                "models": self.served_models, "repository": str(self.repo)}
+                "models": self.served_models, "repository": str(self.repo),
+                "pid": self.process.pid if self.process is not None else None}
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -432,3 +601,14 @@ class TritonServer:
 
     def describe(self) -> str:
         return json.dumps(self.status())
+
+
+def _remove_stale_workdirs() -> None:
+    """Serving folders whose owning process is gone (it was killed before it could clean up)."""
+    for folder in Path(tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
+        try:
+            token = (folder / _OWNER_FILE).read_text(encoding="ascii")
+        except OSError:
+            continue  # not ours to judge (no owner file)
+        if not proc_tree.owner_alive(token):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -7,17 +7,59 @@ Triton's dynamic batcher hands ``execute`` several requests at once; they are
 concatenated, run in one onnxruntime call and split back, so batching still pays.
 
 This file is loaded by Triton's Python stub, not imported by dinoserve: it may only
-use numpy, onnxruntime and ``triton_python_backend_utils``.
+use the standard library, numpy, onnxruntime and ``triton_python_backend_utils``.
+
+If tritonserver dies (``kill -9``, the OOM killer), the runner must not outlive it: a
+watchdog thread sees the runner re-parented, unlinks the server's shared-memory region that
+this runner was given, and exits. (A parent-death signal would fire when the *thread* of
+tritonserver that started the stub ends, which is not the server's death.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+#: Name prefix of the Python backend's shared-memory regions in /dev/shm.
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def _stub_arguments() -> list[str]:
+    """The stub's command line: model.py, shm region, sizes, server pid, ... (see
+    :mod:`dinoserve.triton_process`)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def watch_parent(interval: float = 0.5) -> threading.Thread:
+    """Exit this runner, after unlinking its shared-memory region, once tritonserver is gone."""
+    argv = _stub_arguments()
+    region = argv[2] if len(argv) > 2 and argv[2].startswith(SHM_PREFIX) and "/" not in argv[2] else None
+    parent = os.getppid()
+
+    def run() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        if region is not None:
+            try:
+                os.unlink(os.path.join("/dev/shm", region))
+            except OSError:
+                pass
+        os._exit(1)
+
+    thread = threading.Thread(target=run, name="dinoserve-runner-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def _parameter(model_config: dict, key: str, default: str = "") -> str:
@@ -29,6 +71,7 @@ class TritonPythonModel:
     """Runs ``<version>/model.onnx`` with onnxruntime for every batch Triton schedules."""
 
     def initialize(self, args: dict) -> None:
+        watch_parent()
         config = json.loads(args["model_config"])
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 import click
+
+PORT = click.IntRange(0, 65535)
 
 
 @click.command("serve")
@@ -14,13 +15,13 @@ import click
               type=click.Path(file_okay=False), help="Triton model repository [env DINOSERVE_REPO].")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--http-port", default=None, type=click.IntRange(1, 65535), help="HTTP port [default: a free one].")
-@click.option("--grpc-port", default=None, type=click.IntRange(1, 65535), help="gRPC port [default: a free one].")
-@click.option("--metrics-port", default=None, type=click.IntRange(1, 65535), help="Metrics port [default: a free one].")
+@click.option("--http-port", default=8000, show_default=True, type=PORT, help="HTTP port; 0 picks a free one.")
+@click.option("--grpc-port", default=8001, show_default=True, type=PORT, help="gRPC port; 0 picks a free one.")
+@click.option("--metrics-port", default=8002, show_default=True, type=PORT, help="Metrics port; 0 picks a free one.")
 @click.option("--model", "-m", "models", multiple=True, help="Serve only this model (repeatable) [default: all].")
 @click.option("--log-file", default=None, type=click.Path(dir_okay=False), help="Write the server's output here.")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=click.FloatRange(min=1),
-              help="Seconds to wait until every model is ready.")
+              help="Seconds to wait until every model is ready (also when one is reloaded).")
 def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, startup_timeout):
     """Run tritonserver on REPO until Ctrl-C or SIGTERM.
 
@@ -28,11 +29,15 @@ def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, star
     wheel, whose ONNX models run through an onnxruntime Python-backend runner. Prints one
     JSON line with the endpoints once every model is ready.
 
+    While it runs, a model whose runner process dies is reloaded (its readiness is false
+    meanwhile); if tritonserver stops by itself, or a model cannot be reloaded, this exits
+    with code 1 and the cause. Nothing it started outlives it.
+
     \b
     Example:
-      dinoserve serve --repo model_repository --http-port 8000 --grpc-port 8001
+      dinoserve serve --repo model_repository        # HTTP 8000, gRPC 8001, metrics 8002
+      dinoserve serve --http-port 0 --grpc-port 0 --metrics-port 0   # free ports
     """
-    from dinoserve.errors import ServerError
     from dinoserve.triton import TritonServer
 
     server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
@@ -41,16 +46,16 @@ def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, star
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt  # one shutdown path for Ctrl-C and SIGTERM
 
+    def report(event: str, model: str, message: str) -> None:
+        click.echo(message, err=True)
+
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.start()
         click.echo(json.dumps(server.status()))
         click.echo(f"serving {', '.join(server.served_models)}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
                    f"metrics {server.metrics_url}  (Ctrl-C to stop)", err=True)
-        while server.is_running():
-            time.sleep(0.5)
-        code = server.process.returncode if server.process else None
-        raise ServerError(server.failure_report(f"tritonserver stopped by itself (exit code {code})"))
+        server.watch(notify=report)  # returns only by raising: the cause of a stop
     except KeyboardInterrupt:
         click.echo("stopping tritonserver ...", err=True)
     finally:
