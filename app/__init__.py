@@ -8,6 +8,10 @@ embedding index::
 
     demo = app.launch(Client(repo="model_repository"), "photos.index", port=7860)
 
+:func:`serve_app` is the one way the command line (``dinoserve app``, ``dinoserve demo``)
+runs it: model/index check, a warning off loopback, the URL, then serving until Ctrl-C or
+SIGTERM, after which the app's temporary folder is gone.
+
 Safe by default: it binds 127.0.0.1, refuses uploads over ``max_upload_mb``, decodes
 uploads with dinoserve's checks (clear messages, no stack traces), and serves no file from
 disk except copies of the index images it shows and its own downloads, all in one app
@@ -18,14 +22,21 @@ is looked up on the server, never taken from the browser. Nothing launches on im
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import shutil
+import signal
+import socket
+import sys
 import tempfile
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["build_app", "launch", "load_index", "DEFAULT_MAX_UPLOAD_MB"]
+__all__ = ["build_app", "launch", "serve_app", "load_index", "is_loopback", "check_bindable", "DEFAULT_MAX_UPLOAD_MB"]
 
 #: Default upload limit; a photo rarely needs more, and dinoserve.images caps pixels anyway.
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -70,30 +81,33 @@ def launch(
     port: int | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     title: str = "dinoserve",
+    workdir: str | os.PathLike | None = None,
     **launch_kwargs: Any,
 ) -> "gr.Blocks":
     """Build the app and serve it on ``host:port``; returns the launched ``gr.Blocks``.
 
     Blocks the calling thread unless ``prevent_thread_lock=True`` is passed (tests do).
-    The URL is ``demo.local_url``; stop it with ``demo.close()``.
+    The URL is ``demo.local_url``; stop it with ``demo.close()``. ``workdir``: see
+    :func:`build_app`. Other keywords go to ``gr.Blocks.launch`` (a public Gradio share
+    link only with an explicit ``share=True``).
     """
     import gradio as gr
 
     index = load_index(index)
-    demo = build_app(client, index, title=title)
+    demo = build_app(client, index, title=title, workdir=workdir)
     theme = gr.themes.Default(
         # System fonts: the default theme would fetch Google Fonts, and the app must work offline.
         font=["ui-sans-serif", "system-ui", "sans-serif"],
         font_mono=["ui-monospace", "monospace"],
     )
     demo.queue(default_concurrency_limit=2)
+    launch_kwargs.setdefault("share", False)
     try:
         demo.launch(
             server_name=host,
             server_port=port,
             max_file_size=int(max_upload_mb * 1024 * 1024),
             allowed_paths=[str(demo.dinoserve_handlers.workdir)],
-            share=False,
             show_error=False,  # our gr.Error messages still show; anything else shows no stack trace
             ssr_mode=False,
             mcp_server=False,
@@ -106,3 +120,90 @@ def launch(
 
         raise ServerError(f"cannot serve the app on {host}:{port}: {e}; choose a free port with --port") from None
     return demo
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bindable(host: str, port: int | None) -> None:
+    """Raise :class:`~dinoserve.errors.ServerError`, naming ``--host``/``--port``, unless the
+    app could listen on ``host:port`` (checked before Gradio starts its server thread)."""
+    from dinoserve.errors import ServerError
+
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ServerError(f"cannot serve the app on {host}:{port}: unknown host ({e.strerror}); check --host") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServerError(f"cannot serve the app on {host}:{port}: the port is already in use; "
+                                  f"choose a free port with --port") from None
+            raise ServerError(f"cannot serve the app on {host}:{port}: {e.strerror}; check --host "
+                              f"(127.0.0.1 serves this machine only)") from None
+
+
+def serve_app(
+    client: Any,
+    index: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    title: str = "dinoserve",
+    echo: Callable[[str], None] | None = None,
+) -> None:
+    """Run the app for a person at a terminal until Ctrl-C or SIGTERM; the command line's one way in.
+
+    1. Refuses an index built with another model than ``client``'s
+       (:class:`~dinoserve.errors.IndexMismatchError`) before serving, not on the first search.
+    2. Warns when ``host`` is not a loopback address: the app has no login.
+    3. Serves on ``host:port`` and says where to open it (the address actually bound); no
+       Gradio hint about share links, which the command line cannot act on.
+    4. Blocks until SIGINT or SIGTERM (when called from the main thread; elsewhere until
+       KeyboardInterrupt), then closes the server and removes the app's temporary folder
+       (copies of index images, downloads), also when start-up fails.
+
+    ``index`` is a loaded index or its path; ``echo`` prints a message (stderr by default).
+    """
+    say = echo or (lambda message: print(message, file=sys.stderr, flush=True))
+    index = load_index(index)
+    index.check_model(client.info)
+    if not is_loopback(host):
+        say(f"warning: --host {host} makes the app reachable from other machines; it has no login, so "
+            "anyone who can reach it can search the index and see its images")
+    check_bindable(host, port)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    workdir = tempfile.mkdtemp(prefix="dinoserve-app-")
+    demo = None
+    try:
+        demo = launch(client, index, host=host, port=port, max_upload_mb=max_upload_mb, title=title,
+                      workdir=workdir, prevent_thread_lock=True, quiet=True)
+        say(f"dinoserve app: {client.model} on {index.path} ({len(index)} images); "
+            f"open {demo.local_url} (Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            pass
+        say("stopping the app ...")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if demo is not None:
+            demo.close()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -424,10 +424,21 @@ def test_app_command_refuses_another_model_than_the_index(vit, tiny_repo):
     assert "vit_tiny" in r.output and "resnet_tiny" in r.output and "Traceback" not in r.output
 
 
-def test_app_command_serves_on_localhost(vit, tiny_repo, tmp_path):
+def _app_folders(tmp: Path) -> list[Path]:
+    return sorted(tmp.glob("dinoserve-app-*"))
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_app_command_serves_on_localhost_and_cleans_up_on_signal(vit, tiny_repo, photos, tmp_path, signum):
+    """A real `dinoserve app`: serves on 127.0.0.1, prints where (and no share-link hint it
+    cannot act on), and on SIGTERM/SIGINT exits 0 leaving no dinoserve-app-* folder behind."""
+    import signal as signals
+
     _, _, _, index_path = vit
     port = free_port()
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path))
+    tmp = tmp_path / "tmp"  # the system temp directory, as the app process sees it
+    tmp.mkdir()
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), TMPDIR=str(tmp))
     proc = subprocess.Popen(
         [sys.executable, "-m", "dinoserve", "app", "--index", str(index_path), "--repo", str(tiny_repo),
          "--port", str(port)],
@@ -445,7 +456,71 @@ def test_app_command_serves_on_localhost(vit, tiny_repo, tmp_path):
         assert proc.poll() is None, proc.stdout.read()
         info = httpx.get(url + "/gradio_api/info").json()
         assert set(info["named_endpoints"]) == {"/search", "/attention", "/embed"}
+        gc = GradioClient(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        gc.predict(handle_file(str(_indexed(photos)[0])), 2, api_name="/search")  # copies index images
+        gc.close()
+        [folder] = _app_folders(tmp)
+        assert list(folder.rglob("*.png"))
+        proc.send_signal(getattr(signals, signum))
+        out, _ = proc.communicate(timeout=60)
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert _app_folders(tmp) == []
     assert f"open http://127.0.0.1:{port}" in out
+    assert "share=True" not in out and "public link" not in out
+    assert "Traceback" not in out
+
+
+def test_serve_app_warns_off_loopback_and_cleans_up_when_it_cannot_bind(vit, tmp_path, monkeypatch):
+    """The one launch path: the warning for a non-loopback host comes first; a host it cannot
+    bind (TEST-NET-1, not on this machine) is a clear error, and no app folder is left."""
+    import tempfile
+
+    from dinoserve.errors import ServerError
+
+    _, _, client, index_path = vit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    said: list[str] = []
+    with pytest.raises(ServerError, match=r"cannot serve the app on 192\.0\.2\.1"):
+        app.serve_app(client, index_path, host="192.0.2.1", port=free_port(), echo=said.append)
+    assert len(said) == 1 and said[0].startswith("warning: --host 192.0.2.1") and "no login" in said[0]
+    assert _app_folders(tmp_path) == []
+
+
+def test_serve_app_port_in_use_names_the_option(vit, tmp_path, monkeypatch):
+    import tempfile
+
+    from dinoserve.errors import ServerError
+
+    _, _, client, index_path = vit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerError, match=f"127.0.0.1:{port}: the port is already in use.*--port"):
+            app.serve_app(client, index_path, port=port, echo=lambda m: None)
+    assert _app_folders(tmp_path) == []
+
+
+def test_serve_app_refuses_an_index_of_another_model(vit, tiny_repo, tmp_path, monkeypatch):
+    import tempfile
+
+    from dinoserve.errors import IndexMismatchError
+
+    _, _, _, index_path = vit
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with Client(repo=tiny_repo, model="resnet_tiny") as other:
+        with pytest.raises(IndexMismatchError, match="vit_tiny"):
+            app.serve_app(other, index_path, port=free_port(), echo=lambda m: None)
+    assert _app_folders(tmp_path) == []
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True),
+                                           ("::1", True), ("0.0.0.0", False), ("192.168.1.5", False),
+                                           ("::", False), ("example.org", False)])
+def test_app_is_loopback(host, loopback):
+    assert app.is_loopback(host) is loopback

@@ -21,7 +21,8 @@ def app(index_path, host, port, max_upload_mb, title, url, repo, model, batch_si
     """Open a web app to search INDEX by image, see CLS attention maps and download embeddings.
 
     The model defaults to the one that built the index. API endpoints /search, /attention
-    and /embed can be called with gradio_client. Stop with Ctrl-C.
+    and /embed can be called with gradio_client. Stop with Ctrl-C or SIGTERM; the app's
+    temporary folder goes with it.
 
     \b
     Example:
@@ -29,14 +30,9 @@ def app(index_path, host, port, max_upload_mb, title, url, repo, model, batch_si
     """
     from dinoserve.index import EmbeddingIndex
 
-    from dinoserve import app as dinoserve_app
+    from dinoserve.app import serve_app
 
     index = EmbeddingIndex.load(index_path)
     with make_client(url, repo, model or index.model_name, batch_size, timeout, concurrency) as client:
-        index.check_model(client.info)  # refuse before serving, not on the first search
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            click.echo(f"warning: --host {host} makes the app reachable from other machines; it has no "
-                       "login, so anyone who can reach it can search the index and see its images", err=True)
-        click.echo(f"dinoserve app: {client.model} on {index_path} ({len(index)} images); "
-                   f"open http://{host}:{port} (Ctrl-C to stop)", err=True)
-        dinoserve_app.launch(client, index, host=host, port=port, max_upload_mb=max_upload_mb, title=title)
+        serve_app(client, index, host=host, port=port, max_upload_mb=max_upload_mb, title=title,
+                  echo=lambda message: click.echo(message, err=True))
