@@ -191,9 +191,18 @@ def _backend_dir(root: Path, target: Path) -> Path:
     return target
 
 
-def _bundled_env(root: Path) -> dict[str, str]:
+def _runner_python_path(target: Path) -> Path:
+    """A folder holding only a link to this dinoserve package, for the runners' import path
+    (an editable install is not importable from a bare site-packages path)."""
+    target.mkdir(parents=True)
+    os.symlink(Path(__file__).resolve().parent, target / "dinoserve")
+    return target
+
+
+def _bundled_env(root: Path, python_path: Sequence[Path] = ()) -> dict[str, str]:
     """Environment for the pip server: this Python's libpython first (else the stub picks
-    the system's, another patch level, and crashes), the wheel's libraries, the venv on PATH."""
+    the system's, another patch level, and crashes), the wheel's libraries, the venv on PATH,
+    and ``python_path`` first on the runners' import path."""
     env = dict(os.environ)
     site = root.parent.parent  # <site-packages>/pytriton/tritonserver
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(site / "nvidia_pytriton.libs")]
@@ -201,7 +210,7 @@ def _bundled_env(root: Path) -> dict[str, str]:
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    paths = [p for p in sys.path if p.endswith("site-packages")]
+    paths = [str(p) for p in python_path] + [p for p in sys.path if p.endswith("site-packages")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
@@ -386,7 +395,7 @@ class TritonServer:
         prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads)
         backends = _backend_dir(root, self._workdir / "backends")
         cmd = [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common]
-        return cmd, _bundled_env(root)
+        return cmd, _bundled_env(root, [_runner_python_path(self._workdir / "python")])
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

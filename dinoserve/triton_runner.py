@@ -6,8 +6,10 @@ outputs, running the very same ``model.onnx`` (linked beside this file) with onn
 Triton's dynamic batcher hands ``execute`` several requests at once; they are
 concatenated, run in one onnxruntime call and split back, so batching still pays.
 
-This file is loaded by Triton's Python stub, not imported by dinoserve: it may only
-use the standard library, numpy, onnxruntime and ``triton_python_backend_utils``.
+This file is loaded by Triton's Python stub, not imported by dinoserve. Besides the
+standard library, numpy and ``triton_python_backend_utils`` it uses dinoserve's one
+onnxruntime session factory (:func:`dinoserve.ort_session.open_session`): the serving
+folder puts the very dinoserve that runs ``serve`` on the stub's path.
 
 If tritonserver dies (``kill -9``, the OOM killer), the runner must not outlive it: a
 watchdog thread sees the runner re-parented, unlinks the server's shared-memory region that
@@ -23,8 +25,10 @@ import threading
 import time
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from dinoserve.ort_session import open_session
+from dinoserve.repository import RUNNER_DEVICE, RUNNER_THREADS
 
 
 #: Name prefix of the Python backend's shared-memory regions in /dev/shm.
@@ -79,13 +83,11 @@ class TritonPythonModel:
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        options = ort.SessionOptions()
-        threads = int(_parameter(config, "runner_intra_op_threads", "0") or 0)
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-        providers = ["CPUExecutionProvider"]
-        if _parameter(config, "runner_device") == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        threads = int(_parameter(config, RUNNER_THREADS, "0") or 0)  # 0: onnxruntime's default (all cores)
+        # GPU instances asked for: CUDA when this onnxruntime build has it, else the CPU.
+        device = "auto" if _parameter(config, RUNNER_DEVICE) == "gpu" else "cpu"
+        self.session = open_session(path, device=device, threads=threads,
+                                    hint="re-export the model with `dinoserve export`, then start serve again")
         graph_outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in self.output_names if n not in graph_outputs]
         if missing:
