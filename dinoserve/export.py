@@ -37,9 +37,10 @@ from torch import nn
 from dinoserve.atomic import fsync_path
 from dinoserve.attention import AttentionTap
 from dinoserve.card import ModelCard
-from dinoserve.errors import DinoserveError, ExportError
-from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch
+from dinoserve.errors import DinoserveError, ExportError, ModelFileError
+from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch, walk_images
 from dinoserve.models import backbone_card, forward_with_attention, load_backbone
+from dinoserve.ort_session import open_session
 from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
 
 __all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
@@ -139,8 +140,7 @@ def _verify_inputs(images: Sequence[ImageInput] | str | os.PathLike | None, size
         folder = Path(images)
         if not folder.is_dir():
             raise ExportError(f"verify images {folder}: not a folder of images")
-        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)[:8]
+        images = walk_images(folder)[:8]  # the one folder rule, as training and the index use
         if not images:
             raise ExportError(f"verify images {folder}: holds no .png/.jpg/... images")
     batch, _, _ = preprocess_batch(list(images), size, crop_pct)
@@ -316,14 +316,6 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
         raise ExportError(f"ONNX export of {card.arch} wrote no file at {path}")
 
 
-def _providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    if device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 @torch.no_grad()
 def _reference(model: nn.Module, card: ModelCard, batch: np.ndarray) -> list[np.ndarray]:
     # The reference is the exact float32 model on the CPU: on a GPU, cuDNN's default TF32
@@ -343,11 +335,10 @@ def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarra
     ViTs are also checked at a second, non-square size, so the dynamic spatial axes are
     proven to work, not just declared.
     """
-    import onnxruntime as ort
-
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=_providers(device))
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        # "gpu" uses CUDA when this onnxruntime build has it and the CPU otherwise.
+        session = open_session(onnx_path, device="auto" if device == "gpu" else "cpu")
+    except ModelFileError as e:
         raise ExportError(f"onnxruntime cannot load the exported graph of {card.arch}: {e}") from e
     batches = [batch]
     if card.family == "vit":

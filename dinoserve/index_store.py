@@ -90,7 +90,7 @@ def live_name(root: Path) -> str | None:
     """The generation ``CURRENT`` names when it names an existing one, else None."""
     try:
         name = (Path(root) / CURRENT).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, UnicodeDecodeError):  # missing, or not text: nothing is published
         return None
     return name if _GEN.match(name) and (Path(root) / name).is_dir() else None
 
