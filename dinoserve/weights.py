@@ -86,6 +86,10 @@ class Weights:
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     arch_problem: str = ""
+    # The DINO projection head stored beside the backbone (``head.*`` keys of a training
+    # checkpoint's network, or of a shipped file), so fine-tuning can continue the same
+    # objective; empty when the source has none.
+    head_state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def image_size(self) -> int | None:
@@ -108,7 +112,15 @@ def read_weights(source: str | os.PathLike, checkpoint_key: str = "teacher") -> 
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else None
     named = _arch_of_source(str(source))
     arch, kwargs, problem = (named, {}, "") if named else _detect_architecture(meta, sd)
-    return Weights(str(source), path, fmt, sha, sd, arch, kwargs, problem)
+    return Weights(str(source), path, fmt, sha, sd, arch, kwargs, problem, _head_state_dict(obj, checkpoint_key))
+
+
+def _head_state_dict(obj: dict[str, Any], checkpoint_key: str) -> dict[str, torch.Tensor]:
+    net = obj.get(checkpoint_key) if ("teacher" in obj or "student" in obj) else obj
+    if not isinstance(net, dict):
+        return {}
+    net = _strip_prefix(dict(net), "module.")
+    return {k[len("head."):]: v for k, v in net.items() if k.startswith("head.") and isinstance(v, torch.Tensor)}
 
 
 def _arch_of_source(source: str) -> str | None:

@@ -1,34 +1,73 @@
-"""`dinoserve demo --no-app`: the whole pipeline on a small labelled folder, then reuse."""
+"""`dinoserve demo --no-app`: fine-tune a shipped model (or train from scratch) on a small
+labelled folder, compare, export, index, search; then reuse every step."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from conftest import make_image_folder
 from dinoserve.cli import cli
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
-    data = tmp_path / "shapes"
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("shapes")
     make_image_folder(data / "train", per_class=6, size=48, seed=1)
     make_image_folder(data / "val", per_class=2, size=48, seed=2)
-    monkeypatch.chdir(tmp_path)
-    args = ["demo", "--data", str(data), "--no-app", "--minutes", "0.15", "--image-size", "32",
-            "--out", str(tmp_path / "run"), "--repo", str(tmp_path / "repo")]
+    return data
 
-    first = CliRunner().invoke(cli, args)
+
+@pytest.fixture(scope="module")
+def base_model(shapes, tmp_path_factory) -> Path:
+    """A tiny model packaged exactly as the shipped one is (benchmarks/ship_model.py):
+    fp16 safetensors of teacher backbone + head, and its record."""
+    out = tmp_path_factory.mktemp("base")
+    run = out / "run"
+    args = ["-p", "cpu_small", "-a", "vit_tiny_patch16_224", "--depth", "2", "--patch-size", "8",
+            "--global-crop-size", "32", "--local-crop-size", "16", "--local-crops", "2", "--out-dim", "64",
+            "--hidden-dim", "64", "--bottleneck-dim", "32", "-b", "6", "--max-steps", "2", "--precision", "fp32"]
+    r = CliRunner().invoke(cli, ["train", "-d", str(shapes / "train"), "-o", str(run), "-q", *args])
+    assert r.exit_code == 0, r.output
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ship_model import write_weights
+    from dinoserve.models import file_sha256
+
+    target = out / "base.safetensors"
+    facts = write_weights(run / "checkpoint.pth", target)
+    record = {"file_sha256": file_sha256(target), "arch": "vit_tiny_patch16_224", "image_size": 32,
+              "knn_top1": 50.0, "train_args": facts["args"]}
+    target.with_suffix(".json").write_text(json.dumps(record))
+    return target
+
+
+def _demo(tmp_path, shapes, *extra):
+    args = ["demo", "--data", str(shapes), "--no-app", "--out", str(tmp_path / "run"), "--repo", str(tmp_path / "repo"),
+            *extra]
+    r = CliRunner().invoke(cli, args)
+    return r, (json.loads(r.output.strip().splitlines()[-1]) if r.exit_code == 0 else None)
+
+
+def test_demo_fine_tunes_the_base_model_compares_and_reuses(tmp_path, shapes, base_model):
+    first, summary = _demo(tmp_path, shapes, "--base", str(base_model), "--minutes", "0.1")
     assert first.exit_code == 0, first.output
-    summary = json.loads(first.output.strip().splitlines()[-1])
-    assert summary["reused"] == []
-    # every artefact exists and is usable
-    assert (tmp_path / "run" / "train" / "checkpoint.pth").is_file()
+    assert "fine-tuning the shipped model base.safetensors" in first.output
+    assert set(summary["knn_top1"]) == {"shipped", "fine-tuned", "raw pixels"}
+    assert all(0 <= v <= 100 for v in summary["knn_top1"].values())
+    tuned, shipped = summary["knn_top1"]["fine-tuned"], summary["knn_top1"]["shipped"]
+    # the gate: the fine-tuned model is served only when it is not worse
+    expected = str(tmp_path / "run" / "train" / "checkpoint.pth") if tuned >= shipped else str(base_model)
+    assert summary["served"] == expected
     assert (tmp_path / "repo" / "dino_demo" / "1" / "model.onnx").is_file()
-    assert (tmp_path / "repo" / "dino_demo" / "config.pbtxt").is_file()
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["raw_pixels_top1"] <= 100
     assert len(result["examples"]) == 3 and all(len(e["hits"]) == 3 for e in result["examples"])
 
     from dinoserve.client import Client
@@ -36,21 +75,61 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
 
     index = EmbeddingIndex.load(summary["index"])
     assert len(index) == 24  # train + val images are all searchable
-    client = Client(repo=tmp_path / "repo", model="dino_demo")
-    query = sorted((data / "val" / "circle").glob("*.png"))[0]
-    top = client.search([query], index=index, k=1)[0][0]
+    with Client(repo=tmp_path / "repo", model="dino_demo") as client:
+        query = sorted((shapes / "val" / "circle").glob("*.png"))[0]
+        top = client.search([query], index=index, k=1)[0][0]
     assert top.path.endswith(query.name) and np.isclose(top.score, 1.0, atol=1e-4)
 
-    second = CliRunner().invoke(cli, args)
+    second, again = _demo(tmp_path, shapes, "--base", str(base_model), "--minutes", "0.1")
     assert second.exit_code == 0, second.output
-    again = json.loads(second.output.strip().splitlines()[-1])
-    assert again["reused"] == ["train", "export", "index"]
-    assert again["knn_top1"] == summary["knn_top1"]
+    assert again["reused"] == ["train", "export", "index"] and again["knn_top1"] == summary["knn_top1"]
     assert not (tmp_path / "repo" / "dino_demo" / "2").exists()  # no second export
 
 
+def test_demo_serves_the_shipped_model_when_fine_tuning_makes_it_worse():
+    from dinoserve.commands.demo_pipeline import Candidate, choose
+
+    shipped, tuned = Candidate("shipped", "s.safetensors", None, 48, 61.0), Candidate("fine-tuned", "c.pth", None, 48, 58.5)
+    served, why = choose([shipped, tuned])
+    assert served is shipped and "61.0 % to 58.5 %" in why
+    served, _ = choose([shipped, Candidate("fine-tuned", "c.pth", None, 48, 61.0)])
+    assert served.label == "fine-tuned"
+
+
+def test_demo_from_scratch_does_not_touch_the_shipped_model(tmp_path, shapes):
+    r, summary = _demo(tmp_path, shapes, "--from-scratch", "--minutes", "0.1", "--image-size", "32",
+                       "--base", str(tmp_path / "nowhere.safetensors"))
+    assert r.exit_code == 0, r.output
+    assert set(summary["knn_top1"]) == {"from scratch", "raw pixels"}
+    assert summary["served"].endswith("checkpoint.pth") and "shipped" not in r.output
+
+
+def test_demo_names_a_missing_or_damaged_base_model_and_the_way_out(tmp_path, shapes, base_model):
+    r, _ = _demo(tmp_path, shapes, "--base", str(tmp_path / "gone.safetensors"))
+    assert r.exit_code == 1 and "gone.safetensors" in r.output and "--from-scratch" in r.output
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(base_model.read_bytes()[:1000])
+    damaged.with_suffix(".json").write_text(base_model.with_suffix(".json").read_text())
+    r, _ = _demo(tmp_path, shapes, "--base", str(damaged))
+    assert r.exit_code == 1 and "damaged.safetensors" in r.output and "--from-scratch" in r.output
+    assert len(r.output.strip().splitlines()) <= 2  # one line, not a traceback
+
+
+def test_the_shipped_model_is_the_default_and_is_whole():
+    from dinoserve.commands.demo_pipeline import SHIPPED_WEIGHTS, DemoConfig, shipped_record
+    from dinoserve.models import backbone_card, load_backbone
+
+    assert DemoConfig().shipped == str(SHIPPED_WEIGHTS) and SHIPPED_WEIGHTS.parent == REPO / "weights"
+    if not SHIPPED_WEIGHTS.is_file():
+        pytest.skip(f"{SHIPPED_WEIGHTS} is not in this checkout")
+    record = shipped_record(SHIPPED_WEIGHTS)
+    assert SHIPPED_WEIGHTS.stat().st_size <= 25 * 1024 * 1024
+    model = load_backbone(str(SHIPPED_WEIGHTS), record["arch"])
+    assert backbone_card(model).arch == record["arch"] and record["knn_top1"] > 0
+
+
 def test_demo_without_openclipart_or_data_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr("dinoserve.demo.OPENCLIPART_ROOT", tmp_path / "missing")
+    monkeypatch.setattr("dinoserve.commands.demo_pipeline.OPENCLIPART_ROOT", tmp_path / "missing")
     result = CliRunner().invoke(cli, ["demo", "--no-app", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "apt-get install -y openclipart-png" in result.output and "--data" in result.output

@@ -4,7 +4,7 @@
   model card) imports neither torch nor the training code, the app or the shell, so a
   client-only install stays small.
 - No module of the library (``dinoserve/`` without the shell: ``cli.py``, ``commands/``,
-  ``demo.py``, ``__main__.py``) imports the training code, the app or the shell, and the
+  ``__main__.py``) imports the training code, the app or the shell, and the
   library's imports form no circle. Every import counts: module level, inside functions and
   under ``if TYPE_CHECKING:``, since each is a dependency a reader has to hold.
 """
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dinoserve"
 
 #: The shell: allowed to import anything, never imported by the library.
-SHELL = ("dinoserve.cli", "dinoserve.commands", "dinoserve.demo", "dinoserve.__main__")
+SHELL = ("dinoserve.cli", "dinoserve.commands", "dinoserve.__main__")
 #: What the library must never import: the layers above it (and their pre-namespace names).
-FORBIDDEN = ("dinoserve.training", "dinoserve.app", "dinoserve.commands", "dinoserve.demo", "dinoserve.cli",
+FORBIDDEN = ("dinoserve.training", "dinoserve.app", "dinoserve.commands", "dinoserve.cli",
              "training", "app")
 #: Library modules that still break the contract, with why; each is xfailed, not hidden.
 KNOWN_VIOLATIONS: dict[str, str] = {}
@@ -143,7 +143,7 @@ def test_layers_client_path_imports_no_torch_training_app_or_shell():
     assert out.returncode == 0, out.stderr
     loaded = json.loads(out.stdout)
     unwanted = ("torch", "timm", "gradio", "onnx", "dinoserve.training", "dinoserve.app", "training", "app",
-                "dinoserve.commands", "dinoserve.demo", "dinoserve.cli")
+                "dinoserve.commands", "dinoserve.cli")
     assert [m for m in loaded if _is_under(m, unwanted)] == []
     assert set(client_path) <= set(loaded)
 

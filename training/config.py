@@ -93,6 +93,7 @@ class TrainConfig:
     log_every: int = _f(10, "Write a log.jsonl line every N steps.")
     max_steps: Optional[int] = _f(None, "Stop cleanly (checkpoint written) after this many steps in total; schedules still span --epochs, and --resume continues.")
     time_limit: Optional[float] = _f(None, "Stop cleanly (checkpoint written) after this many minutes; --resume continues.")
+    fit_epochs_to_time: bool = _f(False, "With --time-limit: after the first steps, set --epochs to what the measured speed fits in the limit, so the schedules end when the time does.")
     progress: bool = _f(True, "Show a progress bar (main process only).")
 
     # --- evaluation ------------------------------------------------------------------
@@ -139,7 +140,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_lr=1e-5,
         weight_decay=0.04, weight_decay_end=0.1, momentum_teacher=0.99,
         teacher_temp=0.04, warmup_teacher_temp=0.04, num_workers=2,
+        # with --time-limit (the demo's minutes) the epochs come from the measured speed, so
+        # the cosine ends when the time does; freezing the last layer for an epoch would
+        # freeze it for the whole of a one-epoch run
+        fit_epochs_to_time=True, freeze_last_layer=0,
         # precision stays "auto": bf16 on CPUs with AMX, fp32 elsewhere (see precision.py)
+    ),
+    # Adapting pretrained weights (the shipped model) to a new folder in minutes: the
+    # network and crop options come from the weights' record, the head from the weights
+    # when they carry one. A tenth of cpu_small's learning rate and a slow teacher keep
+    # the features the weights already have while the head and backbone adapt; the demo
+    # serves the result only if k-NN says it is not worse.
+    "finetune": dict(
+        optimizer="adamw", lr=2.5e-4, min_lr=1e-6, warmup_epochs=0.2, weight_decay=0.04, weight_decay_end=0.04,
+        momentum_teacher=0.996, drop_path_rate=0.0, freeze_last_layer=0, epochs=1, batch_size=64,
+        teacher_temp=0.04, warmup_teacher_temp=0.04, fit_epochs_to_time=True, num_workers=2,
     ),
 }
 
@@ -148,7 +163,7 @@ def _type_of(name: str) -> Any:
     return typing.get_type_hints(TrainConfig)[name]
 
 
-def _coerce(name: str, value: Any) -> Any:
+def coerce_option(name: str, value: Any) -> Any:
     """Check ``value`` against the field's type; convert only lossless cases (int->float,
     list->tuple, "a,b"->tuple for split)."""
     tp = _type_of(name)
@@ -202,7 +217,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
             close = difflib.get_close_matches(k, names, n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown training option {key!r}.{hint}")
-        changes[k] = _coerce(k, value)
+        changes[k] = coerce_option(k, value)
     return dataclasses.replace(cfg, **changes)
 
 

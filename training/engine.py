@@ -31,7 +31,7 @@ from dinoserve.training import distributed as D
 from dinoserve.training.augment import MultiCropAugment
 from dinoserve.training.checkpoint import (CHECKPOINT_NAME, load_for_resume, remove_stale_temp_files, rng_state,
                                            save_atomic, set_rng_state)
-from dinoserve.training.config import TrainConfig, apply_overrides, make_config, validate
+from dinoserve.training.config import PRESETS, TrainConfig, coerce_option, apply_overrides, make_config, validate
 from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches, find_images
 from dinoserve.training.head import DINOHead, MultiCropWrapper
 from dinoserve.training.init import match_reference_init
@@ -92,12 +92,14 @@ class Run:
     log: JsonlLog
     ckpt_path: Path
     t_start: float
-    spec: Any = None  # the teacher backbone's description, written into checkpoint meta
+    card: Any = None  # the teacher backbone's model card, written into checkpoint meta
     step: int = 0
     collapse: CollapseMonitor = None  # type: ignore[assignment]
     speed: Throughput = field(default_factory=Throughput)
     images_seen: int = 0
     data_wait: float = 0.0
+    replan_at: int | None = None  # the step after which --fit-epochs-to-time sets the epochs
+    t_first_step: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -112,17 +114,45 @@ class EpochOutcome:
     stopped: bool
 
 
-def config_from_checkpoint(out_dir: str, **overrides: Any) -> TrainConfig:
+#: Options a resumed run may change: how it stops, reports, evaluates and where it runs.
+#: Any other option given with --resume must equal the run's own.
+MAY_CHANGE_ON_RESUME = frozenset({"resume", "out", "max_steps", "time_limit", "epochs", "progress", "log_every",
+                                  "save_every", "knn_data", "knn_every", "knn_k", "knn_temperature", "knn_image_size",
+                                  "knn_data_root", "num_workers", "device", "store_dir", "precision"})
+
+
+def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides: Any) -> TrainConfig:
     """The config saved in ``<out_dir>/checkpoint.pth`` (less its ``max_steps`` and
     ``time_limit``) with ``overrides`` applied and ``resume=True``: what
-    ``dinoserve train --resume`` uses."""
+    ``dinoserve train --resume`` uses.
+
+    ``preset`` and ``overrides`` may repeat the original command line: values equal to the
+    run's own are accepted, and only options that would change the run (outside
+    :data:`MAY_CHANGE_ON_RESUME`) are refused, each named with both values.
+    """
     saved = load_for_resume(out_dir)["args"]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    implied = {**(PRESETS[preset] if preset else {}), **overrides}
+    conflicts = []
+    for key, value in implied.items():
+        k = key.replace("-", "_")
+        if k in names and k in saved and k not in MAY_CHANGE_ON_RESUME:
+            ours, theirs = coerce_option(k, value), coerce_option(k, saved[k])
+            if ours != theirs:
+                conflicts.append(f"--{k.replace('_', '-')} {_show(ours)} (the run has {_show(theirs)})")
+    if conflicts:
+        raise ConfigError(f"--resume: {out_dir} was trained with other options: {'; '.join(conflicts)}. Drop them "
+                          f"to continue that run, or start a new one with another --out")
     # stop limits belong to one invocation: a resumed run goes on to --epochs unless told
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"max_steps", "time_limit"}
-    cfg = apply_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in names})
+    keep = names - {"max_steps", "time_limit"}
+    cfg = apply_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in keep})
     cfg = apply_overrides(cfg, {**overrides, "resume": True, "out": str(out_dir)})
     validate(cfg)
     return cfg
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def train(cfg: TrainConfig | None = None, **overrides: Any) -> TrainResult:
@@ -190,18 +220,20 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
         logger.info("student and teacher start from %s (%s)", pretrained.source, pretrained.format)
     elif cfg.reference_init:
         match_reference_init(student_bb)
-    spec = backbone_card(teacher_bb)
-    if spec.family == "resnet":  # resolution is not architectural: record what we train at
-        spec = spec.replace(image_size=cfg.global_crop_size)
-        teacher_bb.dino_card = student_bb.dino_card = spec
+    card = backbone_card(teacher_bb)
+    if card.family == "resnet":  # resolution is not architectural: record what we train at
+        card = card.replace(image_size=cfg.global_crop_size)
+        teacher_bb.dino_card = student_bb.dino_card = card
     head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                    bottleneck_dim=cfg.bottleneck_dim)
-    student = MultiCropWrapper(student_bb, DINOHead(spec.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_kw))
-    teacher = MultiCropWrapper(teacher_bb, DINOHead(spec.embed_dim, cfg.out_dim, **head_kw))
-    if spec.family == "resnet" and info.enabled and device.type == "cuda":
+    student = MultiCropWrapper(student_bb, DINOHead(card.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_kw))
+    teacher = MultiCropWrapper(teacher_bb, DINOHead(card.embed_dim, cfg.out_dim, **head_kw))
+    if card.family == "resnet" and info.enabled and device.type == "cuda":
         # gloo has no SyncBatchNorm kernels, so CPU runs keep per-process statistics
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if pretrained is not None and resume is None and pretrained.head_state_dict:
+        _load_head(student.head, pretrained)
     student.to(device)
     teacher.to(device)
     teacher.load_state_dict(student.state_dict())
@@ -230,7 +262,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
               wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
               momentum=_momentum_schedule(cfg, steps_per_epoch), steps_per_epoch=steps_per_epoch,
               log=JsonlLog(out / "log.jsonl" if main else None), ckpt_path=ckpt_path, t_start=t_start,
-              spec=spec, collapse=CollapseMonitor(cfg.out_dim))
+              card=card, collapse=CollapseMonitor(cfg.out_dim))
 
     # ----------------------------------------------------------------------------------
     # restore (resume) or seed; per-rank RNG so drop path differs between ranks
@@ -243,7 +275,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     skipped = _skip_summary(store)
     run.log.write("start", args=cfg.to_dict(), world_size=info.world_size, device=str(device), precision=precision,
                   images=len(store), steps_per_epoch=steps_per_epoch, resumed_at_step=run.step if resume else None,
-                  meta=_meta(spec, cfg), skipped=skipped)
+                  meta=_meta(card, cfg), skipped=skipped)
     for path, reason in store.skipped:
         run.log.write("skip", path=path, reason=reason)
     if main:
@@ -260,7 +292,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     epochs_saved = start_epoch
     stopped = False
     t_loop = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
+    if cfg.fit_epochs_to_time and cfg.time_limit and resume is None:
+        run.replan_at = min(REPLAN_AFTER_STEPS, cfg.epochs * steps_per_epoch)  # before a short plan ends
+    epoch = start_epoch - 1
+    while epoch + 1 < run.cfg.epochs:  # --fit-epochs-to-time may change the count after a few steps
+        epoch += 1
+        cfg = run.cfg
         in_epoch = start_in_epoch if epoch == start_epoch else 0
         if not in_epoch:
             update_at_epoch_start(cfg.teacher_update, teacher, student)
@@ -322,6 +359,11 @@ def train_one_epoch(run: Run, batches: Iterator[Batch], epoch: int, in_epoch: in
         run.images_seen += n_images
         run.step += 1
         in_epoch += 1
+        if run.step == 1:
+            run.t_first_step = time.perf_counter()
+        if run.step == run.replan_at:
+            _fit_epochs_to_time(run)
+            cfg = run.cfg
         if main and (run.step % cfg.log_every == 0 or in_epoch == run.steps_per_epoch):
             _log_step(run, epoch, it, stats)
         if bar is not None:
@@ -377,6 +419,34 @@ def _step(run: Run, batch: Batch, epoch: int, it: int) -> dict[str, float]:
     return {"loss": float(stats[0]) / run.info.world_size, "teacher_entropy": h, "teacher_mean_entropy": h_mean}
 
 
+#: Steps timed before --fit-epochs-to-time plans the run (the first step, which warms up
+#: the kernels, is not timed).
+REPLAN_AFTER_STEPS = 6
+
+
+def _fit_epochs_to_time(run: Run) -> None:
+    """Set the epoch count (and so every schedule) to what the speed measured so far fits
+    in the rest of --time-limit, so the learning rate anneals before the time runs out."""
+    cfg = run.cfg
+    now = time.perf_counter()
+    per_step = (now - run.t_first_step) / max(run.step - 1, 1)
+    left = cfg.time_limit * 60 - (time.monotonic() - run.t_start)
+    # 5 % of the time is kept for checkpoints and evaluation
+    total = run.step + max(0.0, 0.95 * left) / per_step
+    epochs = max(1, int(round(total / run.steps_per_epoch)))
+    epochs = int(D.all_reduce(torch.tensor(float(epochs)), "min").item())  # every rank plans the same run
+    run.cfg = apply_overrides(cfg, {"epochs": epochs})
+    total_batch = cfg.batch_size * run.info.world_size
+    run.lr = cosine_schedule(cfg.lr * total_batch / 256, cfg.min_lr, epochs, run.steps_per_epoch, cfg.warmup_epochs)
+    run.wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, epochs, run.steps_per_epoch)
+    run.momentum = _momentum_schedule(run.cfg, run.steps_per_epoch)
+    run.log.write("plan", step=run.step, seconds_per_step=round(per_step, 3), epochs=epochs,
+                  planned_steps=epochs * run.steps_per_epoch)
+    if run.info.is_main:
+        logger.info("%.2f s per step: %d epoch(s) of %d steps fit the %.3g-minute limit; schedules planned for that",
+                    per_step, epochs, run.steps_per_epoch, cfg.time_limit)
+
+
 def _log_step(run: Run, epoch: int, it: int, stats: dict[str, float]) -> None:
     row = dict(step=run.step, epoch=epoch, lr=float(run.lr[it]), wd=float(run.wd[it]), momentum=float(run.momentum[it]),
                teacher_temp=run.dino_loss.teacher_temp(epoch), img_per_s=round(run.speed.rate, 2), **stats)
@@ -403,7 +473,7 @@ def _save(run: Run, epochs_done: int, epoch_step: int) -> None:
         "optimizer": run.optimizer.state_dict(), "epoch": epochs_done, "args": run.cfg.to_dict(),
         "dino_loss": {"center": run.dino_loss.center.detach().cpu()},
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "meta": _meta(run.spec, run.cfg),
+        "meta": _meta(run.card, run.cfg),
         "progress": {"step": run.step, "epoch_step": epoch_step, "steps_per_epoch": run.steps_per_epoch,
                      "world_size": run.info.world_size, "rng": rngs},
     }
@@ -477,6 +547,18 @@ def _momentum_schedule(cfg: TrainConfig, steps_per_epoch: int) -> np.ndarray:
     if cfg.momentum_constant:
         return np.full(cfg.epochs * steps_per_epoch, cfg.momentum_teacher)
     return cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+
+
+def _load_head(head: DINOHead, pretrained: Weights) -> None:
+    """Start the head from the one stored with the pretrained backbone when it has this
+    run's shape (same K, widths, BatchNorm); otherwise keep a fresh head and say so."""
+    own = head.state_dict()
+    theirs = pretrained.head_state_dict
+    if set(own) == set(theirs) and all(own[k].shape == theirs[k].shape for k in own):
+        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in theirs.items()})
+        logger.info("the head starts from %s too", pretrained.source)
+    else:
+        logger.info("%s holds a head of another shape; the head starts fresh", pretrained.source)
 
 
 def _backbone_kwargs(cfg: TrainConfig, pretrained: Weights | None) -> dict[str, Any]:

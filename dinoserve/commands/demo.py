@@ -13,43 +13,54 @@ import click
 @click.option("--repo", type=click.Path(file_okay=False), default="model_repository", show_default=True,
               help="Triton model repository to export into.")
 @click.option("--name", default="dino_demo", show_default=True, help="Model name in the repository.")
-@click.option("--minutes", type=float, default=6.0, show_default=True,
-              help="Training time budget (the whole demo takes about 4 minutes more here).")
+@click.option("--minutes", type=click.FloatRange(min=0), default=6.0, show_default=True,
+              help="Training time: fine-tuning the shipped model (0: serve it as it is), or --from-scratch training.")
+@click.option("--from-scratch", is_flag=True,
+              help="Train from random initialisation (cpu_small) instead of fine-tuning the shipped model.")
+@click.option("--base", type=click.Path(dir_okay=False), default=None,
+              help="Model to fine-tune, with its record (<name>.json) beside it (default: the shipped "
+                   "weights/dinoserve_resnet18_openclipart.safetensors).")
 @click.option("--weights", "-w", default=None,
-              help="Skip training and use these weights (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
-@click.option("--arch", default=None, help="Architecture for --weights that do not say it, or to train instead of the preset's.")
-@click.option("--image-size", type=int, default=96, show_default=True, help="Evaluation/serving image size.")
+              help="Skip training and serve these weights (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
+@click.option("--arch", default=None, help="Architecture for --weights that do not say it, or for --from-scratch.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Evaluation/serving image size (default: the shipped model's, 96 for --from-scratch).")
 @click.option("--fresh", is_flag=True, help="Redo every step instead of reusing finished ones.")
 @click.option("--no-app", is_flag=True, help="Print k-NN and example searches, then exit instead of opening the app.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="App address (loopback unless you mean it).")
 @click.option("--port", type=int, default=7860, show_default=True, help="App port.")
-def demo(data, out, repo, name, minutes, weights, arch, image_size, fresh, no_app, host, port) -> None:
-    """Train a small DINO model (or take --weights), export it to ONNX, index the images,
-    report k-NN accuracy and example searches, then open the app.
+def demo(data, out, repo, name, minutes, from_scratch, base, weights, arch, image_size, fresh, no_app, host, port) -> None:
+    """Fine-tune the shipped DINO model on the images for a few minutes (or train one from
+    scratch, or take --weights), compare k-NN with the shipped model and raw pixels, export
+    the better model to ONNX, index the images, show example searches, then open the app.
 
-    A second run reuses each finished step (checkpoint, export, index) unless --fresh.
+    A second run reuses each finished step (training, k-NN, export, index) unless --fresh.
 
     \b
     Examples:
-      dinoserve demo                       # openclipart, ~10 minutes, then the app
+      dinoserve demo                       # openclipart, about 10 minutes, then the app
       dinoserve demo --no-app --minutes 2 --data my_photos/
+      dinoserve demo --from-scratch --minutes 10
       dinoserve demo --weights timm:vit_small_patch16_224.dino --arch vit_small_patch16_224
     """
     import json
 
-    from dinoserve.demo import DemoConfig, run_demo
+    from dinoserve.commands.demo_pipeline import DemoConfig, run_demo
 
+    if weights and from_scratch:
+        raise click.UsageError("--weights and --from-scratch exclude each other: one says which model to serve")
     cfg = DemoConfig(data=data, out=out, repo=repo, name=name, minutes=minutes, weights=weights,
-                     arch=arch, image_size=image_size, fresh=fresh)
+                     from_scratch=from_scratch, arch=arch, image_size=image_size, fresh=fresh,
+                     **({"shipped": base} if base else {}))
     result = run_demo(cfg, echo=click.echo)
-    summary = {"knn_top1": result.knn_top1, "raw_pixels_top1": result.raw_pixels_top1,
-               "checkpoint": result.checkpoint, "model_dir": result.model_dir, "index": result.index,
-               "reused": result.reused, "seconds": result.seconds}
+    summary = {"knn_top1": result.knn, "served": result.served, "why_served": result.why_served,
+               "model_dir": result.model_dir, "index": result.index, "reused": result.reused,
+               "seconds": result.seconds}
     click.echo(json.dumps(summary))
     if no_app:
         return
-    from dinoserve.app import launch
+    from dinoserve.app import serve_app
     from dinoserve.client import Client
 
-    click.echo(f"app: http://{host}:{port}  (Ctrl-C to stop)")
-    launch(Client(repo=repo, model=name), result.index, host=host, port=port)
+    with Client(repo=repo, model=name) as client:
+        serve_app(client, result.index, host=host, port=port, echo=lambda m: click.echo(m, err=True))

@@ -84,7 +84,7 @@ def attention(weights: str, arch: str | None, checkpoint_key: str, data: str, sp
 
     \b
     Example:
-      dinoserve eval attention -w weights/dinoserve_vit_tiny_p8_openclipart.safetensors \\
+      dinoserve eval attention -w weights/dinoserve_resnet18_openclipart.safetensors \\
           -d data/openclipart_knn.csv
     """
     import torch

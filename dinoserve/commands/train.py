@@ -79,18 +79,24 @@ def train(preset: str | None, quiet: bool, **options: typing.Any) -> None:
       dinoserve train -o runs/clipart --resume          # continue where it stopped
       torchrun --nproc-per-node 2 -m dinoserve train -d photos/ --preset resnet50 -o runs/r50
     """
+    from pathlib import Path
+
+    from dinoserve.errors import DataError
     from dinoserve.training.config import make_config
-    from dinoserve.training.engine import config_from_checkpoint, train as run
 
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if quiet:
         given.setdefault("progress", False)
-    if given.get("resume"):
-        if preset is not None:
-            raise click.UsageError("--preset cannot be combined with --resume: the run keeps its own options")
-        cfg = config_from_checkpoint(given.pop("out", "runs/dino"), **given)
-    else:
+    if not given.get("resume"):
         cfg = make_config(preset, **given)
+        if cfg.data is not None and not Path(cfg.data).expanduser().exists():  # say so before torch loads
+            raise DataError(f"{cfg.data}: no such folder or file list; pass an image folder or a .csv file list")
+    from dinoserve.training.engine import config_from_checkpoint, train as run
+
+    if given.get("resume"):
+        # the original command line plus --resume is fine: only options that differ from
+        # the run's own are refused, by name
+        cfg = config_from_checkpoint(given.pop("out", "runs/dino"), preset=preset, **given)
     result = run(cfg)
     click.echo(json.dumps(result.to_dict()))
