@@ -2,8 +2,9 @@
 
 An alias (``dino_vits16`` ... ``dino_resnet50``, the official hub names) is a timm
 architecture plus the weights that belong to it. :func:`list_models` is the one listing
-(``dinoserve models``), :func:`resolve_name` the one name check the factory uses; both read
-the registry below. timm is imported only when a listing or check needs it.
+(``dinoserve models``), :func:`resolve_name` the one name check the factory uses, and
+:func:`family_of_name` the one "is it a ViT or a ResNet" rule for a name; all read the
+registry below. timm is imported only when a listing or check needs it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from dinoserve.card import FAMILIES, family_of
 from dinoserve.errors import UnknownModelError
 
-__all__ = ["AliasConfig", "ALIASES", "list_models", "resolve_name"]
+__all__ = ["AliasConfig", "ALIASES", "family_of_name", "list_models", "resolve_name"]
 
 _FB = "https://dl.fbaipublicfiles.com/dino"
 
@@ -70,6 +71,14 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
+def family_of_name(name: str) -> str:
+    """``"vit"``, ``"resnet"`` or ``""`` for an alias or a timm name, by the card's family rule
+    (:func:`dinoserve.card.family_of`) applied to the alias's architecture. No timm needed:
+    an unknown name is not checked here (the factory does that)."""
+    alias = ALIASES.get(name)
+    return family_of(alias.arch if alias else name)
+
+
 def resolve_name(name: str) -> tuple[AliasConfig | None, str, str]:
     """``(alias or None, timm architecture, family)`` of an alias or a timm name.
 
@@ -80,7 +89,7 @@ def resolve_name(name: str) -> tuple[AliasConfig | None, str, str]:
 
     alias = ALIASES.get(name)
     arch = alias.arch if alias else name
-    family = family_of(arch)
+    family = family_of_name(name)
     if not family or (alias is None and not timm.is_model(arch)):
         close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

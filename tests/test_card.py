@@ -12,6 +12,7 @@ import pytest
 from dinoserve.card import ModelCard, family_of
 from dinoserve.errors import ModelError
 from dinoserve.model_info import from_repository_config, from_triton_json
+from dinoserve.registry import family_of_name
 from dinoserve.repository import config_from_dict, parse_pbtxt, read_model_config, render_config
 
 VIT = ModelCard(arch="vit_small_patch16_224", image_size=224, patch_size=16, num_heads=6, embed_dim=384,
@@ -123,6 +124,9 @@ def test_triton_json_gives_the_same_card(grpc):
 def test_family_and_preprocessing_come_from_the_card():
     assert family_of("vit_base_patch8_224") == "vit" and family_of("resnet50") == "resnet"
     assert family_of("efficientnet_b0") == ""
+    # by name: an alias has its architecture's family (the one rule config and training use)
+    assert family_of_name("dino_vits8") == "vit" and family_of_name("dino_resnet50") == "resnet"
+    assert family_of_name("vit_tiny_patch16_224") == "vit" and family_of_name("efficientnet_b0") == ""
     assert ModelCard(arch="resnet50", image_size=224, embed_dim=2048).family == "resnet"
     assert RESNET.preprocessing() == {"image_size": 64, "crop_pct": 1.0, "interpolation": "bicubic",
                                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}

@@ -257,6 +257,10 @@ def test_config_presets_and_checked_overrides():
         make_config(global_crop_scale=(0.5, 0.2))
     with pytest.raises(ConfigError, match="unknown preset"):
         make_config("cpu_large")
+    assert make_config(arch="dino_vits16", patch_size=8).patch_size == 8  # an alias of a ViT is a ViT
+    for arch in ("resnet18", "dino_resnet50"):
+        with pytest.raises(ConfigError, match=f"--patch-size: ViT options, but --arch {arch} is not a ViT"):
+            make_config(arch=arch, patch_size=8)
     assert set(PRESETS) == {"vit_s16", "resnet50", "cpu_small"}
     assert TrainConfig().to_dict()["global_crop_scale"] == [0.4, 1.0]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dinoserve.errors import ConfigError
+from dinoserve.registry import family_of_name
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -258,7 +259,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_teacher_temp_epochs > cfg.epochs:
         raise ConfigError(f"warmup_teacher_temp_epochs ({cfg.warmup_teacher_temp_epochs}) exceeds epochs ({cfg.epochs})")
     vit_only = [n for n in ("img_size", "patch_size", "depth") if getattr(cfg, n) is not None]
-    if vit_only and not cfg.arch.startswith(("vit", "dino_vit")):
+    if vit_only and family_of_name(cfg.arch) != "vit":
         raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in vit_only)}: ViT options, "
                           f"but --arch {cfg.arch} is not a ViT")
     if cfg.store_size is not None and cfg.store_size < cfg.global_crop_size // 2:
