@@ -33,26 +33,14 @@ from dinoserve.errors import (
 )
 from dinoserve.model_info import ModelInfo, from_repository_config, from_triton_json
 from dinoserve.ort_session import open_session
+from dinoserve.repository import choose_model
 
 log = logging.getLogger(__name__)
 
 INPUT = "images"
+#: How a client user picks a model: the CLI option, or the Client argument.
+MODEL_OPTION = "--model (model= in Python)"
 SERVE_HINT = "start one with `dinoserve serve --repo model_repository`, or leave out --url to run the model in-process"
-
-
-def choose_model(model: str | None, available: Sequence[str], where: str) -> str:
-    """The requested model, or the only one there is; otherwise an error listing them."""
-    available = sorted(available)
-    if model is None:
-        if len(available) == 1:
-            return available[0]
-        if not available:
-            raise ModelNotFoundError(f"{where} has no models; export one with `dinoserve export`")
-        raise ModelNotFoundError(f"{where} has several models ({', '.join(available)}); choose one with --model / model=")
-    if model not in available:
-        listing = ", ".join(available) if available else "none"
-        raise ModelNotFoundError(f"{where} has no model {model!r}; models there: {listing}")
-    return model
 
 
 # --- embedded ---------------------------------------------------------------------------------
@@ -71,7 +59,8 @@ class EmbeddedBackend:
                 f"model repository {str(self.repo)!r} does not exist; export a model into it with "
                 f"`dinoserve export ... --repo {self.repo}`, or pass --url to use a Triton server"
             )
-        name = choose_model(model, repository.list_models(self.repo), f"model repository {str(self.repo)!r}")
+        name = choose_model(model, repository.list_models(self.repo), f"model repository {str(self.repo)!r}",
+                            option=MODEL_OPTION)
         model_dir = self.repo / name
         cfg = repository.read_model_config(model_dir)
         self.onnx_path = Path(repository.model_onnx_path(self.repo, name, version))
@@ -165,7 +154,7 @@ class TritonBackend:
         # A server that refuses the connection right now is reported at once (no retries):
         # the usual cause is that none was started.
         listing = self._call(self._repository_index, what="list models", retry_down=False)
-        name = choose_model(model, listing, f"Triton server at {url}")
+        name = choose_model(model, listing, f"Triton server at {url}", option=MODEL_OPTION)
         if not self._call(lambda c: c.is_model_ready(name, self._version, **self._kw),
                           what=f"check model {name}", retry_down=False):
             raise ServerError(f"model {name!r} is on the server at {url} but not ready; check the server log")

@@ -12,7 +12,9 @@ This module is the only one that reads or writes ``config.pbtxt``:
 - :func:`read_model_config` parses one into a :class:`ModelConfig`, whose ``card`` is the
   model's description read back (parameter sets of older exports included);
 - :func:`python_backend_config` gives the variant that the pip-bundled tritonserver (Python
-  backend only) serves the same model with.
+  backend only) serves the same model with;
+- :func:`choose_model` / :func:`model_choice_error` are the one model-selection error, for
+  a repository on disk and a Triton server's listing alike.
 
 No torch and no protobuf here: the client, the index and the app read repositories with
 numpy-only installs. ``config.pbtxt`` is protobuf text format; the small parser and writer
@@ -27,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dinoserve.atomic import atomic_write_text
 from dinoserve.card import ModelCard
@@ -39,6 +41,8 @@ __all__ = [
     "ConfigParseError",
     "Word",
     "list_models",
+    "choose_model",
+    "model_choice_error",
     "latest_version",
     "list_versions",
     "model_onnx_path",
@@ -164,6 +168,37 @@ def list_models(repo: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILENAME).is_file())
 
 
+#: What to do when there is no model to choose.
+EXPORT_HINT = "export one with `dinoserve export --onnx --weights ... --name NAME --repo REPO`"
+
+
+def choose_model(asked: str | None, available: Sequence[str], where: str, option: str = "--model") -> str:
+    """``asked`` when ``where`` has it, or the only model there when nothing was asked;
+    otherwise raise :func:`model_choice_error`."""
+    if asked is None and len(available) == 1:
+        return available[0]
+    if asked is not None and asked in available:
+        return asked
+    raise model_choice_error([] if asked is None else [asked], available, where, option)
+
+
+def model_choice_error(asked: Sequence[str], available: Sequence[str], where: str,
+                       option: str = "--model") -> ModelNotFoundError:
+    """The one model-selection error: ``<where> has <what is wrong>; available: <models>;
+    <the option to pass, or how to get a model>``. ``asked`` are the names asked for (none:
+    the choice was left to ``where``, which has several models or none)."""
+    available = sorted(available)
+    unknown = [m for m in asked if m not in available]
+    if unknown:
+        what = f"no model {', '.join(map(repr, unknown))}"
+    elif available:
+        what = "several models and none was chosen"
+    else:
+        return ModelNotFoundError(f"{where} has no models; {EXPORT_HINT}")
+    fix = f"pass one of them with {option}" if available else EXPORT_HINT
+    return ModelNotFoundError(f"{where} has {what}; available: {', '.join(available) or 'none'}; {fix}")
+
+
 def list_versions(model_dir: str | os.PathLike) -> list[int]:
     """Integer version folders of a model, ascending (hidden or non-numeric folders ignored)."""
     d = Path(model_dir)
@@ -181,16 +216,12 @@ def latest_version(model_dir: str | os.PathLike) -> int | None:
 def _model_dir(repo: str | os.PathLike, name: str) -> Path:
     d = Path(repo) / name
     if not (d / CONFIG_FILENAME).is_file():
-        available = list_models(repo)
-        where = f"repository {Path(repo)}"
+        where = f"model repository {Path(repo)}"
         if not Path(repo).is_dir():
             raise ModelNotFoundError(
                 f"{where} does not exist; export a model first (dinoserve export --onnx ... --repo {repo})"
             )
-        raise ModelNotFoundError(
-            f"no model {name!r} in {where}; available: {', '.join(available) or 'none'} "
-            f"(export one with dinoserve export --onnx --name {name})"
-        )
+        raise model_choice_error([name], list_models(repo), where)
     return d
 
 
@@ -214,10 +245,7 @@ def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     d = Path(model_dir)
     path = d / CONFIG_FILENAME
     if not path.is_file():
-        available = list_models(d.parent)
-        raise ModelNotFoundError(
-            f"{path} does not exist; models in {d.parent}: {', '.join(available) or 'none'}"
-        )
+        raise model_choice_error([d.name], list_models(d.parent), f"model repository {d.parent} (no {path})")
     raw = parse_pbtxt(path.read_text(encoding="utf-8"), source=str(path))
     return config_from_dict(raw, model_dir=d)
 

@@ -42,8 +42,8 @@ from typing import Callable, Sequence
 
 from dinoserve import triton_process as proc_tree
 from dinoserve.errors import ModelNotFoundError, ServerError
-from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, python_backend_config,
-                                  read_model_config)
+from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, model_choice_error,
+                                  python_backend_config, read_model_config)
 
 __all__ = ["TritonBinary", "TritonServer", "find_tritonserver", "prepare_serving_repository", "free_port"]
 
@@ -168,16 +168,13 @@ def _select_models(repo: Path, models: Sequence[str] | None) -> list[str]:
     if not repo.is_dir():
         raise ModelNotFoundError(f"model repository {repo} does not exist; export a model into it first")
     available = list_models(repo)
+    where, option = f"model repository {repo}", "--model (repeatable)"
     if models is None:
         if not available:
-            raise ModelNotFoundError(
-                f"model repository {repo} holds no models (folders with config.pbtxt); "
-                f"export one with: dinoserve export --onnx --weights ... --name NAME --repo {repo}"
-            )
+            raise model_choice_error([], available, where, option)
         return available
-    unknown = [m for m in models if m not in available]
-    if unknown:
-        raise ModelNotFoundError(f"no model {', '.join(map(repr, unknown))} in {repo}; available: {', '.join(available) or 'none'}")
+    if any(m not in available for m in models):
+        raise model_choice_error(models, available, where, option)
     return list(models)
 
 

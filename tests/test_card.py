@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
 from dinoserve.card import ModelCard, family_of
-from dinoserve.errors import ModelError
+from dinoserve.errors import ModelError, ModelNotFoundError
 from dinoserve.model_info import from_repository_config, from_triton_json
 from dinoserve.registry import family_of_name
-from dinoserve.repository import config_from_dict, parse_pbtxt, read_model_config, render_config
+from dinoserve.repository import (choose_model, config_from_dict, model_choice_error, parse_pbtxt, read_model_config,
+                                  render_config)
 
 VIT = ModelCard(arch="vit_small_patch16_224", image_size=224, patch_size=16, num_heads=6, embed_dim=384,
                 weights_sha256="ab" * 32, model_kwargs={"depth": 2, "img_size": 224})
@@ -130,6 +132,29 @@ def test_family_and_preprocessing_come_from_the_card():
     assert ModelCard(arch="resnet50", image_size=224, embed_dim=2048).family == "resnet"
     assert RESNET.preprocessing() == {"image_size": 64, "crop_pct": 1.0, "interpolation": "bicubic",
                                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize("asked, available, message", [
+    (["vit_huge"], ["vit_tiny", "resnet_tiny"],
+     "repo R has no model 'vit_huge'; available: resnet_tiny, vit_tiny; pass one of them with --model"),
+    (["a", "b"], ["vit_tiny"], "repo R has no model 'a', 'b'; available: vit_tiny; pass one of them with --model"),
+    ([], ["vit_tiny", "resnet_tiny"],
+     "repo R has several models and none was chosen; available: resnet_tiny, vit_tiny; pass one of them with --model"),
+    (["vit_tiny"], [], "repo R has no model 'vit_tiny'; available: none; export one with `dinoserve export"),
+    ([], [], "repo R has no models; export one with `dinoserve export"),
+])
+def test_model_choice_error_names_what_was_asked_what_exists_and_what_to_pass(asked, available, message):
+    """One message shape for the client, the repository and serve."""
+    assert str(model_choice_error(asked, available, "repo R")).startswith(message)
+    if len(asked) <= 1 and not (available and not asked):
+        with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+            choose_model(asked[0] if asked else None, available, "repo R")
+
+
+def test_choose_model_takes_the_one_asked_for_or_the_only_one():
+    assert choose_model("b", ["a", "b"], "repo R") == "b" and choose_model(None, ["a"], "repo R") == "a"
+    with pytest.raises(ModelNotFoundError, match="several models .*a, b; pass one of them with --model \\(repeat"):
+        choose_model(None, ["b", "a"], "repo R", option="--model (repeatable)")
 
 
 def test_card_readers_import_no_torch():

@@ -201,11 +201,15 @@ def test_embed_cli_lists_every_bad_file_and_names_skip_errors(vit, images, tmp_p
     np.testing.assert_allclose(np.load(out), vit.embed(images[:2]), atol=1e-6)
 
 
-def test_client_model_choice_errors_list_the_models(tiny_repo, tmp_path):
-    with pytest.raises(ModelNotFoundError, match="several models .*resnet_tiny, vit_tiny"):
+def test_client_model_choice_errors_list_the_models(tiny_repo, tmp_path, images):
+    with pytest.raises(ModelNotFoundError, match="several models .*resnet_tiny, vit_tiny; pass one of them with --model"):
         Client(repo=tiny_repo)
-    with pytest.raises(ModelNotFoundError, match="no model 'vit_huge'.*resnet_tiny, vit_tiny"):
+    with pytest.raises(ModelNotFoundError, match="no model 'vit_huge'.*resnet_tiny, vit_tiny; pass one of them with --model"):
         Client(repo=tiny_repo, model="vit_huge")
+    r = CliRunner().invoke(cli, ["embed", str(images[0]), "--out", str(tmp_path / "e.npy"), "--repo", str(tiny_repo),
+                                 "--model", "vit_huge"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"model repository '{tiny_repo}' has no model 'vit_huge'; available: resnet_tiny, vit_tiny; " in r.output
     with pytest.raises(ModelNotFoundError, match="does not exist.*dinoserve export"):
         Client(repo=tmp_path / "nowhere")
 

@@ -188,7 +188,7 @@ def test_cli_serve_uses_tritons_standard_ports_and_names_a_taken_one(tiny_repo):
 def test_unknown_model_and_empty_repository(tiny_repo, tmp_path):
     with pytest.raises(ModelNotFoundError, match="no model 'nope'.*available: resnet_tiny, vit_tiny"):
         TritonServer(tiny_repo, models=["nope"]).start()
-    with pytest.raises(ModelNotFoundError, match="holds no models"):
+    with pytest.raises(ModelNotFoundError, match="has no models; export one with `dinoserve export"):
         TritonServer(tmp_path).start()
 
 
