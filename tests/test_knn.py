@@ -209,6 +209,9 @@ def test_cli_eval_knn_bad_inputs_exit_1_with_message(tiny_vit, tmp_path):
     assert "gone.csv: no such k-NN data" in res.output
     res = CliRunner().invoke(cli, ["eval", "knn", "-w", str(tmp_path / "none.pth"), "-d", str(tmp_path)])
     assert res.exit_code == 1 and "none.pth: no such file" in res.output
+    # the device is resolved as training resolves it (training.distributed.resolve_device)
+    res = CliRunner().invoke(cli, ["eval", "knn", "-w", str(ckpt), "-d", str(tmp_path), "--device", "gpu0"])
+    assert res.exit_code == 1 and "--device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N" in res.output
 
 
 def test_raw_pixel_features_centring():

@@ -31,10 +31,11 @@ def eval_() -> None:
 @click.option("--temperature", "-t", type=click.FloatRange(min=0, min_open=True), default=0.07,
               show_default=True, help="Vote weight exp(similarity / T).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@click.option("--device", default="auto", show_default=True,
+              help="torch device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_root: str | None,
-        image_size: int | None, k: int, temperature: float, batch_size: int, device: str | None,
+        image_size: int | None, k: int, temperature: float, batch_size: int, device: str,
         as_json: bool) -> None:
     """k-NN top-1/top-5 of backbone features on a labelled set (the DINO protocol:
     L2-normalised features, cosine top-k, votes weighted exp(sim / T)).
@@ -44,12 +45,11 @@ def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_roo
       dinoserve eval knn --weights runs/clipart --data openclipart_knn.csv
       dinoserve eval knn -w dino_vits16 -d my_labelled_folder --image-size 224 --json
     """
-    import torch
-
     from dinoserve.models import backbone_card, load_backbone
+    from dinoserve.training.distributed import resolve_device
     from dinoserve.training.knn import evaluate_knn
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)  # the resolver training uses
     model = load_backbone(weights, arch, checkpoint_key=checkpoint_key).to(device)
     card = backbone_card(model)
     size = image_size or card.image_size
