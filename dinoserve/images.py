@@ -138,7 +138,7 @@ def _decode(data: bytes, max_pixels: int, label: str) -> Image.Image:
         got = f"{_megapixels(int(size.group(1)))} is " if size else ""
         raise ImageTooLargeError(
             f"{label}: {got}over the limit of {_megapixels(min(max_pixels, pillow))} "
-            "(decompression-bomb guard); downscale the image"
+            "(decompression-bomb guard); to use it, give a downscaled copy"
         ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{label}: not an image Pillow can read (unknown or corrupt format)") from None
@@ -161,7 +161,7 @@ def _check_size(img: Image.Image, max_pixels: int, label: str) -> Image.Image:
     if w * h > max_pixels:
         raise ImageTooLargeError(
             f"{label}: {w}x{h} = {_megapixels(w * h)} is over the limit of "
-            f"{_megapixels(max_pixels)} (decompression-bomb guard); downscale the image"
+            f"{_megapixels(max_pixels)} (decompression-bomb guard); to use it, give a downscaled copy"
         )
     return img
 

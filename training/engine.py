@@ -515,8 +515,10 @@ def _open_store(cfg: TrainConfig, main: bool) -> ImageStore:
         raise DataError(f"{cfg.data}: none of its {len(paths)} image(s) could be read, so there is nothing to "
                         f"train on ({reasons}{' ...' if len(store.skipped) > 5 else ''})")
     if store.skipped and main:
-        logger.warning("%d of %d images could not be read and are left out (first: %s)", len(store.skipped),
-                       len(paths), store.skipped[0][1])
+        # one short line; each file and its reason go to log.jsonl ("skip" rows) and the summary
+        logger.warning("%d of %d images are left out (unreadable, or over the decompression-bomb limit); "
+                       "the first: %s. All are listed in %s", len(store.skipped), len(paths),
+                       store.skipped[0][0], Path(cfg.out) / "log.jsonl")
     return store
 
 
