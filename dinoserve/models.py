@@ -22,7 +22,7 @@ give the reference's outputs at any input size.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ __all__ = [
     "load_backbone",
     "load_weights",
     "backbone_card",
+    "normalize_tensor",
     "forward_with_attention",
     "ModelCard",
     # registry
@@ -144,6 +145,14 @@ def backbone_card(model: nn.Module) -> ModelCard:
     if card is None:
         raise TypeError("model was not built by dinoserve.models.create_backbone")
     return card
+
+
+def normalize_tensor(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``[N, 3, H, W]`` RGB in [0, 1] minus ``mean``, over ``std``, per channel, on ``x``'s device:
+    the torch side of :func:`dinoserve.images.normalize` (which starts from uint8 on the CPU)."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Weights, checkpoint_key: str = "teacher") -> Weights:

@@ -31,6 +31,7 @@ from dinoserve.models import (
     list_models,
     load_backbone,
     load_weights,
+    normalize_tensor,
     read_weights,
 )
 
@@ -291,6 +292,18 @@ def test_attention_rows_are_softmax_over_patches():
         assert (model(torch.randn(1, 3, 64, 96)) - model(torch.randn(1, 3, 64, 96))).abs().max() > 0
     with pytest.raises(UnknownModelError, match="ViT models only"):
         forward_with_attention(tiny_resnet(), torch.randn(1, 3, 32, 32))
+
+
+def test_normalize_tensor_is_the_torch_side_of_the_client_normalisation():
+    import numpy as np
+
+    from dinoserve.images import normalize
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 7), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = normalize_tensor(torch.from_numpy(pixels).float().div_(255), mean, std)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 5, 7)
+    np.testing.assert_allclose(x.numpy(), normalize(pixels, mean, std), rtol=0, atol=1e-6)
 
 
 def test_backbone_carries_its_card():

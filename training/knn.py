@@ -29,6 +29,7 @@ from dinoserve.errors import DataError
 from dinoserve.images import (DEFAULT_CROP_PCT, IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageInput,
                              preprocess_batch, walk_images)
 from dinoserve.filelist import read_file_list
+from dinoserve.models import normalize_tensor
 
 __all__ = [
     "KnnResult",
@@ -125,15 +126,13 @@ def features_from_pixels(
     """
     device = torch.device(device)
     mean, std = _mean_std(backbone)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     was_training = backbone.training
     backbone.eval()
     out = []
     try:
         for start in range(0, len(pixels), batch_size):
             x = torch.from_numpy(pixels[start:start + batch_size]).to(device).float().div_(255)
-            out.append(backbone((x - m) / s).float().cpu())
+            out.append(backbone(normalize_tensor(x, mean, std)).float().cpu())
     finally:
         backbone.train(was_training)
     if not out:

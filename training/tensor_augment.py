@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dinoserve.images import IMAGENET_MEAN, IMAGENET_STD
+from dinoserve.models import normalize_tensor
 
 #: Luma weights of PIL's ``convert("L")`` (ITU-R 601-2), which the reference grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
@@ -178,9 +179,7 @@ class BatchMultiCrop:
         return x
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-        m = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        s = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         views = [self.crop(images, self.global_size, self.global_scale, g, blur_p=1.0),
                  self.crop(images, self.global_size, self.global_scale, g, blur_p=0.1, solarize_p=0.2)]
         views += [self.crop(images, self.local_size, self.local_scale, g, blur_p=0.5) for _ in range(self.local_crops)]
-        return [(v - m) / s for v in views]
+        return [normalize_tensor(v, self.mean, self.std) for v in views]
