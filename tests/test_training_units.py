@@ -261,7 +261,7 @@ def test_config_presets_and_checked_overrides():
     for arch in ("resnet18", "dino_resnet50"):
         with pytest.raises(ConfigError, match=f"--patch-size: ViT options, but --arch {arch} is not a ViT"):
             make_config(arch=arch, patch_size=8)
-    assert set(PRESETS) == {"vit_s16", "resnet50", "cpu_small"}
+    assert set(PRESETS) == {"vit_s16", "resnet50", "cpu_small", "finetune"}
     assert TrainConfig().to_dict()["global_crop_scale"] == [0.4, 1.0]
 
 

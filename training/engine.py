@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dinoserve.errors import ConfigError, DataError, NonFiniteLossError, TrainingError
 from dinoserve.models import Weights, backbone_card, create_backbone, load_weights, read_weights
+from dinoserve.registry import family_of_name
 from dinoserve.training import distributed as D
 from dinoserve.training.augment import MultiCropAugment
 from dinoserve.training.checkpoint import (CHECKPOINT_NAME, load_for_resume, remove_stale_temp_files, rng_state,
@@ -565,7 +566,7 @@ def _load_head(head: DINOHead, pretrained: Weights) -> None:
 
 def _backbone_kwargs(cfg: TrainConfig, pretrained: Weights | None) -> dict[str, Any]:
     vit_only = {"patch_size": cfg.patch_size, "depth": cfg.depth, "img_size": cfg.img_size}
-    if not cfg.arch.startswith(("vit", "dino_vit")):
+    if family_of_name(cfg.arch) != "vit":
         return {}  # validate() has refused ViT options for other architectures
     if vit_only["img_size"] is None:
         # position embeddings at the training size, or at the size the weights were made for
