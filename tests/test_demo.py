@@ -29,7 +29,7 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_model(shapes, tmp_path_factory) -> Path:
     """A tiny model packaged exactly as the shipped one is (benchmarks/ship_model.py):
-    fp16 safetensors of teacher backbone + head, and its record."""
+    the teacher backbone as fp16 safetensors, and its record."""
     out = tmp_path_factory.mktemp("base")
     run = out / "run"
     args = ["-p", "cpu_small", "-a", "vit_tiny_patch16_224", "--depth", "2", "--patch-size", "8",
