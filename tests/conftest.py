@@ -139,5 +139,5 @@ def triton_server(tiny_repo: Path):
         find_tritonserver()
     except ServerError as e:
         pytest.skip(f"no tritonserver available: {e}")
-    with TritonServer(tiny_repo) as server:
+    with TritonServer(tiny_repo, startup_timeout=300) as server:  # generous: CI machines are shared
         yield server

@@ -220,7 +220,8 @@ def test_cli_trains_through_odd_images_and_reports_skips(tmp_path):
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 3 and summary["epochs_done"] == 1 and math.isfinite(summary["final_loss"])
+    # 14 readable images (12 good, CMYK, 16-bit) in batches of 6: 2 steps
+    assert summary["steps"] == 2 and summary["epochs_done"] == 1 and math.isfinite(summary["final_loss"])
     assert summary["skipped"]["count"] == 4 and summary["skipped"]["files"] == 4
     assert {e["path"] for e in summary["skipped"]["examples"]} == bad
     reasons = " ".join(e["reason"] for e in summary["skipped"]["examples"])
@@ -317,6 +318,7 @@ def test_resume_accepts_the_original_command_line_and_names_real_conflicts(twelv
     r = CliRunner().invoke(cli, ["train", *common, "--max-steps", "2", "--resume"])  # same line + --resume
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["steps"] == 2
-    r = CliRunner().invoke(cli, ["train", *common, "--out-dim", "256", "--lr", "0.5", "--resume"])
+    r = CliRunner().invoke(cli, ["train", *common, "--out-dim", "256", "-b", "3", "--lr", "0.5", "--resume"])
     assert r.exit_code == 1
-    assert "--out-dim 256 (the run has 128)" in r.output and "--lr 0.5 (the run has" in r.output
+    assert "--out-dim 256 (the run has 128)" in r.output and "--batch-size 3 (the run has 4)" in r.output
+    assert "--lr" not in r.output  # a new learning rate is how a run is rescued, not a conflict

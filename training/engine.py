@@ -115,11 +115,12 @@ class EpochOutcome:
     stopped: bool
 
 
-#: Options a resumed run may change: how it stops, reports, evaluates and where it runs.
-#: Any other option given with --resume must equal the run's own.
-MAY_CHANGE_ON_RESUME = frozenset({"resume", "out", "max_steps", "time_limit", "epochs", "progress", "log_every",
-                                  "save_every", "knn_data", "knn_every", "knn_k", "knn_temperature", "knn_image_size",
-                                  "knn_data_root", "num_workers", "device", "store_dir", "precision"})
+#: Options a resumed run cannot change: they define the network, the images and the order
+#: and size of the batches that the checkpoint's position refers to. Anything else (stop
+#: limits, epochs, learning rate, clipping, precision, evaluation, logging) may change,
+#: which is how a run is continued or rescued after a non-finite loss.
+FIXED_ON_RESUME = frozenset(ARCH_KEYS) | {"data", "split", "data_root", "batch_size", "seed", "optimizer",
+                                         "global_crop_size", "local_crop_size", "store_size", "augment"}
 
 
 def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides: Any) -> TrainConfig:
@@ -128,8 +129,8 @@ def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides:
     ``dinoserve train --resume`` uses.
 
     ``preset`` and ``overrides`` may repeat the original command line: values equal to the
-    run's own are accepted, and only options that would change the run (outside
-    :data:`MAY_CHANGE_ON_RESUME`) are refused, each named with both values.
+    run's own are accepted; options of :data:`FIXED_ON_RESUME` that differ are refused,
+    each named with both values.
     """
     saved = load_for_resume(out_dir)["args"]
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -137,7 +138,7 @@ def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides:
     conflicts = []
     for key, value in implied.items():
         k = key.replace("-", "_")
-        if k in names and k in saved and k not in MAY_CHANGE_ON_RESUME:
+        if k in names and k in saved and k in FIXED_ON_RESUME:
             ours, theirs = coerce_option(k, value), coerce_option(k, saved[k])
             if ours != theirs:
                 conflicts.append(f"--{k.replace('_', '-')} {_show(ours)} (the run has {_show(theirs)})")

@@ -288,8 +288,9 @@ def prepare_knn_set(
     bank_pixels, bank_labels = load(bank_items)
     query_pixels, query_labels = load(query_items)
     if skipped:
-        log.warning("k-NN set %s: skipped %d unreadable image(s), first: %s", data, len(skipped),
-                    "; ".join(reason for _, reason in skipped[:3]))
+        # one short line; KnnSet.skipped holds every (path, reason)
+        log.warning("k-NN set %s: %d image(s) left out (unreadable, or over the decompression-bomb limit), "
+                    "first: %s", data, len(skipped), skipped[0][0])
     if len(bank_pixels) == 0 or len(query_pixels) == 0:
         raise DataError(f"{data}: no readable {'bank' if len(bank_pixels) == 0 else 'query'} images")
     return KnnSet(bank_pixels, bank_labels, query_pixels, query_labels, classes, image_size, skipped)
