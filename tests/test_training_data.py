@@ -188,7 +188,7 @@ def test_reference_init_resnet_last_bn_gamma_is_one_and_vit_cls_token_std():
 
     torch.manual_seed(0)
     resnet = create_backbone("resnet18")
-X
+    assert all(float(b.bn2.weight.detach().abs().max()) == 0 for b in resnet.modules() if hasattr(b, "bn2"))  # timm zero-inits
     match_reference_init(resnet)
     last = [b.bn2.weight for b in resnet.modules() if hasattr(b, "bn2") and hasattr(b, "zero_init_last")]
     assert len(last) == 8 and all(torch.equal(w, torch.ones_like(w)) for w in last)
