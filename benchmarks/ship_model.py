@@ -140,7 +140,7 @@ def main() -> None:
 
 def _spans(log: list[dict]):
     """(start, last row) of every invocation in a log that resumes may have appended to."""
-    spans, start = [], None
+    spans, start, prev = [], None, None
     for r in log:
         if r["event"] == "start":
             if start is not None:
