@@ -80,6 +80,19 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return target
 
 
+def scrape_metrics(metrics_url: str, model: str) -> dict[str, float]:
+    """Triton's ``nv_inference_*`` counters of ``model`` from its Prometheus endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("nv_inference_") and f'model="{model}"' in line:
+            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def plot_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}.png"

@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,6 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._results import REPO, machine, write_json  # noqa: E402
+from benchmarks._results import REPO, machine, scrape_metrics, write_json  # noqa: E402
 
 NAME = "reliability"
 PARTS = ("faults", "inputs", "load")
@@ -121,21 +119,9 @@ def run_case(name: str, fn: Callable[[], str]) -> dict:
 
 def make_tiny_repo(root: Path) -> Path:
     """The two tiny models of ``tests/conftest.py`` (``tiny_repo``), exported and verified."""
-    from conftest import TINY_MODELS, build_tiny_backbone
-    from safetensors.torch import save_file
+    from conftest import build_tiny_repo
 
-    from dinoserve.export import export_onnx
-    from dinoserve.models import load_weights
-
-    weights, repo = root / "weights", root / "model_repository"
-    weights.mkdir(parents=True)
-    for name, (_, _, size) in TINY_MODELS.items():
-        model = build_tiny_backbone(name)
-        path = weights / f"{name}.safetensors"
-        save_file(model.state_dict(), str(path))
-        load_weights(model, path)  # records the source and sha256 the config carries
-        export_onnx(model=model, name=name, repo=repo, image_size=size)
-    return repo
+    return build_tiny_repo(root)
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -518,18 +504,6 @@ def test_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.asarray(draw_shape(SHAPES[i % 3], rng, size)) for i in range(n)])
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A real 1-bit PNG of width x height, all zeros: tiny on disk, huge decoded."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    comp = zlib.compressobj(9)
-    raw = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
 def bad_input_files(folder: Path) -> list[tuple[str, Any, str, str]]:
     """(name, input, expected outcome, text the error must contain) for each odd file."""
     from PIL import Image
@@ -555,6 +529,8 @@ def bad_input_files(folder: Path) -> list[tuple[str, Any, str, str]]:
     text = folder / "notes.png"
     text.write_text("hello, this is not an image\n")
     bomb = folder / "bomb.png"
+    from conftest import bomb_png
+
     bomb.write_bytes(bomb_png(30000, 30000))  # 900 megapixels, under 2 MB on disk
     directory = folder / "photos.jpg"
     directory.mkdir()
@@ -659,16 +635,6 @@ def input_cases(work: Path, clients: dict[str, Any]) -> list[dict]:
 # part 3: load
 # ======================================================================================
 
-def scrape(metrics_url: str, model: str) -> dict[str, float]:
-    with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("nv_inference_") and f'model="{model}"' in line:
-            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def percentiles(latencies_s: list[float]) -> dict[str, float | None]:
     if not latencies_s:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
@@ -726,7 +692,7 @@ def load_test(server, repo: Path, model: str, clients: int, seconds: float, requ
             if client is not None:
                 client.close()
 
-    before = scrape(server.metrics_url, model)
+    before = scrape_metrics(server.metrics_url, model)
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
@@ -737,7 +703,7 @@ def load_test(server, repo: Path, model: str, clients: int, seconds: float, requ
         t.join(timeout=seconds + WAIT_S)
     wall = time.monotonic() - t0
     hung = sum(t.is_alive() for t in threads)
-    after = scrape(server.metrics_url, model)
+    after = scrape_metrics(server.metrics_url, model)
 
     def totals(rows: list[dict]) -> dict:
         lat = [x for r in rows for x in r["latencies"]]

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _results import machine, plot_path, write_json  # noqa: E402
+from _results import machine, plot_path, scrape_metrics, write_json  # noqa: E402
 
 NAME = "serving_throughput"
 
@@ -97,16 +96,6 @@ def flops_per_image(model, size: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, size, size))
     return float(counter.get_total_flops())
-
-
-def scrape(metrics_url: str, model: str) -> dict[str, float]:
-    with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("nv_inference_") and f'model="{model}"' in line:
-            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def main() -> None:
@@ -199,9 +188,9 @@ def main() -> None:
     with TritonServer(repo, models=["bench"]) as server:
         for protocol, lib, url in (("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url)):
             for c in concurrencies:
-                before = scrape(server.metrics_url, "bench")
+                before = scrape_metrics(server.metrics_url, "bench")
                 lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1]))
-                after = scrape(server.metrics_url, "bench")
+                after = scrape_metrics(server.metrics_url, "bench")
                 count = after["nv_inference_count"] - before["nv_inference_count"]
                 execs = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
                 queue = after["nv_inference_queue_duration_us"] - before["nv_inference_queue_duration_us"]

@@ -6,7 +6,9 @@ Tests run on 2 CPU cores: tiny models, small images, few steps.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -90,6 +92,37 @@ def build_tiny_backbone(name: str):
     return create_backbone(arch, **kwargs).eval()
 
 
+def build_tiny_repo(root: Path) -> Path:
+    """Export and verify the :data:`TINY_MODELS` into ``root/model_repository`` (their
+    weights under ``root/weights``); what :func:`tiny_repo` and benchmarks/reliability.py use."""
+    from safetensors.torch import save_file
+
+    from dinoserve.export import export_onnx
+    from dinoserve.models import load_weights
+
+    weights, repo = root / "weights", root / "model_repository"
+    weights.mkdir(parents=True)
+    for name, (_, _, size) in TINY_MODELS.items():
+        model = build_tiny_backbone(name)
+        path = weights / f"{name}.safetensors"
+        save_file(model.state_dict(), str(path))
+        load_weights(model, path)  # records the source and sha256 the config carries
+        export_onnx(model=model, name=name, repo=repo, image_size=size)
+    return repo
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real 1-bit PNG of width x height, all zeros: tiny on disk, huge decoded."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    comp = zlib.compressobj(9)
+    raw = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Triton model repository (absolute path) with two exported, verified models.
@@ -105,22 +138,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tests that export more models or write into a repository must use their own copy.
     Costs about 15 s once per test process.
     """
-    from safetensors.torch import save_file
-
-    from dinoserve.export import export_onnx
-    from dinoserve.models import load_weights
-
-    root = tmp_path_factory.mktemp("tiny_repo")
-    weights = root / "weights"
-    weights.mkdir()
-    repo = root / "model_repository"
-    for name, (_, _, size) in TINY_MODELS.items():
-        model = build_tiny_backbone(name)
-        path = weights / f"{name}.safetensors"
-        save_file(model.state_dict(), str(path))
-        load_weights(model, path)  # records the source and sha256 the config carries
-        export_onnx(model=model, name=name, repo=repo, image_size=size)
-    return repo
+    return build_tiny_repo(tmp_path_factory.mktemp("tiny_repo"))
 
 
 @pytest.fixture(scope="session")

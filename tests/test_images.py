@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import bomb_png
 from dinoserve.errors import (
     DataError,
     DinoserveError,
@@ -140,21 +139,9 @@ def test_truncated_file_is_refused(tmp_path):
         load_image(p)
 
 
-def _bomb_png(width: int, height: int) -> bytes:
-    """A real 1-bit PNG of width x height, all zeros: tiny on disk, huge decoded."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    comp = zlib.compressobj(9)
-    raw = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
 def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     p = tmp_path / "bomb.png"
-    p.write_bytes(_bomb_png(30000, 30000))  # 900 megapixels
+    p.write_bytes(bomb_png(30000, 30000))  # 900 megapixels
     assert p.stat().st_size < 2_000_000
     with pytest.raises(ImageTooLargeError, match="bomb.png.*megapixels") as e:
         load_image(p)
