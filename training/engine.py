@@ -217,10 +217,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     bb_kwargs = _backbone_kwargs(cfg, pretrained)
     student_bb = create_backbone(cfg.arch, drop_path_rate=cfg.drop_path_rate, **bb_kwargs)
     teacher_bb = create_backbone(cfg.arch, drop_path_rate=0.0, **bb_kwargs)
-    if pretrained is not None and resume is None:
+    if resume is None and pretrained is not None:
         load_weights(student_bb, pretrained)
         logger.info("student and teacher start from %s (%s)", pretrained.source, pretrained.format)
-    elif cfg.reference_init:
+    elif resume is None and cfg.reference_init:  # a resumed run loads every value from its checkpoint
         match_reference_init(student_bb)
     card = backbone_card(teacher_bb)
     if card.family == "resnet":  # resolution is not architectural: record what we train at
