@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from dinoserve.atomic import atomic_write_bytes
-from dinoserve.images import load_image, resize_and_crop
+from dinoserve.images import fit_image, load_image
 from dinoserve.model_info import ModelInfo
 
 from dinoserve.app.errors import app_error, user_errors
@@ -162,10 +162,10 @@ class Handlers:
 
     # --- attention ---------------------------------------------------------------------
     def display_crop(self, image: Image.Image | str) -> Image.Image:
-        """The region the model sees (resize + centre crop), enlarged for the screen."""
+        """The picture the model sees (fitted as it was trained: cropped or padded), enlarged for the screen."""
         with user_errors("Not a usable image"):
             img = load_image(image)
-        crop = resize_and_crop(img, self.model.image_size, self.model.crop_pct)
+        crop = fit_image(img, self.model.image_size, self.model.crop_pct, self.model.fit)
         scale = max(1, -(-DISPLAY_SIZE // self.model.image_size))  # ceil division
         return crop.resize((crop.width * scale, crop.height * scale), Image.Resampling.BICUBIC)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from dinoserve.errors import ModelError
-from dinoserve.images import DEFAULT_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
+from dinoserve.images import DEFAULT_CROP_PCT, FITS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ModelCard", "family_of", "FAMILIES"]
 
@@ -61,6 +61,7 @@ class ModelCard:
     mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation the graph applies to [0, 1] RGB
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = DEFAULT_CROP_PCT  # resize the shorter side to image_size / crop_pct, centre-crop
+    fit: str = "crop"  # "crop" (shorter side, crop_pct) or "pad" (border trimmed, padded): images.fit_image
     interpolation: str = "bicubic"  # resize filter of that preprocessing
     weights_sha256: str = ""  # hex sha256 of the weights file loaded; "" when random or unknown
     precision: str = "fp32"  # compute precision of an exported graph: "fp32" or "fp16"
@@ -71,6 +72,8 @@ class ModelCard:
     def __post_init__(self) -> None:
         if not self.family and self.arch:
             object.__setattr__(self, "family", family_of(self.arch))
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
@@ -78,7 +81,8 @@ class ModelCard:
     # --- views ------------------------------------------------------------------------------
     def preprocessing(self) -> dict[str, Any]:
         """How images become this model's input (stored in index metadata, shown to users)."""
-        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+        return {"image_size": self.image_size, "crop_pct": self.crop_pct, "fit": self.fit,
+                "interpolation": self.interpolation,
                 "mean": list(self.mean), "std": list(self.std)}
 
     def replace(self, **changes: Any) -> "ModelCard":

@@ -236,7 +236,7 @@ class Client:
         t0 = time.perf_counter()
         info = self.info
         batch, kept, skipped = preprocess_batch(
-            [items[p] for p in positions], info.image_size, info.crop_pct, on_error=on_error,
+            [items[p] for p in positions], info.image_size, info.crop_pct, fit=info.fit, on_error=on_error,
             positions=positions, names=[names[p] for p in positions] if names is not None else None)
         t1 = time.perf_counter()
         got = np.zeros((0,), np.float32)

@@ -38,7 +38,7 @@ from dinoserve.atomic import fsync_path
 from dinoserve.attention import AttentionTap
 from dinoserve.card import ModelCard
 from dinoserve.errors import DinoserveError, ExportError, ModelFileError
-from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, normalize, preprocess_batch, walk_images
+from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
 from dinoserve.models import backbone_card, forward_with_attention, load_backbone
 from dinoserve.ort_session import open_session
 from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
@@ -168,6 +168,7 @@ def export_onnx(
     tolerance: float | None = None,
     checkpoint_key: str = "teacher",
     crop_pct: float = DEFAULT_CROP_PCT,
+    fit: str | None = None,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
 
@@ -191,6 +192,8 @@ def export_onnx(
         tolerance: max abs difference allowed per unit of the reference's magnitude.
         checkpoint_key: ``teacher`` or ``student`` for training checkpoints.
         crop_pct: the evaluation crop recorded for clients.
+        fit: how clients fit images into the input, ``"crop"`` or ``"pad"``
+            (:func:`dinoserve.images.fit_image`); default what the model was trained with.
 
     Raises:
         ExportError: bad arguments, an unwritable repository, an export or a verification
@@ -206,7 +209,8 @@ def export_onnx(
     if built.family == "vit" and size % built.patch_size:
         raise ExportError(f"--image-size {size} is not a multiple of the patch size {built.patch_size} of {built.arch}")
     # What the model is and what clients must do to feed it: the card config.pbtxt carries.
-    card = built.replace(image_size=size, crop_pct=float(crop_pct), precision="fp16" if fp16 else "fp32")
+    card = built.replace(image_size=size, crop_pct=float(crop_pct), fit=check_fit(fit or built.fit),
+                         precision="fp16" if fp16 else "fp32")
     tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
     batch = _verify_inputs(verify_images, size, crop_pct)
 

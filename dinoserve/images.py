@@ -55,6 +55,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: centre-crop ``size``.
 DEFAULT_CROP_PCT = 0.875
 
+#: How an image is fitted into the model's square input (:func:`fit_image`):
+#: ``"crop"`` resizes the shorter side and centre-crops (the DINO/ImageNet evaluation
+#: transform, right for photos); ``"pad"`` trims a uniform white border, resizes the longer
+#: side and pads with white, so the whole object is kept (right for clip art, icons and
+#: product shots: on openclipart raw pixels score 60.3 % k-NN top-1 padded vs 53.6 %
+#: cropped at 64 px).
+FITS = ("crop", "pad")
+
+#: A border pixel counts as background in ``"pad"`` when all its channels are at least this
+#: (white, and the near-white that anti-aliasing and JPEG leave).
+_BACKGROUND_LEVEL = 250
+
 
 def describe(image: object) -> str:
     """A short human name for an input, used in every error message."""
@@ -235,20 +247,60 @@ def resize_and_crop(img: Image.Image, size: int, crop_pct: float = DEFAULT_CROP_
     return img.crop((left, top, left + size, top + size))
 
 
+def trim_background(img: Image.Image) -> Image.Image:
+    """``img`` cropped to the bounding box of its non-white pixels (unchanged when it has
+    none, or no white border)."""
+    arr = np.asarray(img.convert("RGB"))
+    ys, xs = np.nonzero(arr.min(axis=2) < _BACKGROUND_LEVEL)
+    if len(ys) == 0:
+        return img
+    return img.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+
+
+def resize_and_pad(img: Image.Image, size: int) -> Image.Image:
+    """Trim the white border, bicubic resize of the longer side to ``size``, centred on a
+    white ``size`` x ``size`` square."""
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    img = trim_background(img)
+    w, h = img.size
+    scale = size / max(w, h)
+    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    out = Image.new("RGB", (size, size), (255, 255, 255))
+    out.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+    return out
+
+
+def check_fit(fit: str) -> str:
+    """``fit`` if it is one of :data:`FITS`, else a ``ValueError`` naming the choices."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    return fit
+
+
+def fit_image(img: Image.Image, size: int, crop_pct: float = DEFAULT_CROP_PCT, fit: str = "crop") -> Image.Image:
+    """``img`` as a ``size`` x ``size`` RGB square: :func:`resize_and_crop` for
+    ``fit="crop"``, :func:`resize_and_pad` for ``fit="pad"`` (``crop_pct`` unused)."""
+    if check_fit(fit) == "pad":
+        return resize_and_pad(img.convert("RGB"), size)
+    return resize_and_crop(img, size, crop_pct)
+
+
 def preprocess(
     image: ImageInput,
     size: int,
     crop_pct: float = DEFAULT_CROP_PCT,
     *,
+    fit: str = "crop",
     max_pixels: int = MAX_PIXELS,
     name: str | None = None,
 ) -> np.ndarray:
-    """Decode one image and apply the evaluation transform.
+    """Decode one image and apply the evaluation transform (:func:`fit_image`).
 
     Returns a uint8 array ``[3, size, size]`` (RGB, channels first): the exact input of an
     exported model, whose graph converts to float and normalises.
     """
-    img = resize_and_crop(load_image(image, max_pixels=max_pixels, name=name), size, crop_pct)
+    img = fit_image(load_image(image, max_pixels=max_pixels, name=name), size, crop_pct, fit)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
@@ -257,6 +309,7 @@ def preprocess_batch(
     size: int,
     crop_pct: float = DEFAULT_CROP_PCT,
     *,
+    fit: str = "crop",
     on_error: str = "raise",
     positions: Sequence[int] | None = None,
     names: Sequence[str | None] | None = None,
@@ -267,7 +320,8 @@ def preprocess_batch(
     With ``on_error="raise"`` the first bad image raises an :class:`ImageError` that names
     its position; with ``"skip"`` bad images are left out. ``positions`` numbers the images
     (default 0, 1, ...: a caller batching a longer list passes the original positions) and
-    ``names`` labels them in messages (default: :func:`describe`). ``workers`` > 1 decodes
+    ``names`` labels them in messages (default: :func:`describe`). ``fit`` is
+    :func:`fit_image`'s. ``workers`` > 1 decodes
     in that many threads (Pillow releases the GIL); results keep the input order.
 
     Returns the batch, the positions it holds, and ``(position, message)`` for each
@@ -275,13 +329,14 @@ def preprocess_batch(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    check_fit(fit)
     images = list(images)
     positions = list(positions) if positions is not None else list(range(len(images)))
     names = list(names) if names is not None else [None] * len(images)
 
     def one(image: ImageInput, name: str | None) -> np.ndarray | ImageError:
         try:
-            return preprocess(image, size, crop_pct, name=name)
+            return preprocess(image, size, crop_pct, fit=fit, name=name)
         except ImageError as e:
             return e
 

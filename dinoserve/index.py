@@ -212,8 +212,9 @@ def model_mismatch(meta: dict, info: ModelInfo) -> str | None:
             return "the weights differ (sha256)"
     elif (m["name"], m.get("arch", "")) != (info.name, info.arch):
         return "the model names differ and no weights hash says they are the same"
-    if int(pre["image_size"]) != info.image_size or abs(float(pre["crop_pct"]) - info.crop_pct) > 1e-9:
-        return "the preprocessing differs (image size or crop)"
+    if (int(pre["image_size"]) != info.image_size or abs(float(pre["crop_pct"]) - info.crop_pct) > 1e-9
+            or pre.get("fit", "crop") != info.fit):
+        return "the preprocessing differs (image size, crop or fit)"
     return None
 
 

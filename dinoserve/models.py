@@ -163,7 +163,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Weights, checkpoi
     weights = source if isinstance(source, Weights) else read_weights(source, checkpoint_key)
     card = backbone_card(model)
     load_state_dict_strict(model, weights, card.arch)
-    model.dino_card = card.replace(weights_sha256=weights.sha256)
+    model.dino_card = card.replace(weights_sha256=weights.sha256, fit=weights.fit)
     return weights
 
 

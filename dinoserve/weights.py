@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -90,6 +91,9 @@ class Weights:
     # checkpoint's network, or of a shipped file), so fine-tuning can continue the same
     # objective; empty when the source has none.
     head_state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # How the images it was trained on were fitted into its input (a dinoserve checkpoint's
+    # meta says; "crop" for everything else): the model card carries it on to serving.
+    fit: str = "crop"
 
     @property
     def image_size(self) -> int | None:
@@ -109,10 +113,26 @@ def read_weights(source: str | os.PathLike, checkpoint_key: str = "teacher") -> 
     path = resolve_source(source)
     obj, sha = _read_file(path)
     sd, fmt = extract_backbone_state_dict(obj, checkpoint_key, source=str(source))
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else None
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else _safetensors_card(path)
     named = _arch_of_source(str(source))
     arch, kwargs, problem = (named, {}, "") if named else _detect_architecture(meta, sd)
-    return Weights(str(source), path, fmt, sha, sd, arch, kwargs, problem, _head_state_dict(obj, checkpoint_key))
+    fit = str(meta.get("fit") or "crop") if meta is not None else "crop"
+    return Weights(str(source), path, fmt, sha, sd, arch, kwargs, problem, _head_state_dict(obj, checkpoint_key), fit)
+
+
+def _safetensors_card(path: Path) -> dict[str, Any] | None:
+    """The model card a dinoserve-written .safetensors file keeps in its header metadata
+    (``{"card": "<json>"}``, as ``benchmarks/ship_model.py`` writes it); None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:  # the JSON header of a real file; anything else is not one
+                return None
+            header = json.loads(f.read(size))
+        card = json.loads(((header.get("__metadata__") or {}).get("card")) or "null")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return card if isinstance(card, dict) else None
 
 
 def _head_state_dict(obj: dict[str, Any], checkpoint_key: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from dinoserve.repository import (choose_model, config_from_dict, model_choice_e
 VIT = ModelCard(arch="vit_small_patch16_224", image_size=224, patch_size=16, num_heads=6, embed_dim=384,
                 weights_sha256="ab" * 32, model_kwargs={"depth": 2, "img_size": 224})
 RESNET = ModelCard(arch="resnet18", image_size=64, embed_dim=512, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                   crop_pct=1.0, precision="fp16")
+                   crop_pct=1.0, fit="pad", precision="fp16")
 
 #: config.pbtxt as `dinoserve export` wrote it before the card existed (no interpolation).
 OLD_CONFIG = """name: "old"
@@ -91,6 +91,12 @@ def test_old_config_pbtxt_still_loads(tmp_path):
     assert info.preprocessing() == card.preprocessing()
 
 
+def test_an_unknown_fit_is_a_clear_error():
+    params = {**RESNET.to_params(), "fit": "stretch"}
+    with pytest.raises(ModelError, match="my config.*fit must be one of crop, pad, got 'stretch'"):
+        ModelCard.from_params(params, source="my config")
+
+
 def test_hand_written_config_gives_what_it_can_or_a_clear_error():
     # No dinoserve parameters but the two a client needs: image size, and the dim from the output.
     config = config_from_dict(parse_pbtxt("""
@@ -130,7 +136,7 @@ def test_family_and_preprocessing_come_from_the_card():
     assert family_of_name("dino_vits8") == "vit" and family_of_name("dino_resnet50") == "resnet"
     assert family_of_name("vit_tiny_patch16_224") == "vit" and family_of_name("efficientnet_b0") == ""
     assert ModelCard(arch="resnet50", image_size=224, embed_dim=2048).family == "resnet"
-    assert RESNET.preprocessing() == {"image_size": 64, "crop_pct": 1.0, "interpolation": "bicubic",
+    assert RESNET.preprocessing() == {"image_size": 64, "crop_pct": 1.0, "fit": "pad", "interpolation": "bicubic",
                                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 

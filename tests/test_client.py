@@ -362,3 +362,29 @@ def test_embed_cli_writes_npy_from_triton(triton_server, vit, images, tmp_path):
     summary = json.loads(r.output)
     assert summary["shape"] == [4, 192] and summary["paths"] == [str(p) for p in images[:4]]
     np.testing.assert_allclose(np.load(out), vit.embed(images[:4]), atol=1e-4)
+
+
+def test_client_fits_images_as_the_model_was_trained(tmp_path):
+    """A model exported with fit="pad" is fed padded images by the client, one exported
+    with the default by centre-cropped ones."""
+    import torch
+
+    from dinoserve.export import export_onnx
+    from dinoserve.models import normalize_tensor
+
+    model = build_tiny_backbone("resnet_tiny")
+    export_onnx(model=model, name="padded", repo=tmp_path / "repo", image_size=64, fit="pad")
+    export_onnx(model=model, name="cropped", repo=tmp_path / "repo", image_size=64)
+    canvas = np.full((90, 240, 3), 255, np.uint8)
+    canvas[30:60, 150:230] = (0, 90, 200)  # an object near the right edge, cut off by a centre crop
+    with torch.no_grad():
+        def reference(fit):
+            x = torch.from_numpy(preprocess(canvas, 64, fit=fit)[None]).float().div(255)
+            return model(normalize_tensor(x, model.dino_card.mean, model.dino_card.std)).numpy()
+        padded_ref, cropped_ref = reference("pad"), reference("crop")
+    with Client(repo=tmp_path / "repo", model="padded") as padded, \
+            Client(repo=tmp_path / "repo", model="cropped") as cropped:
+        assert padded.info.fit == "pad" and cropped.info.fit == "crop"
+        np.testing.assert_allclose(padded.embed([canvas], normalize=False), padded_ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(cropped.embed([canvas], normalize=False), cropped_ref, atol=1e-4, rtol=1e-4)
+    assert np.abs(padded_ref - cropped_ref).max() > 1e-2  # the two fits really differ

@@ -26,6 +26,7 @@ from dinoserve.images import (
     l2_normalize,
     load_image,
     preprocess,
+    fit_image,
     preprocess_batch,
     resize_and_crop,
     walk_images,
@@ -185,6 +186,37 @@ def test_centre_crop_keeps_the_centre():
     # The crop is the central 100x100 square, all white but for bicubic ringing at its edges
     # (where the black sides begin); a left- or right-aligned crop would be half black.
     assert (out[:, :, 3:-3] >= 250).all()
+
+
+def test_pad_fit_keeps_the_whole_object_trimmed_and_centred():
+    # a 40x10 red bar off-centre on a wide white canvas: "pad" trims the white, scales the
+    # bar's longer side to the full width and centres it on white; "crop" cuts the bar off
+    canvas = np.full((100, 300, 3), 255, np.uint8)
+    canvas[10:20, 200:240] = (200, 0, 0)
+    out = preprocess(canvas, 64, fit="pad")
+    red = (out[0] > 150) & (out[1] < 100)
+    rows, cols = np.nonzero(red)
+    assert cols.min() <= 1 and cols.max() >= 62  # the bar spans the width
+    assert 24 <= rows.min() and rows.max() <= 40  # 64 * 10/40 = 16 rows, centred
+    assert (out[:, :20] >= 250).all() and (out[:, -20:] >= 250).all()  # padded with white
+    cropped = preprocess(canvas, 64, fit="crop")
+    assert not ((cropped[0] > 150) & (cropped[1] < 100)).any()  # the centre crop misses the bar
+
+
+def test_pad_fit_of_an_image_without_border_is_a_letterbox():
+    img = Image.new("RGB", (80, 40), (10, 20, 30))
+    out = np.asarray(fit_image(img, 32, fit="pad"))
+    assert out.shape == (32, 32, 3)
+    assert (out[8:24] == (10, 20, 30)).all() and (out[:8] == 255).all() and (out[24:] == 255).all()
+    blank = np.asarray(fit_image(Image.new("RGB", (50, 20), "white"), 16, fit="pad"))
+    assert (blank == 255).all()  # all background: nothing to trim, still a white square
+
+
+def test_unknown_fit_names_the_choices():
+    with pytest.raises(ValueError, match="crop, pad.*'squash'"):
+        preprocess(np.zeros((8, 8, 3), np.uint8), 8, fit="squash")
+    with pytest.raises(ValueError, match="'squash'"):
+        preprocess_batch([np.zeros((8, 8, 3), np.uint8)], 8, fit="squash")
 
 
 def test_batch_names_the_position_or_skips():

@@ -52,6 +52,20 @@ def test_store_decodes_once_skips_bad_files_and_rebuilds_when_a_source_changes(t
     assert fresh.pixels[1, 1].min() == 255 and fresh.pixels[1, 2].max() == 0  # green now: rebuilt, not reused
 
 
+def test_store_fits_images_as_asked_and_keeps_one_store_per_fit(tmp_path):
+    # a tall blue bar: "crop" fills the square with it, "pad" keeps it whole on white
+    b = _png(tmp_path / "b.png", (0, 0, 255), size=(30, 90))
+    cache = tmp_path / "stores"
+    cropped = open_store([b], 18, cache)
+    padded = open_store([b], 18, cache, fit="pad")
+    assert cropped.fit == "crop" and padded.fit == "pad"
+    assert (cropped.pixels[0, 2] == 255).all() and (cropped.pixels[0, 0] == 0).all()  # all blue
+    assert (padded.pixels[0, :, :, :6] == 255).all() and (padded.pixels[0, :, :, -6:] == 255).all()  # white sides
+    assert (padded.pixels[0, 0, :, 7:11] == 0).all()  # the bar in the middle, 6 px wide
+    assert len(list(cache.glob("*.npy"))) == 2  # a store of one fit is never read as the other
+    assert np.array_equal(open_store([b], 18, cache, fit="pad").pixels, padded.pixels)
+
+
 # --- tensor augmentation against the PIL reference -----------------------------------------
 
 

@@ -254,8 +254,11 @@ def test_knn_during_training_and_epoch_teacher(twelve, tmp_path):
     make_image_folder(knn / "val", per_class=2, size=48, seed=12)
     out = tmp_path / "run"
     result = train(make_config(**{**TINY, "epochs": 1}, data=str(twelve), out=str(out), knn_data=str(knn),
-                               knn_k=5, teacher_update="epoch"))
+                               knn_k=5, teacher_update="epoch", fit="pad"))
     assert len(result.knn) == 1 and 0.0 <= result.knn[0]["top1"] <= 100.0
+    # --fit travels with the weights: what export, the client and the index fit images by
+    assert read_checkpoint(out / "checkpoint.pth")["meta"]["fit"] == "pad"
+    assert load_backbone(str(out / "checkpoint.pth")).dino_card.fit == "pad"
     assert result.knn[0]["top5"] == 100.0  # 3 classes: the right one is always in the top 5
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["top1"] for r in rows if r["event"] == "knn"] == [result.knn[0]["top1"]]

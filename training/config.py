@@ -38,7 +38,8 @@ class TrainConfig:
     out: str = _f("runs/dino", "Output folder: checkpoint.pth and log.jsonl.")
     augment: str = _f("tensor", "tensor: multi-crop as batched tensor ops on the training device; pil: the PIL reference pipeline in DataLoader workers.", choices=("tensor", "pil"))
     num_workers: int = _f(4, "DataLoader worker processes of --augment pil (0 = in the main process).")
-    store_size: Optional[int] = _f(None, "Side in pixels of the decoded-image store every crop is cut from (each image decoded once, shorter side resized, centre square; default 1.5 x the global crop size).")
+    store_size: Optional[int] = _f(None, "Side in pixels of the decoded-image store every crop is cut from (each image decoded once and fitted by --fit; default 1.5 x the global crop size).")
+    fit: str = _f("crop", "How each image is fitted into the square store and the k-NN/served input: crop (shorter side, centre square; photos) or pad (white border trimmed, longer side, padded on white; clip art, icons, product shots). Recorded in the model card, so export, the client and the index use it too.", choices=("crop", "pad"))
     store_dir: Optional[str] = _f(None, "Folder of decoded-image stores, shared by runs (default ~/.cache/dinoserve/stores); a store whose source images changed is rebuilt.")
 
     # --- model -----------------------------------------------------------------------

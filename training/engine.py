@@ -120,7 +120,7 @@ class EpochOutcome:
 #: limits, epochs, learning rate, clipping, precision, evaluation, logging) may change,
 #: which is how a run is continued or rescued after a non-finite loss.
 FIXED_ON_RESUME = frozenset(ARCH_KEYS) | {"data", "split", "data_root", "batch_size", "seed", "optimizer",
-                                         "global_crop_size", "local_crop_size", "store_size", "augment"}
+                                         "global_crop_size", "local_crop_size", "store_size", "augment", "fit"}
 
 
 def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides: Any) -> TrainConfig:
@@ -222,10 +222,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
         logger.info("student and teacher start from %s (%s)", pretrained.source, pretrained.format)
     elif resume is None and cfg.reference_init:  # a resumed run loads every value from its checkpoint
         match_reference_init(student_bb)
-    card = backbone_card(teacher_bb)
+    card = backbone_card(teacher_bb).replace(fit=cfg.fit)  # served images are fitted as trained
     if card.family == "resnet":  # resolution is not architectural: record what we train at
         card = card.replace(image_size=cfg.global_crop_size)
-        teacher_bb.dino_card = student_bb.dino_card = card
+    teacher_bb.dino_card = student_bb.dino_card = card
     head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
                    bottleneck_dim=cfg.bottleneck_dim)
     student = MultiCropWrapper(student_bb, DINOHead(card.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_kw))
@@ -508,10 +508,10 @@ def _open_store(cfg: TrainConfig, main: bool) -> ImageStore:
     paths = find_images(cfg.data, cfg.split, cfg.data_root)
     size = store_size(cfg)
     if main:
-        store = open_store(paths, size, cfg.store_dir, progress=cfg.progress)
+        store = open_store(paths, size, cfg.store_dir, progress=cfg.progress, fit=cfg.fit)
     D.barrier()
     if not main:
-        store = open_store(paths, size, cfg.store_dir)
+        store = open_store(paths, size, cfg.store_dir, fit=cfg.fit)
     if len(store) == 0:
         reasons = "; ".join(reason for _, reason in store.skipped[:5])
         raise DataError(f"{cfg.data}: none of its {len(paths)} image(s) could be read, so there is nothing to "
@@ -611,7 +611,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
         t0 = time.perf_counter()
         if "set" not in cache:
             size = cfg.knn_image_size or backbone_card(backbone).image_size
-            cache["set"] = prepare_knn_set(cfg.knn_data, size, root=cfg.knn_data_root)
+            cache["set"] = prepare_knn_set(cfg.knn_data, size, root=cfg.knn_data_root, fit=cfg.fit)
         backbone.eval()
         try:
             r = evaluate_knn_set(backbone, cache["set"], k=cfg.knn_k, temperature=cfg.knn_temperature,

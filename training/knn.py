@@ -98,6 +98,7 @@ def preprocess_items(
     image_size: int,
     crop_pct: float = DEFAULT_CROP_PCT,
     num_workers: int | None = None,
+    fit: str = "crop",
 ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Decode and transform images in parallel threads; unreadable ones are skipped.
 
@@ -105,7 +106,7 @@ def preprocess_items(
     ``(position, reason)`` for each unreadable image (skipped, never raised).
     """
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
-    return preprocess_batch(items, image_size, crop_pct, on_error="skip", workers=workers)
+    return preprocess_batch(items, image_size, crop_pct, fit=fit, on_error="skip", workers=workers)
 
 
 def _mean_std(backbone: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
@@ -147,12 +148,13 @@ def extract_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     crop_pct: float = DEFAULT_CROP_PCT,
+    fit: str = "crop",
 ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """Features of images (paths, bytes, PIL images or arrays); unreadable ones skipped.
 
     Returns ``(features [N_ok, D], kept positions, [(position, reason), ...] skipped)``.
     """
-    pixels, kept, skipped = preprocess_items(items, image_size, crop_pct)
+    pixels, kept, skipped = preprocess_items(items, image_size, crop_pct, fit=fit)
     return features_from_pixels(backbone, pixels, batch_size, device), kept, skipped
 
 
@@ -273,15 +275,17 @@ def prepare_knn_set(
     root: str | os.PathLike | None = None,
     crop_pct: float = DEFAULT_CROP_PCT,
     num_workers: int | None = None,
+    fit: str = "crop",
 ) -> KnnSet:
-    """Decode and preprocess a labelled set once (see :func:`labelled_items`)."""
+    """Decode and preprocess a labelled set once (see :func:`labelled_items`), each image
+    fitted by ``fit`` (:func:`dinoserve.images.fit_image`)."""
     bank_items, query_items = labelled_items(data, root)
     classes = sorted({c for _, c in bank_items} | {c for _, c in query_items})
     index = {c: i for i, c in enumerate(classes)}
     skipped: list[tuple[str, str]] = []
 
     def load(items: list[tuple[Path, str]]) -> tuple[np.ndarray, np.ndarray]:
-        pixels, kept, bad = preprocess_items([p for p, _ in items], image_size, crop_pct, num_workers)
+        pixels, kept, bad = preprocess_items([p for p, _ in items], image_size, crop_pct, num_workers, fit)
         skipped.extend((str(items[i][0]), reason) for i, reason in bad)
         return pixels, np.array([index[items[i][1]] for i in kept], dtype=np.int64)
 
@@ -335,6 +339,7 @@ def evaluate_knn(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     crop_pct: float = DEFAULT_CROP_PCT,
+    fit: str | None = None,
 ) -> KnnResult:
     """k-NN top-1/top-5 of ``backbone`` features on a labelled set.
 
@@ -345,11 +350,14 @@ def evaluate_knn(
             folder with ``train/<class>/`` and ``val/<class>/``.
         root: folder relative CSV paths resolve against (see :mod:`dinoserve.filelist`).
         image_size: evaluation size; default the backbone's own image size.
+        fit: ``"crop"`` or ``"pad"``; default the backbone card's (``"crop"`` for raw pixels).
     """
+    card = getattr(backbone, "dino_card", None)
     if image_size is None:
-        card = getattr(backbone, "dino_card", None)
         if card is None:
             raise ValueError("image_size is required for a backbone without a dino_card or for raw pixels")
         image_size = card.image_size
-    knn_set = prepare_knn_set(data, image_size, root=root, crop_pct=crop_pct)
+    if fit is None:
+        fit = card.fit if card is not None else "crop"
+    knn_set = prepare_knn_set(data, image_size, root=root, crop_pct=crop_pct, fit=fit)
     return evaluate_knn_set(backbone, knn_set, k=k, temperature=temperature, batch_size=batch_size, device=device)

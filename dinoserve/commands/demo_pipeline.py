@@ -85,6 +85,7 @@ class Candidate:
     arch: str | None
     image_size: int
     knn_top1: float | None = None
+    fit: str = "crop"  # how images are fitted into its input (images.fit_image), as trained
 
 
 @dataclass
@@ -167,7 +168,7 @@ def resolve_data(data: str | None) -> DemoData:
 #: define the network and the crops it was trained on.
 KEPT_FOR_FINETUNING = ("arch", "patch_size", "img_size", "depth", "out_dim", "hidden_dim", "bottleneck_dim",
                        "head_layers", "use_bn_in_head", "norm_last_layer", "global_crop_size", "global_crop_scale",
-                       "local_crops", "local_crop_size", "local_crop_scale", "store_size")
+                       "local_crops", "local_crop_size", "local_crop_scale", "store_size", "fit")
 
 
 def shipped_record(weights: str | Path) -> dict[str, Any]:
@@ -214,7 +215,8 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
         return [trained], _run_training(tcfg, state, echo)
     record = shipped_record(cfg.shipped)
     size = cfg.image_size or int(record["image_size"])
-    shipped = Candidate("shipped", cfg.shipped, record["arch"], size)
+    fit = record["train_args"].get("fit", "crop")
+    shipped = Candidate("shipped", cfg.shipped, record["arch"], size, fit=fit)
     if cfg.minutes <= 0:
         echo(f"[1/5] train: none (--minutes 0); serving the shipped model {Path(cfg.shipped).name}")
         return [shipped], True
@@ -222,7 +224,7 @@ def _train(cfg: DemoConfig, d: DemoData, out: Path, state: DemoState, echo: Echo
          f"(k-NN {record['knn_top1']:.1f} % on openclipart) on {_where(d)} for at most {cfg.minutes:g} min")
     kept = {k: record["train_args"][k] for k in KEPT_FOR_FINETUNING if k in record["train_args"]}
     tcfg = make_config("finetune", **base, **kept, pretrained=cfg.shipped)
-    tuned = Candidate("fine-tuned", str(out / "train" / "checkpoint.pth"), None, size)
+    tuned = Candidate("fine-tuned", str(out / "train" / "checkpoint.pth"), None, size, fit=fit)
     return [shipped, tuned], _run_training(tcfg, state, echo)
 
 
@@ -263,18 +265,18 @@ def _knn(d: DemoData, candidates: list[Candidate], state: DemoState, echo: Echo)
     raw = None
     sets: dict[int, Any] = {}
     for c in candidates:
-        key = _fingerprint(file_sha256(resolve_source(c.weights)), d.knn_data, c.image_size)
+        key = _fingerprint(file_sha256(resolve_source(c.weights)), d.knn_data, c.image_size, c.fit)
         if entry := state.done(f"knn {c.label}", key):
             c.knn_top1, raw = entry["top1"], entry["raw_top1"]
         else:
-            if c.image_size not in sets:
-                sets[c.image_size] = prepare_knn_set(d.knn_data, c.image_size, root=d.root)
+            if (c.image_size, c.fit) not in sets:
+                sets[c.image_size, c.fit] = prepare_knn_set(d.knn_data, c.image_size, root=d.root, fit=c.fit)
             model = load_backbone(c.weights, c.arch).eval()
-            c.knn_top1 = evaluate_knn_set(model, sets[c.image_size]).top1
-            raw = evaluate_knn_set(None, sets[c.image_size]).top1
+            c.knn_top1 = evaluate_knn_set(model, sets[c.image_size, c.fit]).top1
+            raw = evaluate_knn_set(None, sets[c.image_size, c.fit]).top1
             state.record(f"knn {c.label}", key, top1=c.knn_top1, raw_top1=raw)
-        echo(f"      {c.label:>12}: top-1 {c.knn_top1:5.1f} %  ({c.image_size} px)")
-    echo(f"      {'raw pixels':>12}: top-1 {raw:5.1f} %  (same size and crop; shared reference {RAW_PIXELS_TOP1} %)")
+        echo(f"      {c.label:>12}: top-1 {c.knn_top1:5.1f} %  ({c.image_size} px, {c.fit})")
+    echo(f"      {'raw pixels':>12}: top-1 {raw:5.1f} %  (same size and fit; shared reference {RAW_PIXELS_TOP1} %)")
     return raw
 
 
@@ -298,7 +300,7 @@ def _export(cfg: DemoConfig, served: Candidate, state: DemoState, echo: Echo) ->
 
     sha = file_sha256(resolve_source(served.weights))
     model_dir = Path(cfg.repo) / cfg.name
-    key = _fingerprint(sha, served.image_size, served.arch)
+    key = _fingerprint(sha, served.image_size, served.arch, served.fit)
     version = latest_version(model_dir) if model_dir.is_dir() else None
     if state.done("export", key) and version is not None and read_model_config(model_dir).card.weights_sha256 == sha:
         echo(f"[3/5] export: reusing {model_dir} version {version}")
@@ -306,7 +308,8 @@ def _export(cfg: DemoConfig, served: Candidate, state: DemoState, echo: Echo) ->
     from dinoserve.export import export_onnx
 
     echo(f"[3/5] export: the {served.label} model as ONNX into {model_dir} at {served.image_size} px")
-    result = export_onnx(served.weights, name=cfg.name, arch=served.arch, repo=cfg.repo, image_size=served.image_size)
+    result = export_onnx(served.weights, name=cfg.name, arch=served.arch, repo=cfg.repo, image_size=served.image_size,
+                         fit=served.fit)
     echo(f"      version {result.version}, onnxruntime vs PyTorch max abs diff {result.max_abs_diff:.2e}")
     state.record("export", key, model_dir=str(result.model_dir), version=result.version)
     return str(result.model_dir), sha, False

@@ -30,8 +30,11 @@ import click
               help="Which network of a training checkpoint.")
 @click.option("--crop-pct", default=0.875, show_default=True, type=click.FloatRange(min=0, max=1, min_open=True),
               help="Evaluation crop recorded for clients (resize to size/crop_pct, centre-crop).")
+@click.option("--fit", type=click.Choice(["crop", "pad"]), default=None,
+              help="How clients fit images into the input: crop (shorter side, centre crop) or pad (white "
+                   "border trimmed, padded on white) [default: what the model was trained with, else crop].")
 def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, device, trt_fp16, verify_images,
-           tolerance, checkpoint_key, crop_pct):
+           tolerance, checkpoint_key, crop_pct, fit):
     """Export a DINO backbone as the next version of REPO/NAME and verify it.
 
     The ONNX graph takes uint8 images [B, 3, H, W], normalises inside, and returns
@@ -49,12 +52,12 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, device
 
     res = export_onnx(weights, name=name, arch=arch, repo=repo, image_size=image_size, max_batch=max_batch,
                       fp16=fp16, device=device, trt_fp16=trt_fp16, verify_images=verify_images,
-                      tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct)
+                      tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct, fit=fit)
     click.echo(f"verified: max abs difference onnxruntime vs PyTorch {res.max_abs_diff:.3g} "
                f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
     click.echo(json.dumps({
         "name": name, "version": res.version, "model_dir": str(res.model_dir), "onnx": str(res.onnx_path),
         "arch": res.card.arch, "family": res.card.family, "embed_dim": res.card.embed_dim,
-        "image_size": res.image_size, "max_abs_diff": res.max_abs_diff,
+        "image_size": res.image_size, "fit": res.card.fit, "max_abs_diff": res.max_abs_diff,
         "sizes_checked": [list(s) for s in res.sizes_checked],
     }))
