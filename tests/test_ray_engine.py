@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image, ImageOps
 
 from dinoserve import shard_store
 from dinoserve.cli import cli
@@ -91,19 +92,25 @@ def test_ray_index_build_and_embed_equal_the_inprocess_path_and_update_works(
     _assert_same_index(out, reference)
     assert not (tmp_path / "ray.index.shards").exists()  # removed once the index is published
 
-    # `dinoserve index update` on the index built from shards: only the new file is embedded.
-    work = tmp_path / "photos"
+    # `dinoserve index update` on the index built from shards: a new file is embedded, the rest kept.
+    # The module's photos stay read-only: point a copy of the index at a copy of the folder
+    # (meta.json is not checksummed), then add a mirrored image there.
+    work, copy = tmp_path / "photos", tmp_path / "copy.index"
     shutil.copytree(photos, work)
-    out2 = tmp_path / "work.index"
-    build_index_ray(work, out2, _options(tiny_repo))
-    shutil.copy(work / "square" / "square_001.png", work / "square" / "copy.png")
-    up = update_index(out2, vit, progress=False)
-    assert (up.count, up.embedded, up.reused) == (25, 0, 25)  # same content as square_001: its vector is reused
-    assert str(work / "square" / "copy.png") in EmbeddingIndex.load(out2).paths
+    shutil.copytree(out, copy)
+    meta_path = next(copy.glob("gen-*/meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta["source"]["path"] = str(work)
+    meta_path.write_text(json.dumps(meta))
+    ImageOps.mirror(Image.open(work / "square" / "square_001.png")).save(work / "square" / "mirrored.png")
+    up = update_index(copy, vit, progress=False)
+    # every old vector is reused by content (other paths), only the new image is embedded
+    assert (up.count, up.embedded, up.reused, up.removed) == (25, 1, 24, 24)
+    np.testing.assert_allclose(EmbeddingIndex.load(copy).embeddings, vit.embed(EmbeddingIndex.load(copy).paths),
+                               rtol=0, atol=1e-6)
 
     # `dinoserve embed --engine ray` on the folder: same rows, vectors and skip messages as in-process.
-    files = [str(p) for p in reference.paths] + [s["path"] for s in reference.meta["skipped"]]
-    files.sort()
+    files = sorted([str(p) for p in reference.paths] + [s["path"] for s in reference.meta["skipped"]])
     runner = CliRunner()
     base = ["--repo", str(tiny_repo), "--model", "vit_tiny", "--skip-errors"]
     r1 = runner.invoke(cli, ["embed", *files, "--out", str(tmp_path / "a.npy"), *base])
