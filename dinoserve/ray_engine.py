@@ -276,14 +276,16 @@ def _run_pipeline(store: shard_store.ShardStore, shards: list[list[str]], keys: 
         actors = options.actors or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
         ds = ray.data.from_items([{"shard": i, "paths": json.dumps(shards[i])} for i in todo],
                                  override_num_blocks=len(todo))  # one block per shard: decoded in parallel
-        # SPREAD puts decoding on every node of a cluster. The two explicit, different scheduling
-        # strategies also keep the decode tasks an operator of their own: Ray Data fuses a task map
-        # into the next actor map when their remote arguments agree, and then the actors would
-        # decode too, so decoding could no longer scale with cores apart from inference.
-        ds = ds.map_batches(_decode_batch, batch_size=1, num_cpus=1, scheduling_strategy="SPREAD",
+        # Decode tasks reserve the memory of a shard's pixels (plus decoding room), so a node runs
+        # only as many as it can hold. Unlike the actors' arguments, this also keeps them an operator
+        # of their own: Ray Data fuses a task map into the next actor map when their remote arguments
+        # agree, and then the actors would decode too, so decoding could no longer scale with cores
+        # apart from inference.
+        shard_bytes = 2 * options.shard_size * 3 * info.image_size ** 2 + 64 * 2**20
+        ds = ds.map_batches(_decode_batch, batch_size=1, num_cpus=1, memory=shard_bytes,
                             fn_kwargs={"size": info.image_size, "crop_pct": info.crop_pct, "mode": mode})
         ds = ds.map_batches(_EmbedActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-                            num_cpus=options.actor_cpus, scheduling_strategy="DEFAULT",
+                            num_cpus=options.actor_cpus,
                             fn_constructor_kwargs={"client_kwargs": options.client_kwargs(),
                                                    "normalize": normalize, "hold_dir": options.hold_dir})
         bar = _progress_bar(sum(len(shards[i]) for i in todo), options.progress)

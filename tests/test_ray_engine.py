@@ -117,7 +117,7 @@ def test_ray_index_build_and_embed_equal_the_inprocess_path_and_update_works(
     r2 = runner.invoke(cli, ["embed", str(photos), "--out", str(tmp_path / "b.npy"), *base, "--engine", "ray",
                              "--actors", "1", "--shard-size", str(SHARD)])
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
-    j1, j2 = (json.loads(r.output.strip().splitlines()[-1]) for r in (r1, r2))
+    j1, j2 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (r1, r2))
     assert (j2["paths"], j2["skipped"], j2["shape"]) == (j1["paths"], j1["skipped"], j1["shape"])
     np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), rtol=0, atol=1e-6)
 
@@ -213,3 +213,14 @@ def test_ray_bad_input_one_line_errors(tiny_repo, photos, vit, tmp_path):
     assert r.returncode == 1 and 'pip install "dinoserve[ray]"' in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y.index").exists()
+
+
+@pytest.mark.triton
+def test_ray_actors_with_a_triton_client_equal_the_inprocess_path(ray_local, triton_server, tiny_repo, photos,
+                                                                  reference, tmp_path):
+    out = tmp_path / "t.index"
+    options = RayOptions(url=triton_server.grpc_url, model="vit_tiny", shard_size=SHARD, actors=2, actor_cpus=0.5,
+                         progress=False)
+    report = build_index_ray(photos, out, options)
+    assert (report.count, report.embedded) == (24, 24)
+    _assert_same_index(out, reference)

@@ -10,7 +10,7 @@ ENGINES = ("inprocess", "ray")
 
 
 def engine_options(fn):
-    """Add --engine, --ray-address, --actors, --shard-size, --shards and --keep-shards to a command."""
+    """Add --engine, --ray-address, --actors, --actor-cpus, --shard-size, --shards and --keep-shards to a command."""
 
     @click.option("--engine", type=click.Choice(ENGINES), default="inprocess", show_default=True,
                   help="inprocess: one client in this process; ray: Ray Data, decoding in CPU tasks and "
@@ -21,6 +21,8 @@ def engine_options(fn):
     @click.option("--actors", default=None, type=click.IntRange(1),
                   help="--engine ray: embedding actors, each with its own model session or Triton client "
                        "[default: half the cluster's CPUs].")
+    @click.option("--actor-cpus", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                  help="--engine ray: CPUs each actor reserves (with --url an actor only waits on Triton: 0.25).")
     @click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(1),
                   help="--engine ray: files per shard (the unit written, resumed and retried).")
     @click.option("--shards", "shards_dir", default=None, type=click.Path(file_okay=False),
@@ -33,9 +35,11 @@ def engine_options(fn):
     return wrapper
 
 
-def ray_options(url, repo, model, batch_size, timeout, ray_address, actors, shard_size, progress: bool = True):
+def ray_options(url, repo, model, batch_size, timeout, ray_address, actors, actor_cpus, shard_size,
+                progress: bool = True):
     """The :class:`~dinoserve.ray_engine.RayOptions` the command line describes."""
     from dinoserve.ray_engine import RayOptions
 
     return RayOptions(url=url, repo=repo, model=model, batch_size=batch_size, timeout=timeout,
-                      address=ray_address, actors=actors, shard_size=shard_size, progress=progress)
+                      address=ray_address, actors=actors, actor_cpus=actor_cpus, shard_size=shard_size,
+                      progress=progress)

@@ -21,7 +21,7 @@ from dinoserve.commands._ray_options import engine_options, ray_options
 @client_options
 @engine_options
 def embed(images, out, no_normalize, skip_errors, url, repo, model, batch_size, timeout, concurrency,
-          engine, ray_address, actors, shard_size, shards_dir, keep_shards):
+          engine, ray_address, actors, actor_cpus, shard_size, shards_dir, keep_shards):
     """Embed IMAGE files with a DINO backbone and save them as a numpy array.
 
     Prints one JSON object: the output, its shape, the model and any skipped images. With
@@ -43,7 +43,7 @@ def embed(images, out, no_normalize, skip_errors, url, repo, model, batch_size, 
         paths, _ = expand_sources(images)
         shards = shards_dir or default_shards_dir(out)
         run = embed_paths(paths, shards, ray_options(url, repo, model, batch_size, timeout, ray_address, actors,
-                                                     shard_size, progress=False),
+                                                     actor_cpus, shard_size, progress=False),
                           mode="embed", normalize=not no_normalize)
         vectors, kept, skipped, model_name = run.embeddings, [r["path"] for r in run.rows], run.skipped, run.info.name
     else:

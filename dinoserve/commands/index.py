@@ -35,7 +35,7 @@ def _echo_report(report) -> None:
 @client_options
 @engine_options
 def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_size, timeout, concurrency,
-          engine, ray_address, actors, shard_size, shards_dir, keep_shards):
+          engine, ray_address, actors, actor_cpus, shard_size, shards_dir, keep_shards):
     """Embed every image under SOURCE (a folder, recursive, or a CSV with a 'path' column) into an index.
 
     Unreadable or corrupt images are skipped and listed. An existing index at --out is
@@ -50,7 +50,8 @@ def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_
     if engine == "ray":
         from dinoserve.ray_engine import build_index_ray
 
-        options = ray_options(url, repo, model, batch_size, timeout, ray_address, actors, shard_size, not no_progress)
+        options = ray_options(url, repo, model, batch_size, timeout, ray_address, actors, actor_cpus, shard_size,
+                              not no_progress)
         report = build_index_ray(source, out, options, kind=kind or "auto", splits=list(splits) or None, root=root,
                                  shards_dir=shards_dir, keep_shards=keep_shards)
         _echo_report(report)
