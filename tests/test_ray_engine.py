@@ -224,3 +224,13 @@ def test_ray_actors_with_a_triton_client_equal_the_inprocess_path(ray_local, tri
     report = build_index_ray(photos, out, options)
     assert (report.count, report.embedded) == (24, 24)
     _assert_same_index(out, reference)
+
+
+def test_ray_is_imported_only_when_a_ray_job_runs():
+    code = ("import sys, dinoserve, dinoserve.client, dinoserve.index, dinoserve.ray_engine, dinoserve.shard_store\n"
+            "from dinoserve.cli import cli\n"
+            "from dinoserve.commands import embed, index\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'pyarrow'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
