@@ -117,7 +117,7 @@ def main() -> None:
               f"inference {cost['infer_img_s_per_replica']:.1f} img/s per replica", flush=True)
 
         t = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
         ray_init_s = time.perf_counter() - t
         inproc, on_ray = [], []
         try:

@@ -130,16 +130,22 @@ def connect(address: str | None = None) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "auto":
+    # "local" starts a new Ray: without it ray.init would join any Ray it finds on this machine.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address not in ("auto", "local"):
         probe_address(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=True)
     except ConnectionError as e:
-        where = address or "a local Ray"
-        raise ServerUnavailableError(f"cannot join Ray cluster {where!r} ({e}); "
+        raise ServerUnavailableError(f"cannot join Ray cluster {address!r} ({e}); "
                                      "check --ray-address / RAY_ADDRESS") from None
+    except Exception as e:  # noqa: BLE001  ray.init raises a bare Exception when its own node fails to start
+        if address != "local":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ServerUnavailableError(f"a local Ray did not start ({first}); see /tmp/ray/session_latest/logs, "
+                                     "or join a running cluster with --ray-address") from None
     return True
 
 
@@ -238,7 +244,7 @@ def embed_paths(paths: Sequence[str], shards_dir: str | os.PathLike, options: Ra
     t0 = time.perf_counter()
     ray = import_ray()  # before any work: a missing extra is a one-line error
     address = options.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto" and not ray.is_initialized():
+    if address and address not in ("auto", "local") and not ray.is_initialized():
         probe_address(address)  # and an unreachable cluster too, before any file is written
     info = model_info(options)
     shards = shard_store.plan(paths, options.shard_size)

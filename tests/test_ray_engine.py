@@ -39,7 +39,7 @@ def ray_local():
     """One local Ray of 2 CPUs for the module (the engine uses an initialised Ray as it is)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, object_store_memory=200 * 2**20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, object_store_memory=200 * 2**20)
     yield ray
     ray.shutdown()
 
