@@ -132,7 +132,10 @@ def connect(address: str | None = None) -> bool:
         return False
     # "local" starts a new Ray: without it ray.init would join any Ray it finds on this machine.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address not in ("auto", "local"):
+    if address == "local":
+        start_local()
+        return True
+    if address != "auto":
         probe_address(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
@@ -140,13 +143,30 @@ def connect(address: str | None = None) -> bool:
     except ConnectionError as e:
         raise ServerUnavailableError(f"cannot join Ray cluster {address!r} ({e}); "
                                      "check --ray-address / RAY_ADDRESS") from None
-    except Exception as e:  # noqa: BLE001  ray.init raises a bare Exception when its own node fails to start
-        if address != "local":
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ServerUnavailableError(f"a local Ray did not start ({first}); see /tmp/ray/session_latest/logs, "
-                                     "or join a running cluster with --ray-address") from None
     return True
+
+
+def start_local(attempts: int = 3, **init_kwargs) -> None:
+    """Start a new local Ray in this process (``init_kwargs`` go to ``ray.init``, e.g. ``num_cpus``).
+
+    Ray waits a fixed 30 s for its raylet to register; on a busy machine (2 shared cores
+    running a test suite) that can run out, so the start is tried ``attempts`` times.
+    """
+    ray = import_ray()
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, **init_kwargs}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001  ray.init raises a bare Exception when its node fails to start
+            ray.shutdown()
+            if "timed out during startup" not in str(e):
+                raise
+            if attempt == attempts:
+                raise ServerUnavailableError(
+                    f"a local Ray did not start in {attempts} tries ({str(e).splitlines()[0]}); the machine may be "
+                    "overloaded; see /tmp/ray/session_latest/logs, or join a running cluster with --ray-address"
+                ) from None
 
 
 # --- the work of each stage, run in Ray workers ----------------------------------------------

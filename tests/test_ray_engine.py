@@ -8,7 +8,6 @@ in-process path (:func:`dinoserve.index.build_index`, ``Client.embed``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from dinoserve.cli import cli
 from dinoserve.client import Client
 from dinoserve.errors import IndexMismatchError, ServerUnavailableError
 from dinoserve.index import EmbeddingIndex, build_index, update_index
-from dinoserve.ray_engine import RayOptions, build_index_ray, embed_paths, probe_address
+from dinoserve.ray_engine import RayOptions, build_index_ray, embed_paths, probe_address, start_local
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 5  # 27 files -> 6 shards: several per actor, a short last one
@@ -39,7 +38,7 @@ def ray_local():
     """One local Ray of 2 CPUs for the module (the engine uses an initialised Ray as it is)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, object_store_memory=200 * 2**20)
+    start_local(num_cpus=2, object_store_memory=200 * 2**20)
     yield ray
     ray.shutdown()
 
