@@ -163,6 +163,27 @@ class Client:
             vectors = l2_normalize(vectors)
         return Embeddings(vectors, outs.kept, outs.skipped)
 
+    def embed_pixels(self, batch: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Embeddings of images already preprocessed by :func:`dinoserve.images.preprocess_batch`
+        (uint8 ``[N, 3, S, S]`` at this model's size and crop), float32 ``[N, D]``.
+
+        For engines that decode in other processes than the one holding the model (the Ray
+        engine's CPU tasks): the same inference and normalisation as :meth:`embed`, in
+        requests of at most ``batch_size`` images, one at a time.
+        """
+        batch = np.asarray(batch)
+        size = self.info.image_size
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (3, size, size):
+            raise InputTypeError(f"Client.embed_pixels: got {batch.dtype} {tuple(batch.shape)}; pass uint8 "
+                                 f"[N, 3, {size}, {size}] from dinoserve.images.preprocess_batch")
+        parts = [self._backend.infer(batch[i:i + self.batch_size], (EMBEDDING,))[EMBEDDING]
+                 for i in range(0, len(batch), self.batch_size)]
+        with self._stats_lock:
+            self.stats.images += len(batch)
+            self.stats.requests += len(parts)
+        vectors = np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, self.dim), np.float32)
+        return l2_normalize(vectors) if normalize and len(vectors) else vectors
+
     def attention(self, images: ImageInput | Iterable[ImageInput], on_error: str = "raise",
                   names: Sequence[str] | None = None) -> np.ndarray:
         """Last-block CLS attention maps, float32 ``[N, heads, h, w]`` (ViT models only)."""

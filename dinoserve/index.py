@@ -256,8 +256,8 @@ def build_index(source: str | os.PathLike, out: str | os.PathLike, client: Embed
                 kind_params: dict | None = None, progress: bool = True) -> IndexReport:
     """Embed every image of ``source`` (a folder, recursive, or a CSV file list) into a new index
     at ``out``, replacing any index there atomically. Corrupt files are skipped and reported."""
-    if kind not in index_kinds.KINDS:
-        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)}")
+    if kind not in index_kinds.KINDS + ("auto",):
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
     spec = source_spec(source, splits, root)
     paths = scan(spec, exclude=Path(out))
     if not paths:
@@ -311,12 +311,45 @@ def _write(out: Path, spec: dict, paths: list[str], client: Embedder, kind: str,
                 report.recall_at_10 = previous.meta.get("recall_at_10")
                 report.seconds = time.perf_counter() - t0
                 return report  # nothing new: keep the live generation as it is
-        fi, params = index_kinds.build(emb, kind, kind_params)
-        if kind != "flat":
-            report.recall_at_10 = round(index_kinds.recall_at_k(fi, emb, k=10, kind=kind, params=params), 4)
-        writer.publish(_meta(client.info, spec, kind, params, report, previous), emb, fi)
+        _publish(writer, client.info, spec, emb, kind, kind_params, report, previous)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelInfo, rows: list[dict],
+                                embeddings: np.ndarray, skipped: Sequence[tuple[str, str]] = (), *,
+                                kind: str = "flat", kind_params: dict | None = None) -> IndexReport:
+    """Publish an index at ``out`` from rows and embeddings computed elsewhere (e.g. the shards
+    of :mod:`dinoserve.ray_engine`), exactly as :func:`build_index` would have written them.
+
+    ``rows`` are item-table rows (:func:`read_item`), ``embeddings`` their L2-normalised
+    float32 vectors from the model ``info`` describes, ``spec`` the :func:`source_spec` they
+    came from and ``skipped`` the ``(path, message)`` of files left out.
+    """
+    t0 = time.perf_counter()
+    if kind not in index_kinds.KINDS + ("auto",):
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
+    if len(rows) != len(embeddings):
+        raise ConfigError(f"{len(rows)} item rows but {len(embeddings)} embeddings")
+    report = IndexReport(path=str(out), count=len(rows), embedded=len(rows), skipped=list(skipped), kind=kind)
+    if not rows:
+        raise DataError(f"{spec['path']}: none of the image files could be read; "
+                        f"first error: {report.skipped[0][1] if report.skipped else '?'}")
+    with index_store.Writer(Path(out)) as writer:
+        writer.append_items(rows)
+        _publish(writer, info, spec, np.asarray(embeddings, np.float32), kind, kind_params, report, None)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _publish(writer: index_store.Writer, info: ModelInfo, spec: dict, emb: np.ndarray, kind: str,
+             kind_params: dict | None, report: IndexReport, previous: EmbeddingIndex | None) -> None:
+    """Build the faiss index over ``emb``, measure its recall and publish the generation."""
+    kind = report.kind = index_kinds.resolve(kind, len(emb))
+    fi, params = index_kinds.build(emb, kind, kind_params)
+    if kind != "flat":
+        report.recall_at_10 = round(index_kinds.recall_at_k(fi, emb, k=10, kind=kind, params=params), 4)
+    writer.publish(_meta(info, spec, kind, params, report, previous), emb, fi)
 
 
 def _process_chunk(chunk: list[str], client: Embedder, previous: EmbeddingIndex | None,
@@ -335,14 +368,10 @@ def _process_chunk(chunk: list[str], client: Embedder, previous: EmbeddingIndex 
                     slots.append((dict(it), previous.embeddings[old]))
                     n_reuse += 1
                     continue
-            if st.st_size > MAX_BYTES:
-                raise OSError(f"file is {st.st_size / 2**20:.0f} MiB, over the {MAX_BYTES // 2**20} MiB limit")
-            with open(p, "rb") as f:
-                data = f.read()
+            row, data = read_item(p, st)
         except OSError as e:
-            skipped.append((p, f"{p}: cannot read ({e.strerror or e})"))
+            skipped.append((p, unreadable(p, e)))
             continue
-        row = {"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
         same = by_sha.get(row["sha256"])
         if previous is not None and same is not None:
             slots.append((row, previous.embeddings[same]))  # same content as an indexed file
@@ -361,7 +390,30 @@ def _process_chunk(chunk: list[str], client: Embedder, previous: EmbeddingIndex 
             skipped.append((names[pos], msg))
     rows = [r for r, v in slots if v is not None]
     vecs = [np.asarray(v, np.float32) for r, v in slots if v is not None]
+    order = {p: i for i, p in enumerate(chunk)}
+    skipped.sort(key=lambda s: order[s[0]])  # file order, unreadable and undecodable alike (any engine)
     return rows, vecs, n_emb, n_reuse, skipped
+
+
+def read_item(path: str, st: os.stat_result | None = None) -> tuple[dict, bytes]:
+    """The item-table row of the image file ``path`` (path, size, mtime_ns, sha256) and its bytes.
+
+    Raises ``OSError`` when it cannot be read (also for a file over
+    :data:`~dinoserve.images.MAX_BYTES`); :func:`unreadable` words the message. Every
+    engine that fills an index reads files through here, so rows and messages agree.
+    """
+    st = st if st is not None else os.stat(path)
+    if st.st_size > MAX_BYTES:
+        raise OSError(f"file is {st.st_size / 2**20:.0f} MiB, over the {MAX_BYTES // 2**20} MiB limit")
+    with open(path, "rb") as f:
+        data = f.read()
+    row = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(data).hexdigest()}
+    return row, data
+
+
+def unreadable(path: str, error: OSError) -> str:
+    """The skip message of a file that :func:`read_item` could not read."""
+    return f"{path}: cannot read ({error.strerror or error})"
 
 
 def _skipped_of(index: EmbeddingIndex) -> list[tuple[str, str]]:
@@ -405,4 +457,4 @@ def load_index(path: str | os.PathLike) -> EmbeddingIndex:
 
 
 __all__: Iterable[str] = ["Embedder", "Hit", "IndexReport", "EmbeddingIndex", "build_index", "update_index",
-                          "load_index", "search"]
+                          "build_index_from_embeddings", "load_index", "search", "read_item", "unreadable"]

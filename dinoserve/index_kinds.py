@@ -23,6 +23,17 @@ from dinoserve.errors import ConfigError
 
 KINDS = ("flat", "hnsw", "ivfpq")
 IVFPQ_MIN = 1000
+#: ``auto`` picks IVF-PQ from this many vectors on, exact ``flat`` below: where exact search
+#: passes ~25 ms per query and IVF-PQ's re-ranked recall is still ~1.0
+#: (benchmarks/search_scaling.py, 100k row of the README).
+AUTO_IVFPQ_FROM = 100_000
+
+
+def resolve(kind: str, n: int) -> str:
+    """``kind``, with ``auto`` replaced by ``flat`` or ``ivfpq`` for an index of ``n`` vectors."""
+    if kind == "auto":
+        return "ivfpq" if n >= AUTO_IVFPQ_FROM else "flat"
+    return kind
 
 
 def default_params(kind: str, n: int, dim: int) -> dict:

@@ -7,8 +7,9 @@ import json
 import click
 
 from dinoserve.commands._client_options import client_options, make_client
+from dinoserve.commands._ray_options import engine_options, ray_options
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfpq", "auto")
 
 
 @click.group("index")
@@ -25,13 +26,16 @@ def _echo_report(report) -> None:
 @index.command("build")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", "-o", required=True, type=click.Path(), help="Index directory to create or replace (e.g. photos.index).")
-@click.option("--kind", type=click.Choice(KINDS), default="flat", show_default=True,
-              help="flat: exact inner product; hnsw / ivfpq: approximate, for large collections (recall is measured).")
+@click.option("--kind", type=click.Choice(KINDS), default=None,
+              help="flat: exact inner product; hnsw / ivfpq: approximate, for large collections (recall is measured); "
+                   "auto: flat below 100k images, ivfpq from there [default: flat, auto with --engine ray].")
 @click.option("--split", "splits", multiple=True, help="With a CSV list: keep only rows of this split (repeatable).")
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="With a CSV list: folder relative paths start from.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @client_options
-def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_size, timeout, concurrency):
+@engine_options
+def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_size, timeout, concurrency,
+          engine, ray_address, actors, actor_cpus, shard_size, shards_dir, keep_shards):
     """Embed every image under SOURCE (a folder, recursive, or a CSV with a 'path' column) into an index.
 
     Unreadable or corrupt images are skipped and listed. An existing index at --out is
@@ -41,8 +45,20 @@ def build(source, out, kind, splits, root, no_progress, url, repo, model, batch_
     Example:
       dinoserve index build photos/ --out photos.index
       dinoserve index build list.csv --split knn_train --out bank.index --url grpc://127.0.0.1:8001
+      dinoserve index build photos/ --out photos.index --engine ray --actors 4
     """
+    if engine == "ray":
+        from dinoserve.ray_engine import build_index_ray
+
+        options = ray_options(url, repo, model, batch_size, timeout, ray_address, actors, actor_cpus, shard_size,
+                              not no_progress)
+        report = build_index_ray(source, out, options, kind=kind or "auto", splits=list(splits) or None, root=root,
+                                 shards_dir=shards_dir, keep_shards=keep_shards)
+        _echo_report(report)
+        return
     from dinoserve.index import build_index
+
+    kind = kind or "flat"
 
     with make_client(url, repo, model, batch_size, timeout, concurrency) as client:
         report = build_index(source, out, client, kind=kind, splits=list(splits) or None, root=root,
