@@ -169,3 +169,37 @@ def test_cli_int8_prints_gate(tmp_path, calib_folder):
     assert r.exit_code == 0, r.output
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["precision"] == "int8" and line["int8_gate"]["passed"] and line["int8_gate"]["mean_cosine"] >= 0.99
+
+
+# --- served by the real tritonserver, unchanged ------------------------------------------------
+
+
+@pytest.mark.triton
+def test_triton_serves_int8_and_reports_the_runner_provider(int8_repo, calib_folder):
+    from dinoserve.ort_session import CPU, gpu_problem
+    from dinoserve.triton import TritonServer
+
+    repo, _ = int8_repo
+    images = sorted(str(p) for p in calib_folder.rglob("*.png"))[:6]
+    with TritonServer(repo, startup_timeout=120) as server:
+        assert server.runner_providers() == {"fp32": CPU, "int8": CPU} or gpu_problem() is None
+        assert server.status()["providers"] == server.runner_providers()
+        with Client(server.grpc_url, model="int8", repo=repo) as c8, Client(repo=repo, model="fp32") as c32:
+            assert c8.info.precision == "int8" and c8.info.provider == "triton"
+            e8, e32 = c8.embed(images), c32.embed(images)
+    assert np.all(np.sum(e8 * e32, axis=1) > 0.99)
+
+
+@pytest.mark.triton
+def test_serve_on_gpu_without_one_fails_naming_what_is_missing(int8_repo):
+    from dinoserve.errors import ServerError
+    from dinoserve.ort_session import gpu_problem
+    from dinoserve.triton import TritonServer
+
+    if gpu_problem() is None:
+        pytest.skip("this machine can run onnxruntime on a GPU")
+    server = TritonServer(int8_repo[0], models=["int8"], device="gpu", startup_timeout=60)
+    with pytest.raises(ServerError) as e:
+        server.start()
+    assert "device 'gpu'" in str(e.value) and "onnxruntime-gpu" in str(e.value)
+    assert not server.is_running()
