@@ -77,7 +77,18 @@ def execution_providers(device: str = "auto", available: Sequence[str] | None = 
 def gpu_problem() -> str | None:
     """Why a GPU provider cannot run here (no onnxruntime-gpu, no NVIDIA driver), or None."""
     import onnxruntime as ort
+    from importlib import metadata
 
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return ("both onnxruntime and onnxruntime-gpu are installed and overwrite each other's module; "
+                "`pip uninstall -y onnxruntime onnxruntime-gpu`, then " + GPU_EXTRA_HINT)
     if CUDA not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} is the CPU build (no {CUDA}); {GPU_EXTRA_HINT}"
     if not Path("/proc/driver/nvidia/version").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
