@@ -70,7 +70,7 @@ def calibration_paths(source: str | os.PathLike, limit: int = DEFAULT_CALIBRATIO
     fix = "pass --calibration with a folder of images, a CSV file list or an index"
     if not src.exists():
         raise DataError(f"calibration data {src}: no such file or folder; {fix}")
-    if src.is_dir() and (src / "meta.json").is_file() or src.suffix == ".index":
+    if src.is_dir() and (src / "CURRENT").is_file():  # a dinoserve index (see dinoserve.index_store)
         from dinoserve.index import EmbeddingIndex
 
         try:

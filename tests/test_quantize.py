@@ -151,6 +151,15 @@ def test_calibration_from_csv(tmp_path, calib_folder):
     assert batch.shape == (48, 3, 32, 32) and batch.dtype == np.uint8 and "list.csv" in where
 
 
+def test_calibration_from_an_index(int8_repo, calib_folder, tmp_path):
+    from dinoserve.index import build_index
+
+    with Client(repo=int8_repo[0], model="fp32") as c:
+        build_index(calib_folder, tmp_path / "x.index", c, progress=False)
+    batch, where = calibration_batch(tmp_path / "x.index", 32)
+    assert batch.shape == (48, 3, 32, 32) and "x.index" in where
+
+
 def test_cli_int8_bad_input_exit_1(tmp_path, calib_folder):
     runner = CliRunner()
     base = ["export", "--onnx", "-w", str(SHIPPED), "--name", "m", "--repo", str(tmp_path / "r")]
