@@ -2,8 +2,14 @@
 
 Backends, all on the same exported model and the same preprocessed uint8 images:
 
-- PyTorch eager (float32, ``torch.no_grad``), in-process, batch ``--batch``;
-- onnxruntime in-process on the exported ``model.onnx``, batch ``--batch``;
+- PyTorch eager (float32, ``torch.no_grad``), in-process, batch ``--batch``: the reference
+  every other row is a ratio to;
+- onnxruntime in-process on the exported ``model.onnx`` (fp32), and on the ``--int8``
+  export of the same model (static QDQ, calibrated on ``--calibration`` images, default a
+  sample of openclipart's ``pool`` split, gated against fp32), batch ``--batch``;
+- OpenVINO (``pip install openvino``, when importable) on the same two ONNX files: fp32
+  with the f32 precision hint, the same file with OpenVINO's default precision (bf16 on
+  CPUs with AMX), and the int8 file;
 - a real tritonserver (:class:`dinoserve.triton.TritonServer`) over HTTP and gRPC, sending
   requests of ``--request-batch`` images at concurrency 1, 4 and 16 (one client per
   thread); the server's dynamic batcher merges concurrent requests, and the mean batch
@@ -15,8 +21,13 @@ fraction of this CPU's measured float32 matmul peak.
 
     python benchmarks/serving_throughput.py                      # resnet18 at 224
     python benchmarks/serving_throughput.py --arch vit_small_patch16_224 --seconds 8
+    python benchmarks/serving_throughput.py --arch resnet50 --no-triton --rounds 5   # in-process rows only
 
-Writes ``benchmarks/results/serving_throughput.json`` and ``.png``.
+The in-process backends are measured interleaved (``--rounds`` rounds, each backend for
+``--seconds / --rounds`` per round), so load from other jobs hits them alike; each ratio is
+the median of the per-round ratios to PyTorch eager.
+
+Writes ``benchmarks/results/serving_throughput[_<arch>].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -108,7 +119,19 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--seconds", type=float, default=6.0, help="measured time per configuration")
     ap.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batcher delay")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of every in-process backend (torch, onnxruntime, OpenVINO); 1 as in issue 13, "
+                         "and robust on a shared machine where OpenMP barriers stall under load")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the in-process backends")
+    ap.add_argument("--calibration", default=None, help="int8 calibration images [default: openclipart pool sample]")
+    ap.add_argument("--calibration-images", type=int, default=128)
+    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--name", default=None, help="results file name [default: serving_throughput, "
+                                                   "or serving_throughput_<arch> for other archs]")
     args = ap.parse_args()
+    name = args.name or (NAME if args.arch == "resnet18" else f"{NAME}_{args.arch}")
 
     import onnxruntime as ort
     import torch
@@ -119,6 +142,7 @@ def main() -> None:
     from dinoserve.triton import TritonServer
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     model = (load_backbone(args.weights, args.arch) if args.weights else create_backbone(args.arch)).eval()
     size = args.image_size
     work = Path(tempfile.mkdtemp(prefix="dinoserve-bench-"))
@@ -128,6 +152,15 @@ def main() -> None:
     cfg = repo / "bench" / "config.pbtxt"  # a longer batcher delay lets concurrent requests merge
     cfg.write_text(cfg.read_text().replace("max_queue_delay_microseconds: 500",
                                            f"max_queue_delay_microseconds: {args.max_queue_delay_us}"))
+
+    int8 = None
+    if not args.no_int8:
+        calib = args.calibration or _openclipart_pool(args.calibration_images)
+        print(f"exporting int8, calibrated on {calib if isinstance(calib, str) else f'{len(calib)} images'} ...",
+              flush=True)
+        int8 = export_onnx(model=model, name="bench_int8", repo=repo, image_size=size, max_batch=64, int8=True,
+                           calibration=calib)
+        print("int8 gate:", int8.int8.describe(), flush=True)
 
     pool, _, _ = preprocess_batch(sample_images(16, size=size + 32, seed=1), size)
     batch = np.ascontiguousarray(np.resize(pool, (args.batch, 3, size, size)))
@@ -151,20 +184,39 @@ def main() -> None:
               f"p99 {row['p99_ms']:7.1f} ms  {row['fraction_of_peak']:.1%} of peak"
               + (f"  mean batch {row['mean_server_batch']:.2f}" if "mean_server_batch" in row else ""), flush=True)
 
-    # -- in-process ---------------------------------------------------------------------
+    # -- in-process, interleaved ----------------------------------------------------------
     x = torch.from_numpy(normalize(batch))
 
-    def torch_call():
-        def call():
-            with torch.no_grad():
-                model(x)
-        return call
+    def eager():
+        with torch.no_grad():
+            model(x)
 
-    record("pytorch_eager", 1, args.batch, *run_for(args.seconds, 1, torch_call))
-
-    session = ort.InferenceSession(str(res.onnx_path), providers=["CPUExecutionProvider"])
-    record("onnxruntime", 1, args.batch, *run_for(args.seconds, 1, lambda: lambda: session.run(None, {"images": batch})))
-    del session
+    backends: dict[str, object] = {"pytorch_eager": eager}
+    sessions = {"onnxruntime": res.onnx_path}
+    if int8 is not None:
+        sessions["onnxruntime_int8"] = int8.onnx_path
+    for label, path in sessions.items():
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        backends[label] = (lambda s: lambda: s.run(None, {"images": batch}))(sess)
+    if not args.no_openvino:
+        backends.update(openvino_backends(res.onnx_path, int8.onnx_path if int8 else None, batch, args.threads))
+    per_round = interleaved(backends, args.rounds, args.seconds / args.rounds)
+    for label, runs in per_round.items():
+        lat = [t for r in runs for t in r["latencies"]]
+        wall = sum(r["wall"] for r in runs)
+        record(label, 1, args.batch, lat, wall)
+    eager_ips = [len(r["latencies"]) / r["wall"] for r in per_round["pytorch_eager"]]
+    ratios_vs_eager = {}
+    for label, runs in per_round.items():
+        ips = [len(r["latencies"]) / r["wall"] for r in runs]
+        ratios_vs_eager[label] = float(np.median(np.array(ips) / np.array(eager_ips)))
+    for r in rows:
+        r["vs_pytorch_eager"] = ratios_vs_eager.get(r["backend"])
+    print("ratios to PyTorch eager (median of per-round ratios):",
+          {k: round(v, 2) for k, v in ratios_vs_eager.items()}, flush=True)
+    del backends, per_round
 
     # -- Triton ----------------------------------------------------------------------------
     import tritonclient.grpc as tgrpc
@@ -184,9 +236,10 @@ def main() -> None:
             return call
         return make
 
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    with TritonServer(repo, models=["bench"]) as server:
-        for protocol, lib, url in (("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url)):
+    concurrencies = [int(c) for c in args.concurrency.split(",")] if not args.no_triton else []
+    with (TritonServer(repo, models=["bench"]) if concurrencies else _nothing()) as server:
+        for protocol, lib, url in (() if server is None else
+                                   (("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url))):
             for c in concurrencies:
                 before = scrape_metrics(server.metrics_url, "bench")
                 lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1]))
@@ -208,19 +261,107 @@ def main() -> None:
     by = {(r["backend"], r["concurrency"]): r for r in rows}
     onnx_ips = by[("onnxruntime", 1)]["img_per_s"]
     ratios = {f"{b}_c{c}_vs_onnxruntime": r["img_per_s"] / onnx_ips for (b, c), r in by.items()}
-    ratios["onnxruntime_vs_pytorch_eager"] = onnx_ips / by[("pytorch_eager", 1)]["img_per_s"]
+    ratios["onnxruntime_vs_pytorch_eager"] = ratios_vs_eager["onnxruntime"]
+    for label, v in ratios_vs_eager.items():
+        ratios[f"{label}_vs_pytorch_eager"] = v
+    if "onnxruntime_int8" in ratios_vs_eager:
+        ratios["onnxruntime_int8_vs_onnxruntime"] = ratios_vs_eager["onnxruntime_int8"] / ratios_vs_eager["onnxruntime"]
+    for ov in ("openvino_fp32", "openvino_int8"):
+        base = "onnxruntime" if ov == "openvino_fp32" else "onnxruntime_int8"
+        if ov in ratios_vs_eager and base in ratios_vs_eager:
+            ratios[f"{ov}_vs_{base}"] = ratios_vs_eager[ov] / ratios_vs_eager[base]
     data = {
         "what": "embedding throughput/latency: PyTorch eager vs onnxruntime in-process vs Triton HTTP/gRPC",
         "model": {"arch": args.arch, "weights": args.weights or "random init (seed 0)", "image_size": size,
                   "gflop_per_image": flops / 1e9, "onnx_max_abs_diff_vs_pytorch": res.max_abs_diff},
-        "in_process_batch": args.batch, "triton_request_batch": args.request_batch,
+        "int8": None if int8 is None else {"gate": int8.int8.to_dict(), "calibration": int8.calibration,
+                                           "quantisation": "onnxruntime quantize_static, QDQ, uint8 activations, "
+                                                           "int8 per-channel weights, MinMax"},
+        "ratios_vs_pytorch_eager": ratios_vs_eager,
+        "openvino": _openvino_version(),
+        "in_process_batch": args.batch, "in_process_threads": args.threads, "triton_request_batch": args.request_batch,
         "triton_max_queue_delay_us": args.max_queue_delay_us, "seconds_per_config": args.seconds,
         "matmul_peak_gflops": peak, "matmul_peak_measurements": peaks, "machine": machine(), "rows": rows, "ratios": ratios,
         "command": "python benchmarks/serving_throughput.py " + " ".join(sys.argv[1:]),
     }
-    path = write_json(NAME, data)
-    plot(rows, data, plot_path(NAME))
-    print(f"wrote {path} and {plot_path(NAME)}")
+    path = write_json(name, data)
+    plot(rows, data, plot_path(name))
+    print(f"wrote {path} and {plot_path(name)}")
+
+
+def interleaved(backends: dict, rounds: int, seconds: float) -> dict[str, list[dict]]:
+    """Each backend for ``seconds`` per round, in turn, ``rounds`` times (after one warm-up call)."""
+    for call in backends.values():
+        call()
+    out: dict[str, list[dict]] = {k: [] for k in backends}
+    for _ in range(rounds):
+        for label, call in backends.items():
+            lat, t0 = [], time.perf_counter()
+            while time.perf_counter() - t0 < seconds or not lat:
+                t = time.perf_counter()
+                call()
+                lat.append(time.perf_counter() - t)
+            out[label].append({"latencies": lat, "wall": time.perf_counter() - t0})
+    return out
+
+
+def openvino_backends(fp32_path: Path, int8_path: Path | None, batch: np.ndarray, threads: int) -> dict:
+    """OpenVINO on the same ONNX files: fp32 (f32 hint), its default precision, and int8."""
+    try:
+        import openvino as ov
+    except ImportError:
+        print("openvino is not installed: no OpenVINO rows (pip install openvino)", flush=True)
+        return {}
+    core = ov.Core()
+    out = {}
+    variants = [("openvino_fp32", fp32_path, {"INFERENCE_PRECISION_HINT": "f32"}),
+                ("openvino_default_precision", fp32_path, {})]
+    if int8_path is not None:
+        variants.append(("openvino_int8", int8_path, {}))
+    for label, path, config in variants:
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {**config, "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        out[label] = (lambda r: lambda: r.infer({"images": batch}))(request)
+    return out
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino as ov
+
+        return ov.__version__
+    except ImportError:
+        return None
+
+
+def _openclipart_pool(n: int) -> list[str] | str:
+    """``n`` images of openclipart's ``pool`` split (never the k-NN queries), else generated ones."""
+    from _results import OPENCLIPART_CSV
+
+    from dinoserve.filelist import read_file_list
+
+    try:
+        paths = [str(e.path) for e in read_file_list(OPENCLIPART_CSV, splits="pool") if e.path.is_file()]
+    except Exception:  # noqa: BLE001 - no openclipart here: calibrate on generated pictures
+        paths = []
+    if not paths:
+        from dinoserve.export import sample_images
+
+        folder = Path(tempfile.mkdtemp(prefix="dinoserve-calib-"))
+        for i, data in enumerate(sample_images(n, size=256, seed=7)):
+            (folder / f"{i}.png").write_bytes(data)
+        return str(folder)
+    import random
+
+    return sorted(random.Random(0).sample(paths, min(n, len(paths))))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def plot(rows: list[dict], data: dict, path: Path) -> None:

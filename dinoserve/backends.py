@@ -13,6 +13,7 @@ No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -32,7 +33,7 @@ from dinoserve.errors import (
     ServerUnavailableError,
 )
 from dinoserve.model_info import ModelInfo, from_repository_config, from_triton_json
-from dinoserve.ort_session import open_session
+from dinoserve.ort_session import open_session, session_provider
 from dinoserve.repository import choose_model
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,12 @@ class EmbeddedBackend:
     """onnxruntime in-process on a model of a local Triton model repository."""
 
     def __init__(self, repo: str | Path = "model_repository", model: str | None = None,
-                 version: int | str | None = None, providers: Sequence[str] | None = None):
-        """``providers``: onnxruntime providers; default CUDA when this build has it, else the CPU
-        (:func:`dinoserve.ort_session.execution_providers`)."""
+                 version: int | str | None = None, providers: Sequence[str] | None = None,
+                 device: str = "auto"):
+        """``device``: ``auto`` (TensorRT, then CUDA, then the CPU, whichever this onnxruntime
+        build and machine can run), ``cpu``, ``gpu``, ``cuda`` or ``tensorrt`` (no CPU fallback:
+        an error names what is missing); see :func:`dinoserve.ort_session.execution_providers`.
+        ``providers``: explicit onnxruntime providers instead."""
         from dinoserve import repository
 
         self.repo = Path(repo)
@@ -67,8 +71,9 @@ class EmbeddedBackend:
         version = version if version is not None else repository.latest_version(model_dir)
         self.info: ModelInfo = from_repository_config(cfg, version=str(version))
         self.session = open_session(
-            self.onnx_path, providers=providers,
+            self.onnx_path, providers=providers, device=device,
             hint=f"re-export it with `dinoserve export ... --repo {self.repo}` (export writes model.onnx atomically)")
+        self.info = dataclasses.replace(self.info, provider=session_provider(self.session))
         self.url = None
 
     def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -79,7 +84,7 @@ class EmbeddedBackend:
         self.session = None
 
     def describe(self) -> str:
-        return f"onnxruntime {self.onnx_path}"
+        return f"onnxruntime {self.info.provider} {self.onnx_path}"
 
 
 # --- triton -----------------------------------------------------------------------------------

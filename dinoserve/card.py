@@ -64,7 +64,7 @@ class ModelCard:
     fit: str = "crop"  # "crop" (shorter side, crop_pct) or "pad" (border trimmed, padded): images.fit_image
     interpolation: str = "bicubic"  # resize filter of that preprocessing
     weights_sha256: str = ""  # hex sha256 of the weights file loaded; "" when random or unknown
-    precision: str = "fp32"  # compute precision of an exported graph: "fp32" or "fp16"
+    precision: str = "fp32"  # compute precision of an exported graph: "fp32", "fp16" or "int8"
     # timm constructor options that rebuild the architecture (depth, img_size ...); checkpoint
     # meta only. Not hashed, so the card stays hashable.
     model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, metadata={_PARAM: False})

@@ -83,11 +83,15 @@ class Client:
         retries: retries of a request that failed transiently (server restarting, overloaded).
         backoff: seconds before the first retry; each further retry waits twice as long
             (jittered, at most 5 s).
+        device: in-process only: ``auto`` (TensorRT, then CUDA, then the CPU, as this
+            onnxruntime build and machine allow), ``cpu``, or ``gpu``/``cuda``/``tensorrt``,
+            which fail naming what is missing instead of falling back. ``info.provider``
+            says which onnxruntime provider runs.
     """
 
     def __init__(self, url: str | None = None, model: str | None = None, repo: str | os.PathLike = "model_repository",
                  *, version: int | str | None = None, batch_size: int = 32, timeout: float = 60.0,
-                 concurrency: int | None = None, retries: int = 3, backoff: float = 0.25):
+                 concurrency: int | None = None, retries: int = 3, backoff: float = 0.25, device: str = "auto"):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if concurrency is not None and concurrency < 1:
@@ -95,12 +99,15 @@ class Client:
         if url:
             from dinoserve.backends import TritonBackend
 
+            if device != "auto":
+                raise ConfigError(f"device={device!r} is for the in-process client; a Triton server "
+                                  f"chooses its own (`dinoserve serve --device`)")
             self._backend = TritonBackend(url, model, version, timeout=timeout, retries=retries, backoff=backoff,
                                           repo=repo)
         else:
             from dinoserve.backends import EmbeddedBackend
 
-            self._backend = EmbeddedBackend(repo, model, version)
+            self._backend = EmbeddedBackend(repo, model, version, device=device)
         self.url = url or None
         self.repo = Path(repo)
         info = self._backend.info

@@ -13,6 +13,11 @@ The exported graph (see DESIGN.md, "ONNX and Triton contract"):
 the ONNX file with onnxruntime against the PyTorch model on real (decoded, preprocessed)
 images, and only then renames the new version into place. A failed export leaves the
 repository exactly as it was.
+
+With ``int8=True`` the verified fp32 graph is then quantised (static QDQ,
+:mod:`dinoserve.quantize`) with activation ranges from the user's calibration images, and the
+int8 graph replaces it only if it passes the quality gate against the fp32 graph on those
+images (mean cosine, top-10 neighbour agreement). A graph that fails is never written.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class ExportResult:
     image_size: int = 0
     tolerance: float = 0.0
     sizes_checked: tuple[tuple[int, int], ...] = ()
+    int8: Any = None  # dinoserve.quantize.Int8Quality of an int8 export, None otherwise
+    calibration: str = ""  # where an int8 export's calibration images came from
 
 
 class ExportWrapper(nn.Module):
@@ -169,6 +176,10 @@ def export_onnx(
     checkpoint_key: str = "teacher",
     crop_pct: float = DEFAULT_CROP_PCT,
     fit: str | None = None,
+    int8: bool = False,
+    calibration: Sequence[str] | str | os.PathLike | None = None,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
 
@@ -194,14 +205,27 @@ def export_onnx(
         crop_pct: the evaluation crop recorded for clients.
         fit: how clients fit images into the input, ``"crop"`` or ``"pad"``
             (:func:`dinoserve.images.fit_image`); default what the model was trained with.
+        int8: quantise to int8 (static QDQ) for CPU serving, gated against the fp32 graph.
+        calibration: int8 calibration images: a folder, a CSV file list, a dinoserve index or
+            a list of paths. Default: the training data a dinoserve checkpoint names.
+        min_cosine: int8 gate, mean cosine to fp32 embeddings (default 0.99).
+        min_agreement: int8 gate, mean top-10 neighbour overlap with fp32 (default 0.8).
 
     Raises:
         ExportError: bad arguments, an unwritable repository, an export or a verification
             failure. Weight errors (:class:`~dinoserve.errors.WeightsError`) pass through.
     """
     _check_args(name, device, trt_fp16, max_batch, image_size, weights, model)
+    if int8 and fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: choose one precision")
+    if not int8 and calibration is not None:
+        raise ExportError("--calibration is for --int8 exports only; add --int8 or leave it out")
     repo = Path(repo).expanduser().absolute()
     _check_writable(repo)
+    if int8:  # bad calibration data fails here, before minutes of export work
+        from dinoserve import quantize
+
+        calibration = calibration if calibration is not None else _training_data_of(weights)
     if model is None:
         model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
     built = backbone_card(model)
@@ -209,10 +233,14 @@ def export_onnx(
     if built.family == "vit" and size % built.patch_size:
         raise ExportError(f"--image-size {size} is not a multiple of the patch size {built.patch_size} of {built.arch}")
     # What the model is and what clients must do to feed it: the card config.pbtxt carries.
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     card = built.replace(image_size=size, crop_pct=float(crop_pct), fit=check_fit(fit or built.fit),
-                         precision="fp16" if fp16 else "fp32")
+                         precision=precision)
     tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
     batch = _verify_inputs(verify_images, size, crop_pct)
+    calib, calib_from, quality = None, "", None
+    if int8:
+        calib, calib_from = quantize.calibration_batch(calibration, size, crop_pct, fit=card.fit)  # as served
 
     model_dir = repo / name
     version = (latest_version(model_dir) or 0) + 1
@@ -222,12 +250,52 @@ def export_onnx(
         onnx_path.parent.mkdir(parents=True)
         _torch_export(model, card, onnx_path, fp16=fp16, size=size)
         diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images)
+        if int8:
+            quality = _quantize_and_gate(onnx_path, card.family, calib, calib_from, min_cosine, min_agreement)
         write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16)
         fsync_path(onnx_path)
         _commit(staged_model, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
     return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, card,
-                        size, tol, sizes)
+                        size, tol, sizes, quality, calib_from)
+
+
+def _quantize_and_gate(onnx_path: Path, family: str, calib: np.ndarray, calib_from: str, min_cosine: float | None,
+                       min_agreement: float | None):
+    """Replace the verified fp32 graph at ``onnx_path`` by its int8 copy if the copy passes the gate."""
+    from dinoserve import quantize
+
+    int8_path = onnx_path.with_name("model.int8.onnx")
+    quantize.quantize_int8(onnx_path, int8_path, calib, family=family)
+    quality = quantize.int8_quality(
+        onnx_path, int8_path, calib,
+        min_cosine=quantize.MIN_COSINE if min_cosine is None else min_cosine,
+        min_agreement=quantize.MIN_TOP10_AGREEMENT if min_agreement is None else min_agreement)
+    if not quality.passed:
+        raise ExportError(f"int8 model refused: {quality.describe()} ({calib_from}); the repository is "
+                          f"unchanged; export without --int8, or try other --calibration images")
+    log.info("int8 gate passed: %s", quality.describe())
+    os.replace(int8_path, onnx_path)
+    return quality
+
+
+def _training_data_of(weights: Any) -> str:
+    """The training data a dinoserve checkpoint records (its ``args["data"]``), for int8 calibration."""
+    fix = "pass --calibration with a folder of images, a CSV file list or a dinoserve index (a few hundred images)"
+    data = None
+    if weights is not None and Path(str(weights)).is_file():
+        try:
+            from dinoserve.weights import read_checkpoint
+
+            args = read_checkpoint(weights).get("args")
+            data = args.get("data") if isinstance(args, dict) else getattr(args, "data_path", None)
+        except Exception:  # noqa: BLE001 - not a checkpoint we can read: no default to offer
+            data = None
+    if not data:
+        raise ExportError(f"--int8 needs calibration images and the weights name no training data; {fix}")
+    if not Path(str(data)).exists():
+        raise ExportError(f"--int8: the training data {data} recorded in {weights} is not here; {fix}")
+    return str(data)
 
 
 def _check_args(name: str, device: str, trt_fp16: bool, max_batch: int, image_size: int | None,

@@ -34,6 +34,9 @@ class ModelInfo:
     max_batch_size: int = 0  # 0: the server does not batch (one image per request)
     outputs: tuple[str, ...] = (EMBEDDING,)
     version: str = ""
+    #: Where the model runs: the onnxruntime provider of an in-process session (e.g.
+    #: ``CUDAExecutionProvider``), ``"triton"`` for a server (its own log names the runner's).
+    provider: str = ""
 
     def __getattr__(self, attr: str) -> Any:
         # Only called for names that are not ModelInfo's own: read the card's fields through.
@@ -56,7 +59,7 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "max_batch_size": self.max_batch_size, "outputs": list(self.outputs),
-                "version": self.version, **self.card.to_dict()}
+                "version": self.version, "provider": self.provider, **self.card.to_dict()}
 
 
 def from_repository_config(cfg: Any, version: str = "") -> ModelInfo:
@@ -74,7 +77,8 @@ def from_triton_json(config: Mapping[str, Any], version: str = "") -> ModelInfo:
     params = {k: _param_value(v) for k, v in dict(config.get("parameters", {}) or {}).items()}
     card = ModelCard.from_params(params, source=f"model {name!r}", embed_dim=output_dim(outputs))
     return ModelInfo(name, card, max_batch_size=int(config.get("max_batch_size", 0) or 0),
-                     outputs=tuple(o["name"] for o in outputs) or (EMBEDDING,), version=str(version or ""))
+                     outputs=tuple(o["name"] for o in outputs) or (EMBEDDING,), version=str(version or ""),
+                     provider="triton")
 
 
 def _param_value(v: Any) -> Any:

@@ -65,6 +65,8 @@ INPUT, EMBEDDING, ATTENTION = "images", "embedding", "attention"
 
 #: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.
 RUNNER_DEVICE, RUNNER_THREADS = "runner_device", "runner_intra_op_threads"
+#: Marks the runner's server-log line that names the onnxruntime provider it runs on.
+PROVIDER_LOG = "dinoserve-runner:"
 
 
 class ConfigParseError(ServerError):
@@ -332,12 +334,14 @@ def write_model_config(model_dir: str | os.PathLike, name: str, card: ModelCard,
     return atomic_write_text(Path(model_dir) / CONFIG_FILENAME, render_config(name, card, **options))
 
 
-def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0) -> str:
+def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0, device: str | None = None) -> str:
     """``<model_dir>/config.pbtxt`` rewritten for Triton's Python backend.
 
     The backend becomes ``python`` (no ``platform``), instances run on the CPU, execution
     accelerators are dropped, and two parameters tell the runner where onnxruntime runs
-    (``runner_device``: ``gpu`` when the original asked for GPU instances) and with how many
+    (``runner_device``: ``device`` when given, one of :data:`dinoserve.ort_session.DEVICES`;
+    otherwise ``auto`` when the original asked for GPU instances, so TensorRT or CUDA when
+    they can run and the CPU when not, and ``cpu`` for CPU instances) and with how many
     threads (0: onnxruntime's default). Everything else (name, inputs, outputs,
     max_batch_size, dynamic_batching, the card's parameters) is kept, so clients see the
     same model.
@@ -345,7 +349,8 @@ def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int
     path = Path(model_dir) / CONFIG_FILENAME
     raw = parse_pbtxt(path.read_text(encoding="utf-8"), source=str(path))
     groups = _as_list(raw.get("instance_group", []))
-    device = "gpu" if any(g.get("kind") == "KIND_GPU" for g in groups) else "cpu"
+    if device is None:
+        device = "auto" if any(g.get("kind") == "KIND_GPU" for g in groups) else "cpu"
     out = {"backend": "python", **{k: v for k, v in raw.items() if k not in ("backend", "platform")}}
     out["instance_group"] = [{"kind": Word("KIND_CPU"), "count": 1}]
     optimization = {k: v for k, v in (out.pop("optimization", None) or {}).items() if k != "execution_accelerators"}

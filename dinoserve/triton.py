@@ -133,7 +133,7 @@ def _stub_path(root: Path) -> Path:
 
 def prepare_serving_repository(
     repo: str | os.PathLike, target: str | os.PathLike, models: Sequence[str] | None = None,
-    *, intra_op_threads: int = 0,
+    *, intra_op_threads: int = 0, device: str | None = None,
 ) -> list[str]:
     """Write a Python-backend twin of ``repo`` into ``target`` for the pip-bundled server.
 
@@ -152,7 +152,7 @@ def prepare_serving_repository(
             continue
         dst = target / name
         dst.mkdir(parents=True)
-        text = python_backend_config(src, intra_op_threads=intra_op_threads)
+        text = python_backend_config(src, intra_op_threads=intra_op_threads, device=device)
         (dst / CONFIG_FILENAME).write_text(text, encoding="utf-8")
         for version in list_versions(src):
             onnx = src / str(version) / ONNX_FILENAME
@@ -222,6 +222,8 @@ def _bundled_env(root: Path, python_path: Sequence[Path] = ()) -> dict[str, str]
 _NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda|GPU metrics|pinned memory", re.IGNORECASE)
 #: Triton's start-up tables (options, backends, models): "+---+" borders and "| key | value |" rows.
 _TABLE_LINE = re.compile(r"^\s*[+|]")
+#: A runner's own error (dinoserve's exception names): never noise, even when it mentions CUDA.
+_RUNNER_ERROR = re.compile(r"\b(ConfigError|ModelFileError|DinoserveError)\b")
 _ERROR_LINE = re.compile(r"^E\d{4} |error|failed|UNAVAILABLE|Traceback|Exception", re.IGNORECASE)
 
 #: A model whose runner dies this often within RESTART_WINDOW_S is not reloaded again.
@@ -254,6 +256,10 @@ class TritonServer:
         startup_timeout: seconds to wait until every model is ready (also per reload).
         binary: a :class:`TritonBinary`; :func:`find_tritonserver` by default.
         intra_op_threads: onnxruntime threads per runner (pip server only; 0 = default).
+        device: where each runner's onnxruntime runs (pip server only): ``auto``, ``cpu``,
+            ``gpu``, ``cuda`` or ``tensorrt`` (see :mod:`dinoserve.ort_session`); default each
+            model's instance kind (GPU instances: ``auto``). :meth:`runner_providers` says
+            which provider each model got.
 
     The server runs in its own process group, in explicit model-control mode (so a model
     can be reloaded), and gets SIGTERM when the thread that started it is gone with its
@@ -273,6 +279,7 @@ class TritonServer:
         startup_timeout: float = 120.0,
         binary: TritonBinary | None = None,
         intra_op_threads: int = 0,
+        device: str | None = None,
     ):
         self.repo = Path(repo).expanduser().absolute()
         self.host = host
@@ -282,6 +289,7 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.binary = binary
         self.intra_op_threads = intra_op_threads
+        self.device = device
         self.process: subprocess.Popen | None = None
         self.served_models: list[str] = []
         self.log_path: Path | None = None
@@ -389,7 +397,8 @@ class TritonServer:
         root = binary.path.parent.parent
         serving = self._workdir / "model_repository"
         serving.mkdir()
-        prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads)
+        prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads,
+                                   device=self.device)
         backends = _backend_dir(root, self._workdir / "backends")
         cmd = [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common]
         return cmd, _bundled_env(root, [_runner_python_path(self._workdir / "python")])
@@ -530,7 +539,8 @@ class TritonServer:
         """``headline`` plus the server's last meaningful lines: its errors if it printed
         any, else its last lines; GPU-probing noise and the start-up tables left out."""
         lines = [line for line in self.log_lines()
-                 if line.strip() and not _NOISE.search(line) and not _TABLE_LINE.match(line)]
+                 if line.strip() and (_RUNNER_ERROR.search(line) or not _NOISE.search(line))
+                 and not _TABLE_LINE.match(line)]
         errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-6:]
         shown = "\n  ".join(errors[-12:]) if errors else "(no output)"
         if self._workdir is not None:  # name the user's repository, not our serving copy
@@ -596,10 +606,28 @@ class TritonServer:
         self._runners.clear()
 
     def status(self) -> dict:
-        """Addresses, models and the server's pid, for printing."""
+        """Addresses, models, the onnxruntime provider of each runner and the server's pid, for printing."""
         return {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
                 "models": self.served_models, "repository": str(self.repo),
+                "providers": self.runner_providers(),
                 "pid": self.process.pid if self.process is not None else None}
+
+    def runner_providers(self) -> dict[str, str]:
+        """Model -> the onnxruntime provider its runner reported in the server log (latest
+        load wins); empty for NVIDIA's own onnxruntime backend, which reports none."""
+        from dinoserve.repository import PROVIDER_LOG
+
+        found: dict[str, str] = {}
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path else ""
+        except OSError:
+            return found
+        for line in text.splitlines():
+            if PROVIDER_LOG in line:
+                fields = dict(f.split("=", 1) for f in line.split(PROVIDER_LOG, 1)[1].split() if "=" in f)
+                if "model" in fields and "provider" in fields:
+                    found[fields["model"]] = fields["provider"]
+        return found
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"

@@ -27,8 +27,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dinoserve.ort_session import open_session
-from dinoserve.repository import RUNNER_DEVICE, RUNNER_THREADS
+from dinoserve.ort_session import open_session, session_provider
+from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_THREADS
 
 
 #: Name prefix of the Python backend's shared-memory regions in /dev/shm.
@@ -84,10 +84,16 @@ class TritonPythonModel:
         }
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         threads = int(_parameter(config, RUNNER_THREADS, "0") or 0)  # 0: onnxruntime's default (all cores)
-        # GPU instances asked for: CUDA when this onnxruntime build has it, else the CPU.
-        device = "auto" if _parameter(config, RUNNER_DEVICE) == "gpu" else "cpu"
+        # "auto" (GPU instances, or serve --device auto): TensorRT, CUDA, then the CPU; "gpu",
+        # "cuda", "tensorrt": fail to load, naming what is missing, rather than run on the CPU.
+        device = _parameter(config, RUNNER_DEVICE, "cpu") or "cpu"
+        if device not in ("auto", "cpu", "gpu", "cuda", "tensorrt"):
+            device = "auto" if device == "gpu" else "cpu"
         self.session = open_session(path, device=device, threads=threads,
                                     hint="re-export the model with `dinoserve export`, then start serve again")
+        # One line in the server log that `dinoserve serve` reports (TritonServer.runner_providers).
+        print(f"{PROVIDER_LOG} model={config['name']} version={args['model_version']} device={device} "
+              f"provider={session_provider(self.session)}", flush=True)
         graph_outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in self.output_names if n not in graph_outputs]
         if missing:

@@ -36,7 +36,7 @@ from dinoserve.errors import (
     ServerUnavailableError,
 )
 from dinoserve.images import normalize, preprocess
-from dinoserve.ort_session import CPU, CUDA, execution_providers
+from dinoserve.ort_session import CPU, CUDA, TENSORRT, execution_providers, gpu_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,8 +178,37 @@ def test_execution_providers_never_ask_for_what_is_not_built_in():
     assert execution_providers("cpu", [CUDA, CPU]) == [CPU]
     with pytest.raises(ConfigError, match=f"needs onnxruntime's {CUDA}.*only {CPU}"):
         execution_providers("gpu", [CPU])
-    with pytest.raises(ConfigError, match="unknown device 'tpu'; choose one of auto, cpu, gpu"):
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; choose one of auto, cpu, gpu, cuda, tensorrt"):
         execution_providers("tpu", [CPU])
+
+
+def test_execution_providers_prefer_tensorrt_then_cuda_then_cpu():
+    gpu_build = [TENSORRT, CUDA, CPU]
+    assert execution_providers("auto", gpu_build) == [TENSORRT, CUDA, CPU]
+    assert execution_providers("gpu", gpu_build) == [TENSORRT, CUDA, CPU]
+    assert execution_providers("gpu", [CUDA, CPU]) == [CUDA, CPU]
+    assert execution_providers("cuda", gpu_build) == [CUDA, CPU]
+    assert execution_providers("tensorrt", gpu_build) == [TENSORRT, CUDA, CPU]
+    with pytest.raises(ConfigError, match=rf"device 'tensorrt' needs onnxruntime's {TENSORRT}.*\[gpu\]"):
+        execution_providers("tensorrt", [CUDA, CPU])
+
+
+@pytest.mark.skipif(gpu_problem() is None, reason="this machine can run onnxruntime on a GPU")
+@pytest.mark.parametrize("device", ["gpu", "cuda", "tensorrt"])
+def test_gpu_device_without_gpu_names_what_is_missing_and_never_falls_back(tiny_repo, device):
+    with pytest.raises(ConfigError) as e:
+        Client(repo=tiny_repo, model="resnet_tiny", device=device)
+    msg = str(e.value)
+    assert "\n" not in msg and f"device {device!r}" in msg and "use device 'auto' to allow the CPU" in msg
+    assert "onnxruntime-gpu" in msg or "no NVIDIA GPU driver" in msg
+    # "auto" is the user allowing the CPU: it runs, and says where.
+    with Client(repo=tiny_repo, model="resnet_tiny", device="auto") as c:
+        assert c.info.provider == CPU and c.info.to_dict()["provider"] == CPU and CPU in repr(c)
+
+
+def test_device_is_for_the_in_process_client_only():
+    with pytest.raises(ConfigError, match="device='cuda' is for the in-process client"):
+        Client("http://127.0.0.1:9", device="cuda")
 
 
 def test_embed_cli_lists_every_bad_file_and_names_skip_errors(vit, images, tmp_path):

@@ -360,7 +360,7 @@ def test_python_backend_variant_keeps_the_model_and_runs_on_cpu(tmp_path, device
     variant = config_from_dict(raw)
     assert variant.backend == "python" and variant.platform == "" and "optimization" not in raw
     assert raw["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
-    assert variant.parameters["runner_device"] == device and variant.parameters["runner_intra_op_threads"] == "3"
+    assert variant.parameters["runner_device"] == {"cpu": "cpu", "gpu": "auto"}[device] and variant.parameters["runner_intra_op_threads"] == "3"
     # Clients cannot tell the difference: same name, tensors, batching and card.
     assert (variant.name, variant.inputs, variant.outputs, variant.max_batch_size) == (
         original.name, original.inputs, original.outputs, original.max_batch_size)

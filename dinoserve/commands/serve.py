@@ -20,9 +20,12 @@ PORT = click.IntRange(0, 65535)
 @click.option("--metrics-port", default=8002, show_default=True, type=PORT, help="Metrics port; 0 picks a free one.")
 @click.option("--model", "-m", "models", multiple=True, help="Serve only this model (repeatable) [default: all].")
 @click.option("--log-file", default=None, type=click.Path(dir_okay=False), help="Write the server's output here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "cuda", "tensorrt"]), default=None,
+              help="Where each model's onnxruntime runner runs (pip server): auto = TensorRT, then CUDA, then the "
+                   "CPU; gpu/cuda/tensorrt refuse to fall back to the CPU [default: each model's instance kind].")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds to wait until every model is ready (also when one is reloaded).")
-def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, startup_timeout):
+def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, device, startup_timeout):
     """Run tritonserver on REPO until Ctrl-C or SIGTERM.
 
     Uses `tritonserver` from PATH (NVIDIA's container) or the one in the nvidia-pytriton
@@ -41,7 +44,8 @@ def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, star
     from dinoserve.triton import TritonServer
 
     server = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          models=list(models) or None, log_file=log_file, startup_timeout=startup_timeout)
+                          models=list(models) or None, log_file=log_file, startup_timeout=startup_timeout,
+                          device=device)
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt  # one shutdown path for Ctrl-C and SIGTERM
@@ -55,6 +59,8 @@ def serve(repo, host, http_port, grpc_port, metrics_port, models, log_file, star
         click.echo(json.dumps(server.status()))
         click.echo(f"serving {', '.join(server.served_models)}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
                    f"metrics {server.metrics_url}  (Ctrl-C to stop)", err=True)
+        for model, provider in server.runner_providers().items():
+            click.echo(f"model {model}: onnxruntime runs on {provider}", err=True)
         server.watch(notify=report)  # returns only by raising: the cause of a stop
     except KeyboardInterrupt:
         click.echo("stopping tritonserver ...", err=True)

@@ -1,0 +1,188 @@
+"""GPU serving, side by side in one run: PyTorch eager, onnxruntime CUDA, TensorRT fp16, Triton.
+
+PREPARED, NOT YET RUN: written in a session without a GPU (issue 13). Needs an NVIDIA GPU
+and an environment from ``pip install -e ".[gpu,export,dev]"`` (onnxruntime-gpu, never next to
+onnxruntime). Run it as one short script, for example::
+
+    .venv/bin/python benchmarks/gpu_serving.py --seconds 5            # ViT-S/16 and ResNet-50
+
+For each architecture (random init, seed 0, 224 px; the graphs and kernels do not depend on
+the weights) it exports fp32 and fp16 ONNX with :func:`dinoserve.export.export_onnx`
+(``device="gpu"``: verified on the GPU) and measures, at batch ``--batch``:
+
+- PyTorch eager fp32 on CUDA (the reference every ratio is to), and eager fp16 (autocast);
+- onnxruntime ``cuda`` on the fp32 and fp16 graphs;
+- onnxruntime ``tensorrt`` with fp16 engines on the fp32 graph (engine build excluded from
+  timing; cached under ``~/.cache/dinoserve/tensorrt``);
+- a real tritonserver (``dinoserve serve --device gpu`` semantics: the Python-backend runner
+  on CUDA) over gRPC with one image per request at concurrency 1, 16 and 64.
+
+The cosine of each GPU backend's embeddings to eager fp32 is recorded next to its speed.
+Writes ``benchmarks/results/gpu_serving.json``; every row also states which provider ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _results import machine, write_json  # noqa: E402
+
+NAME = "gpu_serving"
+
+
+def timed(call, seconds: float, images: int) -> dict:
+    call()
+    call()  # warm-up (cuDNN autotuning, TensorRT engine load)
+    lat, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1e3
+    return {"img_per_s": len(lat) * images / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)), "requests": len(lat)}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def triton_rows(repo: Path, image: np.ndarray, seconds: float, concurrencies: list[int]) -> list[dict]:
+    import tritonclient.grpc as tg
+
+    from dinoserve.triton import TritonServer
+
+    rows = []
+    with TritonServer(repo, models=["fp32"], device="gpu", startup_timeout=600) as server:
+        provider = server.runner_providers().get("fp32", "")
+        for c in concurrencies:
+            lat: list[list[float]] = [[] for _ in range(c)]
+            stop = time.perf_counter() + 3600
+            barrier = threading.Barrier(c + 1)
+
+            def worker(i: int) -> None:
+                client = tg.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+                inp = tg.InferInput("images", list(image.shape), "UINT8")
+                inp.set_data_from_numpy(image)
+                client.infer("fp32", [inp])
+                barrier.wait()
+                while time.perf_counter() < stop:
+                    t = time.perf_counter()
+                    client.infer("fp32", [inp])
+                    lat[i].append(time.perf_counter() - t)
+
+            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(c)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            t0 = time.perf_counter()
+            stop = t0 + seconds
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            ms = np.asarray([x for xs in lat for x in xs]) * 1e3
+            rows.append({"backend": "triton_grpc", "concurrency": c, "provider": provider,
+                         "img_per_s": len(ms) / wall, "p50_ms": float(np.percentile(ms, 50)),
+                         "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99))})
+    return rows
+
+
+def bench_arch(arch: str, args, work: Path) -> dict:
+    import torch
+
+    from dinoserve.export import export_onnx, sample_images
+    from dinoserve.images import normalize, preprocess_batch
+    from dinoserve.models import create_backbone
+    from dinoserve.ort_session import open_session, session_provider
+
+    torch.manual_seed(0)
+    model = create_backbone(arch).eval()
+    repo = work / arch / "model_repository"
+    fp32 = export_onnx(model=model, name="fp32", repo=repo, image_size=224, device="gpu")
+    fp16 = export_onnx(model=model, name="fp16", repo=repo, image_size=224, device="gpu", fp16=True)
+    pool, _, _ = preprocess_batch(sample_images(16, size=256, seed=1), 224)
+    batch = np.ascontiguousarray(np.resize(pool, (args.batch, 3, 224, 224)))
+    x = torch.from_numpy(normalize(batch)).cuda()
+    cuda_model = model.cuda()
+    rows = []
+
+    with torch.no_grad():
+        reference = cuda_model(x).float().cpu().numpy()
+
+    def eager():
+        with torch.no_grad():
+            cuda_model(x)
+        torch.cuda.synchronize()
+
+    def eager_fp16():
+        with torch.no_grad(), torch.autocast("cuda", torch.float16):
+            cuda_model(x)
+        torch.cuda.synchronize()
+
+    rows.append({"backend": "pytorch_eager_fp32", "provider": "torch cuda", **timed(eager, args.seconds, args.batch),
+                 "cosine_to_eager_fp32": 1.0})
+    with torch.no_grad(), torch.autocast("cuda", torch.float16):
+        half = cuda_model(x).float().cpu().numpy()
+    rows.append({"backend": "pytorch_eager_fp16_autocast", "provider": "torch cuda",
+                 **timed(eager_fp16, args.seconds, args.batch), "cosine_to_eager_fp32": cosine(half, reference)})
+    for label, path, device, trt16 in (("ort_cuda_fp32", fp32.onnx_path, "cuda", False),
+                                       ("ort_cuda_fp16_graph", fp16.onnx_path, "cuda", False),
+                                       ("ort_tensorrt_fp16", fp32.onnx_path, "tensorrt", True)):
+        try:
+            session = open_session(path, device=device, trt_fp16=trt16)
+        except Exception as e:  # noqa: BLE001 - e.g. no TensorRT libraries: record why, go on
+            rows.append({"backend": label, "error": str(e)})
+            continue
+        out = session.run(["embedding"], {"images": batch})[0]
+        rows.append({"backend": label, "provider": session_provider(session),
+                     **timed(lambda: session.run(["embedding"], {"images": batch}), args.seconds, args.batch),
+                     "cosine_to_eager_fp32": cosine(out, reference)})
+    if not args.no_triton:
+        rows.extend(triton_rows(repo, batch[:1], args.seconds, [int(c) for c in args.concurrency.split(",")]))
+    eager_ips = rows[0]["img_per_s"]
+    for r in rows:
+        if "img_per_s" in r:
+            r["vs_pytorch_eager_fp32"] = r["img_per_s"] / eager_ips
+        print(arch, r, flush=True)
+    return {"arch": arch, "batch": args.batch, "rows": rows,
+            "export_max_abs_diff": {"fp32": fp32.max_abs_diff, "fp16": fp16.max_abs_diff}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="vit_small_patch16_224,resnet50")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--no-triton", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from dinoserve.ort_session import gpu_problem
+
+    problem = gpu_problem()
+    if not torch.cuda.is_available() or problem:
+        sys.exit(f"gpu_serving needs a CUDA GPU and onnxruntime-gpu: {problem or 'torch sees no CUDA device'}")
+    work = Path(tempfile.mkdtemp(prefix="dinoserve-gpu-bench-"))
+    results = [bench_arch(a, args, work) for a in args.archs.split(",")]
+    data = {"what": "GPU serving: eager vs onnxruntime CUDA vs TensorRT fp16 vs Triton (gRPC, 1 image/request)",
+            "gpu": torch.cuda.get_device_name(0), "results": results, "machine": machine(),
+            "command": "python benchmarks/gpu_serving.py " + " ".join(sys.argv[1:])}
+    print("wrote", write_json(NAME, data))
+
+
+if __name__ == "__main__":
+    main()

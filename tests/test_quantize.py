@@ -1,0 +1,214 @@
+"""int8 export (static QDQ) and its quality gate: a good int8 model is written and served
+unchanged; a bad one is refused with its figures and leaves the repository byte-identical;
+bad calibration data is a one-line error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import build_tiny_backbone, make_image_folder
+
+from dinoserve.cli import cli
+from dinoserve.client import Client
+from dinoserve.errors import DataError, ExportError
+from dinoserve.export import export_onnx
+from dinoserve.images import preprocess_batch
+from dinoserve.models import load_backbone
+from dinoserve.quantize import calibration_batch, int8_quality, neighbour_agreement, quantize_int8
+from dinoserve.repository import read_model_config
+
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "dinoserve_resnet18_openclipart.safetensors"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def calib_folder(tmp_path_factory) -> Path:
+    """48 generated pictures (three shape classes)."""
+    root = tmp_path_factory.mktemp("calib")
+    make_image_folder(root, per_class=16, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def int8_repo(tmp_path_factory, calib_folder) -> tuple[Path, object]:
+    """The shipped trained resnet18 at 64 px exported fp32 (``fp32``) and int8 (``int8``)."""
+    repo = tmp_path_factory.mktemp("int8") / "model_repository"
+    model = load_backbone(SHIPPED)
+    export_onnx(model=model, name="fp32", repo=repo, image_size=64)
+    res = export_onnx(model=model, name="int8", repo=repo, image_size=64, int8=True, calibration=calib_folder)
+    return repo, res
+
+
+def test_int8_export_passes_gate_and_records_precision(int8_repo):
+    repo, res = int8_repo
+    assert res.card.precision == "int8"
+    assert res.int8.passed and res.int8.mean_cosine >= 0.99 and res.int8.top10_agreement >= 0.8
+    assert res.int8.images == 48 and "48 images from" in res.calibration
+    cfg = read_model_config(repo / "int8")
+    assert cfg.card.precision == "int8" and cfg.backend == "onnxruntime"
+    assert read_model_config(repo / "fp32").card.precision == "fp32"
+    ops = {n.op_type for n in onnx.load(str(res.onnx_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # Only model.onnx beside the config: no leftover fp32 or calibration files.
+    assert sorted(p.name for p in (repo / "int8" / "1").iterdir()) == ["model.onnx"]
+
+
+def test_client_serves_int8_unchanged(int8_repo, calib_folder):
+    repo, _ = int8_repo
+    images = sorted(str(p) for p in calib_folder.rglob("*.png"))[:12]
+    with Client(repo=repo, model="fp32") as c32, Client(repo=repo, model="int8") as c8:
+        assert c8.info.precision == "int8" and c8.info.embed_dim == c32.info.embed_dim == 512
+        e32, e8 = c32.embed(images), c8.embed(images)
+    assert e8.shape == e32.shape == (12, 512)
+    assert np.all(np.sum(e8 * e32, axis=1) > 0.99)
+
+
+def test_int8_vit_passes_gate(tmp_path, calib_folder):
+    res = export_onnx(model=build_tiny_backbone("vit_tiny"), name="vit8", repo=tmp_path / "r", image_size=32,
+                      int8=True, calibration=calib_folder)
+    assert res.int8.passed and res.card.precision == "int8"
+    batch, _, _ = preprocess_batch(sorted(calib_folder.rglob("*.png"))[:4], 48)  # dynamic size still works
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(res.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"images": batch})
+    assert out[0].shape == (4, 192) and out[1].shape == (4, 3, 3, 3) and np.isfinite(out[0]).all()
+
+
+def test_gate_refusal_leaves_repository_byte_identical(int8_repo, calib_folder, tmp_path):
+    repo = tmp_path / "model_repository"
+    import shutil
+
+    shutil.copytree(int8_repo[0], repo)
+    before = snapshot(repo)
+    with pytest.raises(ExportError) as e:
+        export_onnx(model=load_backbone(SHIPPED), name="int8", repo=repo, image_size=64, int8=True,
+                    calibration=calib_folder, min_cosine=0.999999, min_agreement=1.0)
+    msg = str(e.value)
+    assert "int8 model refused" in msg and "mean cosine to fp32 0.99" in msg and "top-10 neighbour agreement" in msg
+    assert "repository is unchanged" in msg and "\n" not in msg
+    assert snapshot(repo) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_gate_fails_a_badly_calibrated_int8_model(int8_repo, calib_folder, tmp_path):
+    """Ranges calibrated on near-black images clip every real activation: the gate sees it."""
+    fp32 = int8_repo[0] / "fp32" / "1" / "model.onnx"
+    dark = np.random.default_rng(0).integers(0, 3, (16, 3, 64, 64)).astype(np.uint8)
+    bad = quantize_int8(fp32, tmp_path / "bad.onnx", dark)
+    real, _ = calibration_batch(calib_folder, 64)
+    q = int8_quality(fp32, bad, real)
+    assert not q.passed and q.mean_cosine < 0.99
+    good = int8_quality(fp32, int8_repo[0] / "int8" / "1" / "model.onnx", real)
+    assert good.passed and good.mean_cosine > q.mean_cosine
+
+
+def test_neighbour_agreement_values():
+    x = np.random.default_rng(0).normal(size=(30, 8))
+    assert neighbour_agreement(x, x) == 1.0
+    assert neighbour_agreement(x, x * 3.0) == 1.0  # scale does not change cosine neighbours
+    assert neighbour_agreement(x, np.random.default_rng(1).normal(size=(30, 8))) < 0.6
+
+
+# --- bad calibration data ------------------------------------------------------------------
+
+
+def test_missing_calibration_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"calibration data .*nope: no such file or folder; pass --calibration"):
+        calibration_batch(tmp_path / "nope", 64)
+
+
+def test_too_few_calibration_images(tmp_path):
+    make_image_folder(tmp_path / "few", per_class=2)
+    with pytest.raises(DataError, match=r"6 readable images of 6; int8 calibration needs at least 16"):
+        calibration_batch(tmp_path / "few", 64)
+
+
+def test_unreadable_calibration_images(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"x{i}.png").write_text("not a picture")
+    with pytest.raises(DataError) as e:
+        calibration_batch(folder, 64)
+    assert "0 readable images of 20 (20 unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_calibration_from_csv(tmp_path, calib_folder):
+    rows = ["path,category,split"] + [f"{p},x,train" for p in sorted(calib_folder.rglob("*.png"))]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    batch, where = calibration_batch(tmp_path / "list.csv", 32)
+    assert batch.shape == (48, 3, 32, 32) and batch.dtype == np.uint8 and "list.csv" in where
+
+
+def test_calibration_from_an_index(int8_repo, calib_folder, tmp_path):
+    from dinoserve.index import build_index
+
+    with Client(repo=int8_repo[0], model="fp32") as c:
+        build_index(calib_folder, tmp_path / "x.index", c, progress=False)
+    batch, where = calibration_batch(tmp_path / "x.index", 32)
+    assert batch.shape == (48, 3, 32, 32) and "x.index" in where
+
+
+def test_cli_int8_bad_input_exit_1(tmp_path, calib_folder):
+    runner = CliRunner()
+    base = ["export", "--onnx", "-w", str(SHIPPED), "--name", "m", "--repo", str(tmp_path / "r")]
+    r = runner.invoke(cli, base + ["--int8", "--calibration", str(tmp_path / "none")])
+    assert r.exit_code == 1 and "no such file or folder" in r.output
+    r = runner.invoke(cli, base + ["--int8"])
+    assert r.exit_code == 1 and "--calibration" in r.output and "name no training data" in r.output
+    r = runner.invoke(cli, base + ["--int8", "--fp16", "--calibration", str(calib_folder)])
+    assert r.exit_code == 1 and "exclude each other" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_int8_prints_gate(tmp_path, calib_folder):
+    r = CliRunner().invoke(cli, ["export", "--onnx", "-w", str(SHIPPED), "--name", "m", "--repo", str(tmp_path / "r"),
+                                 "--image-size", "64", "--int8", "--calibration", str(calib_folder)])
+    assert r.exit_code == 0, r.output
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["precision"] == "int8" and line["int8_gate"]["passed"] and line["int8_gate"]["mean_cosine"] >= 0.99
+
+
+# --- served by the real tritonserver, unchanged ------------------------------------------------
+
+
+@pytest.mark.triton
+def test_triton_serves_int8_and_reports_the_runner_provider(int8_repo, calib_folder):
+    from dinoserve.ort_session import CPU, gpu_problem
+    from dinoserve.triton import TritonServer
+
+    repo, _ = int8_repo
+    images = sorted(str(p) for p in calib_folder.rglob("*.png"))[:6]
+    with TritonServer(repo, startup_timeout=120) as server:
+        assert server.runner_providers() == {"fp32": CPU, "int8": CPU} or gpu_problem() is None
+        assert server.status()["providers"] == server.runner_providers()
+        with Client(server.grpc_url, model="int8", repo=repo) as c8, Client(repo=repo, model="fp32") as c32:
+            assert c8.info.precision == "int8" and c8.info.provider == "triton"
+            e8, e32 = c8.embed(images), c32.embed(images)
+    assert np.all(np.sum(e8 * e32, axis=1) > 0.99)
+
+
+@pytest.mark.triton
+def test_serve_on_gpu_without_one_fails_naming_what_is_missing(int8_repo):
+    from dinoserve.errors import ServerError
+    from dinoserve.ort_session import gpu_problem
+    from dinoserve.triton import TritonServer
+
+    if gpu_problem() is None:
+        pytest.skip("this machine can run onnxruntime on a GPU")
+    server = TritonServer(int8_repo[0], models=["int8"], device="gpu", startup_timeout=60)
+    with pytest.raises(ServerError) as e:
+        server.start()
+    assert "device 'gpu'" in str(e.value) and "onnxruntime-gpu" in str(e.value)
+    assert not server.is_running()
