@@ -33,7 +33,8 @@ from dinoserve.errors import (
     ServerUnavailableError,
 )
 from dinoserve.model_info import ModelInfo, from_repository_config, from_triton_json
-from dinoserve.ort_session import open_session, session_provider
+from dinoserve.openvino_session import OPENVINO_PROVIDER
+from dinoserve.ort_session import open_runtime_session, session_provider
 from dinoserve.repository import choose_model
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ class EmbeddedBackend:
 
     def __init__(self, repo: str | Path = "model_repository", model: str | None = None,
                  version: int | str | None = None, providers: Sequence[str] | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", runtime: str = "onnxruntime"):
         """``device``: ``auto`` (TensorRT, then CUDA, then the CPU, whichever this onnxruntime
         build and machine can run), ``cpu``, ``gpu``, ``cuda`` or ``tensorrt`` (no CPU fallback:
         an error names what is missing); see :func:`dinoserve.ort_session.execution_providers`.
-        ``providers``: explicit onnxruntime providers instead."""
+        ``providers``: explicit onnxruntime providers instead. ``runtime``: ``onnxruntime``
+        or ``openvino`` (CPU only; see :mod:`dinoserve.openvino_session`)."""
         from dinoserve import repository
 
         self.repo = Path(repo)
@@ -70,8 +72,8 @@ class EmbeddedBackend:
         self.onnx_path = Path(repository.model_onnx_path(self.repo, name, version))
         version = version if version is not None else repository.latest_version(model_dir)
         self.info: ModelInfo = from_repository_config(cfg, version=str(version))
-        self.session = open_session(
-            self.onnx_path, providers=providers, device=device,
+        self.session = open_runtime_session(
+            self.onnx_path, runtime, providers=providers, device=device,
             hint=f"re-export it with `dinoserve export ... --repo {self.repo}` (export writes model.onnx atomically)")
         self.info = dataclasses.replace(self.info, provider=session_provider(self.session))
         self.url = None
@@ -84,7 +86,8 @@ class EmbeddedBackend:
         self.session = None
 
     def describe(self) -> str:
-        return f"onnxruntime {self.info.provider} {self.onnx_path}"
+        runtime = "OpenVINO" if self.info.provider == OPENVINO_PROVIDER else "onnxruntime"
+        return f"{runtime} {self.info.provider} {self.onnx_path}"
 
 
 # --- triton -----------------------------------------------------------------------------------

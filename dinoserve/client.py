@@ -87,11 +87,15 @@ class Client:
             onnxruntime build and machine allow), ``cpu``, or ``gpu``/``cuda``/``tensorrt``,
             which fail naming what is missing instead of falling back. ``info.provider``
             says which onnxruntime provider runs.
+        runtime: in-process only: ``onnxruntime`` (default) or ``openvino`` (CPU only;
+            faster for CNNs and int8 exports on some CPUs, see the README's throughput
+            table); ``info.provider`` is then ``"OpenVINO-CPU"``.
     """
 
     def __init__(self, url: str | None = None, model: str | None = None, repo: str | os.PathLike = "model_repository",
                  *, version: int | str | None = None, batch_size: int = 32, timeout: float = 60.0,
-                 concurrency: int | None = None, retries: int = 3, backoff: float = 0.25, device: str = "auto"):
+                 concurrency: int | None = None, retries: int = 3, backoff: float = 0.25, device: str = "auto",
+                 runtime: str = "onnxruntime"):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if concurrency is not None and concurrency < 1:
@@ -102,12 +106,15 @@ class Client:
             if device != "auto":
                 raise ConfigError(f"device={device!r} is for the in-process client; a Triton server "
                                   f"chooses its own (`dinoserve serve --device`)")
+            if runtime != "onnxruntime":
+                raise ConfigError(f"runtime={runtime!r} is for the in-process client; a Triton server "
+                                  f"chooses its own (`dinoserve serve --runtime`)")
             self._backend = TritonBackend(url, model, version, timeout=timeout, retries=retries, backoff=backoff,
                                           repo=repo)
         else:
             from dinoserve.backends import EmbeddedBackend
 
-            self._backend = EmbeddedBackend(repo, model, version, device=device)
+            self._backend = EmbeddedBackend(repo, model, version, device=device, runtime=runtime)
         self.url = url or None
         self.repo = Path(repo)
         info = self._backend.info

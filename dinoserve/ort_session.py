@@ -158,6 +158,20 @@ def open_session(path: str | os.PathLike, *, device: str = "auto", providers: Se
     return session
 
 
+def open_runtime_session(path: str | os.PathLike, runtime: str = "onnxruntime", *, device: str = "auto",
+                         providers: Sequence[str] | None = None, threads: int = 0, hint: str = REEXPORT_HINT):
+    """A session on ``path`` in ``runtime``: :func:`open_session` for ``"onnxruntime"``, an
+    :class:`~dinoserve.openvino_session.OpenVINOSession` (CPU only) for ``"openvino"``.
+    Both answer ``run``, ``get_outputs`` and :func:`session_provider`."""
+    from dinoserve.openvino_session import OpenVINOSession, check_runtime
+
+    if check_runtime(runtime, device) == "openvino":
+        if providers is not None:
+            raise ConfigError("onnxruntime providers were given for runtime 'openvino'")
+        return OpenVINOSession(path, threads=threads, hint=hint)
+    return open_session(path, device=device, providers=providers, threads=threads, hint=hint)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__

@@ -69,10 +69,11 @@ class RayOptions:
     shard_size: int = 1024
     progress: bool = True
     hold_dir: str | None = None
+    runtime: str = "onnxruntime"  # in-process actors: onnxruntime or openvino
 
     def client_kwargs(self) -> dict:
         return {"url": self.url, "model": self.model, "repo": str(self.repo), "batch_size": self.batch_size,
-                "timeout": self.timeout}
+                "timeout": self.timeout, "runtime": self.runtime}
 
 
 @dataclass

@@ -64,7 +64,7 @@ CONFIG_FILENAME = "config.pbtxt"
 INPUT, EMBEDDING, ATTENTION = "images", "embedding", "attention"
 
 #: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.
-RUNNER_DEVICE, RUNNER_THREADS = "runner_device", "runner_intra_op_threads"
+RUNNER_DEVICE, RUNNER_THREADS, RUNNER_RUNTIME = "runner_device", "runner_intra_op_threads", "runner_runtime"
 #: Marks the runner's server-log line that names the onnxruntime provider it runs on.
 PROVIDER_LOG = "dinoserve-runner:"
 
@@ -334,7 +334,8 @@ def write_model_config(model_dir: str | os.PathLike, name: str, card: ModelCard,
     return atomic_write_text(Path(model_dir) / CONFIG_FILENAME, render_config(name, card, **options))
 
 
-def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0, device: str | None = None) -> str:
+def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0, device: str | None = None,
+                          runtime: str = "onnxruntime") -> str:
     """``<model_dir>/config.pbtxt`` rewritten for Triton's Python backend.
 
     The backend becomes ``python`` (no ``platform``), instances run on the CPU, execution
@@ -342,7 +343,8 @@ def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int
     (``runner_device``: ``device`` when given, one of :data:`dinoserve.ort_session.DEVICES`;
     otherwise ``auto`` when the original asked for GPU instances, so TensorRT or CUDA when
     they can run and the CPU when not, and ``cpu`` for CPU instances) and with how many
-    threads (0: onnxruntime's default). Everything else (name, inputs, outputs,
+    threads (0: onnxruntime's default); a third, ``runner_runtime``, names the runtime
+    (``onnxruntime`` or ``openvino``; :mod:`dinoserve.openvino_session`). Everything else (name, inputs, outputs,
     max_batch_size, dynamic_batching, the card's parameters) is kept, so clients see the
     same model.
     """
@@ -356,8 +358,10 @@ def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int
     optimization = {k: v for k, v in (out.pop("optimization", None) or {}).items() if k != "execution_accelerators"}
     if optimization:
         out["optimization"] = optimization
-    kept = [p for p in _as_list(out.get("parameters", [])) if p.get("key") not in (RUNNER_DEVICE, RUNNER_THREADS)]
-    out["parameters"] = kept + _string_params({RUNNER_DEVICE: device, RUNNER_THREADS: str(intra_op_threads)})
+    runner_keys = (RUNNER_DEVICE, RUNNER_THREADS, RUNNER_RUNTIME)
+    kept = [p for p in _as_list(out.get("parameters", [])) if p.get("key") not in runner_keys]
+    out["parameters"] = kept + _string_params({RUNNER_DEVICE: device, RUNNER_THREADS: str(intra_op_threads),
+                                               RUNNER_RUNTIME: runtime})
     return format_pbtxt(out)
 
 

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 from dinoserve import triton_process as proc_tree
 from dinoserve.errors import ModelNotFoundError, ServerError
+from dinoserve.openvino_session import check_runtime
 from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, model_choice_error,
                                   python_backend_config, read_model_config)
 
@@ -133,7 +134,7 @@ def _stub_path(root: Path) -> Path:
 
 def prepare_serving_repository(
     repo: str | os.PathLike, target: str | os.PathLike, models: Sequence[str] | None = None,
-    *, intra_op_threads: int = 0, device: str | None = None,
+    *, intra_op_threads: int = 0, device: str | None = None, runtime: str = "onnxruntime",
 ) -> list[str]:
     """Write a Python-backend twin of ``repo`` into ``target`` for the pip-bundled server.
 
@@ -152,7 +153,7 @@ def prepare_serving_repository(
             continue
         dst = target / name
         dst.mkdir(parents=True)
-        text = python_backend_config(src, intra_op_threads=intra_op_threads, device=device)
+        text = python_backend_config(src, intra_op_threads=intra_op_threads, device=device, runtime=runtime)
         (dst / CONFIG_FILENAME).write_text(text, encoding="utf-8")
         for version in list_versions(src):
             onnx = src / str(version) / ONNX_FILENAME
@@ -260,6 +261,8 @@ class TritonServer:
             ``gpu``, ``cuda`` or ``tensorrt`` (see :mod:`dinoserve.ort_session`); default each
             model's instance kind (GPU instances: ``auto``). :meth:`runner_providers` says
             which provider each model got.
+        runtime: what runs each model (pip server only): ``onnxruntime`` or ``openvino``
+            (CPU only; see :mod:`dinoserve.openvino_session`).
 
     The server runs in its own process group, in explicit model-control mode (so a model
     can be reloaded), and gets SIGTERM when the thread that started it is gone with its
@@ -280,6 +283,7 @@ class TritonServer:
         binary: TritonBinary | None = None,
         intra_op_threads: int = 0,
         device: str | None = None,
+        runtime: str = "onnxruntime",
     ):
         self.repo = Path(repo).expanduser().absolute()
         self.host = host
@@ -290,6 +294,7 @@ class TritonServer:
         self.binary = binary
         self.intra_op_threads = intra_op_threads
         self.device = device
+        self.runtime = check_runtime(runtime, device or "auto")
         self.process: subprocess.Popen | None = None
         self.served_models: list[str] = []
         self.log_path: Path | None = None
@@ -398,7 +403,7 @@ class TritonServer:
         serving = self._workdir / "model_repository"
         serving.mkdir()
         prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads,
-                                   device=self.device)
+                                   device=self.device, runtime=self.runtime)
         backends = _backend_dir(root, self._workdir / "backends")
         cmd = [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common]
         return cmd, _bundled_env(root, [_runner_python_path(self._workdir / "python")])

@@ -27,8 +27,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dinoserve.ort_session import open_session, session_provider
-from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_THREADS
+from dinoserve.ort_session import open_runtime_session, session_provider
+from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_RUNTIME, RUNNER_THREADS
 
 
 #: Name prefix of the Python backend's shared-memory regions in /dev/shm.
@@ -89,8 +89,9 @@ class TritonPythonModel:
         device = _parameter(config, RUNNER_DEVICE, "cpu") or "cpu"
         if device not in ("auto", "cpu", "gpu", "cuda", "tensorrt"):
             device = "auto" if device == "gpu" else "cpu"
-        self.session = open_session(path, device=device, threads=threads,
-                                    hint="re-export the model with `dinoserve export`, then start serve again")
+        self.runtime = runtime = _parameter(config, RUNNER_RUNTIME, "onnxruntime") or "onnxruntime"
+        self.session = open_runtime_session(path, runtime, device=device, threads=threads,
+                                            hint="re-export the model with `dinoserve export`, then start serve again")
         # One line in the server log that `dinoserve serve` reports (TritonServer.runner_providers).
         print(f"{PROVIDER_LOG} model={config['name']} version={args['model_version']} device={device} "
               f"provider={session_provider(self.session)}", flush=True)
@@ -113,7 +114,7 @@ class TritonPythonModel:
             try:
                 outputs = self.session.run(self.output_names, {self.input_name: batch})
             except Exception as e:  # onnxruntime's error types; each request gets the message
-                error = pb_utils.TritonError(f"onnxruntime failed on input {tuple(batch.shape)}: {e}")
+                error = pb_utils.TritonError(f"{self.runtime} failed on input {tuple(batch.shape)}: {e}")
                 for i in members:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=error)
                 continue

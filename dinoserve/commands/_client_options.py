@@ -8,7 +8,9 @@ import click
 
 
 def client_options(fn):
-    """Add --url, --repo, --model, --batch-size, --timeout and --concurrency to a command."""
+    """Add --url, --repo, --model, --batch-size, --timeout, --concurrency and --runtime to a
+    command. --runtime reaches :func:`make_client` through the click context, so commands
+    need not pass it along."""
 
     @click.option("--url", envvar="DINOSERVE_URL", default=None,
                   help="Triton server, http://HOST:8000 or grpc://HOST:8001 [env DINOSERVE_URL]; "
@@ -21,8 +23,11 @@ def client_options(fn):
                   help="Seconds per server request.")
     @click.option("--concurrency", default=None, type=click.IntRange(1),
                   help="Requests in flight [default: 4 with --url, 2 in-process].")
+    @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+                  show_default=True, help="In-process only: what runs the model (openvino: CPU only).")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, runtime, **kwargs):
+        click.get_current_context().meta["dinoserve.runtime"] = runtime
         return fn(*args, **kwargs)
 
     return wrapper
@@ -32,4 +37,7 @@ def make_client(url, repo, model, batch_size, timeout, concurrency):
     """The Client the options describe (imported here so --help stays fast)."""
     from dinoserve.client import Client
 
-    return Client(url, model=model, repo=repo, batch_size=batch_size, timeout=timeout, concurrency=concurrency)
+    ctx = click.get_current_context(silent=True)
+    runtime = ctx.meta.get("dinoserve.runtime", "onnxruntime") if ctx is not None else "onnxruntime"
+    return Client(url, model=model, repo=repo, batch_size=batch_size, timeout=timeout, concurrency=concurrency,
+                  runtime=runtime)

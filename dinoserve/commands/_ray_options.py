@@ -40,6 +40,8 @@ def ray_options(url, repo, model, batch_size, timeout, ray_address, actors, acto
     """The :class:`~dinoserve.ray_engine.RayOptions` the command line describes."""
     from dinoserve.ray_engine import RayOptions
 
+    ctx = click.get_current_context(silent=True)  # --runtime, from client_options
+    runtime = ctx.meta.get("dinoserve.runtime", "onnxruntime") if ctx is not None else "onnxruntime"
     return RayOptions(url=url, repo=repo, model=model, batch_size=batch_size, timeout=timeout,
                       address=ray_address, actors=actors, actor_cpus=actor_cpus, shard_size=shard_size,
-                      progress=progress)
+                      progress=progress, runtime=runtime)
