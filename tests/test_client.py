@@ -204,6 +204,11 @@ def test_gpu_device_without_gpu_names_what_is_missing_and_never_falls_back(tiny_
     # "auto" is the user allowing the CPU: it runs, and says where.
     with Client(repo=tiny_repo, model="resnet_tiny", device="auto") as c:
         assert c.info.provider == CPU and c.info.to_dict()["provider"] == CPU and CPU in repr(c)
+    # the same from the command line: one line, exit 1, nothing written
+    r = CliRunner().invoke(cli, ["embed", "x.png", "--repo", str(tiny_repo), "-m", "resnet_tiny", "--device", device,
+                                 "--out", "never.npy"])
+    assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and f"device {device!r}" in r.output
+    assert not Path("never.npy").exists()
 
 
 def test_device_is_for_the_in_process_client_only():

@@ -8,9 +8,9 @@ import click
 
 
 def client_options(fn):
-    """Add --url, --repo, --model, --batch-size, --timeout, --concurrency and --runtime to a
-    command. --runtime reaches :func:`make_client` through the click context, so commands
-    need not pass it along."""
+    """Add --url, --repo, --model, --batch-size, --timeout, --concurrency, --device and
+    --runtime to a command. --device and --runtime reach :func:`make_client` through the
+    click context, so commands need not pass them along."""
 
     @click.option("--url", envvar="DINOSERVE_URL", default=None,
                   help="Triton server, http://HOST:8000 or grpc://HOST:8001 [env DINOSERVE_URL]; "
@@ -25,9 +25,12 @@ def client_options(fn):
                   help="Requests in flight [default: 4 with --url, 2 in-process].")
     @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
                   show_default=True, help="In-process only: what runs the model (openvino: CPU only).")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "cuda", "tensorrt"]), default="auto",
+                  show_default=True, help="In-process only: auto = TensorRT, then CUDA, then the CPU; gpu/cuda/"
+                                          "tensorrt fail naming what is missing instead of falling back.")
     @functools.wraps(fn)
-    def wrapper(*args, runtime, **kwargs):
-        click.get_current_context().meta["dinoserve.runtime"] = runtime
+    def wrapper(*args, runtime, device, **kwargs):
+        click.get_current_context().meta.update({"dinoserve.runtime": runtime, "dinoserve.device": device})
         return fn(*args, **kwargs)
 
     return wrapper
@@ -37,7 +40,6 @@ def make_client(url, repo, model, batch_size, timeout, concurrency):
     """The Client the options describe (imported here so --help stays fast)."""
     from dinoserve.client import Client
 
-    ctx = click.get_current_context(silent=True)
-    runtime = ctx.meta.get("dinoserve.runtime", "onnxruntime") if ctx is not None else "onnxruntime"
+    meta = ctx.meta if (ctx := click.get_current_context(silent=True)) is not None else {}
     return Client(url, model=model, repo=repo, batch_size=batch_size, timeout=timeout, concurrency=concurrency,
-                  runtime=runtime)
+                  runtime=meta.get("dinoserve.runtime", "onnxruntime"), device=meta.get("dinoserve.device", "auto"))

@@ -42,6 +42,8 @@ def ray_options(url, repo, model, batch_size, timeout, ray_address, actors, acto
 
     ctx = click.get_current_context(silent=True)  # --runtime, from client_options
     runtime = ctx.meta.get("dinoserve.runtime", "onnxruntime") if ctx is not None else "onnxruntime"
+    if ctx is not None and ctx.meta.get("dinoserve.device", "auto") not in ("auto", "cpu"):
+        raise click.UsageError("--device with --engine ray: the actors choose their own device; leave it at auto")
     return RayOptions(url=url, repo=repo, model=model, batch_size=batch_size, timeout=timeout,
                       address=ray_address, actors=actors, actor_cpus=actor_cpus, shard_size=shard_size,
                       progress=progress, runtime=runtime)
