@@ -57,3 +57,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``path`` (created when missing): the open file
+    descriptor that holds it, or None when another process holds it. Closing the descriptor
+    releases the lock, and so does the holder's death, so a killed writer never leaves a
+    stale lock behind."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -55,7 +55,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dinoserve.atomic import atomic_write, fsync_path
+from dinoserve.atomic import atomic_write, fsync_path, try_lock
 from dinoserve.errors import ConfigError, IndexDamagedError, IndexStoreError
 
 FORMAT = "dinoserve-index"
@@ -237,17 +237,11 @@ class Writer:
             )
 
     def _lock(self) -> None:
-        import fcntl
-
-        self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock_fd = try_lock(self.root / LOCK)
+        if self._lock_fd is None:
             raise IndexStoreError(
                 f"another dinoserve process is writing the index {str(self.root)!r}; wait for it to finish"
-            ) from None
+            )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dinoserve.atomic import atomic_write_text, fsync_path
+from dinoserve.atomic import atomic_write_text, fsync_path, try_lock
 from dinoserve.errors import IndexMismatchError, IndexStoreError
 from dinoserve.model_info import ModelInfo
 
@@ -101,16 +101,10 @@ class ShardStore:
         self._unlock()
 
     def _lock(self) -> None:
-        import fcntl
-
-        self._lock_fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock_fd = try_lock(self.root / LOCK)
+        if self._lock_fd is None:
             raise IndexStoreError(f"another dinoserve job is writing the shards in {str(self.root)!r}; "
-                                  "wait for it to finish") from None
+                                  "wait for it to finish")
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
