@@ -20,25 +20,11 @@ import numpy as np
 
 from dinoserve.errors import ConfigError, ModelFileError
 
-#: Runtimes that run an exported ONNX graph in-process and in the serving runner.
-RUNTIMES = ("onnxruntime", "openvino")
-
 #: What a user without the package should do.
 OPENVINO_HINT = 'install it with `pip install -e ".[openvino]"` (or `pip install openvino`)'
 
 #: The provider name reported in ``Client.info.provider`` and the serve log.
 OPENVINO_PROVIDER = "OpenVINO-CPU"
-
-
-def check_runtime(runtime: str, device: str = "auto") -> str:
-    """``runtime`` if it is one of :data:`RUNTIMES` and can run on ``device``; a
-    :class:`~dinoserve.errors.ConfigError` naming the choices otherwise."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
-    if runtime == "openvino" and device not in ("auto", "cpu"):
-        raise ConfigError(f"runtime 'openvino' runs on the CPU only, not device {device!r}; "
-                          f"use runtime 'onnxruntime' for GPUs")
-    return runtime
 
 
 class OpenVINOSession:

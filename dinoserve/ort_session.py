@@ -36,6 +36,9 @@ from dinoserve.errors import ConfigError, ModelFileError
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tensorrt")
+#: Runtimes that run an exported ONNX graph, in-process and in the serving runner
+#: (:func:`open_runtime_session`); OpenVINO is CPU only.
+RUNTIMES = ("onnxruntime", "openvino")
 TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 #: Where TensorRT keeps the engines it builds (building one takes minutes for a ViT).
@@ -158,14 +161,25 @@ def open_session(path: str | os.PathLike, *, device: str = "auto", providers: Se
     return session
 
 
+def check_runtime(runtime: str, device: str = "auto") -> str:
+    """``runtime`` if it is one of :data:`RUNTIMES` and can run on ``device``; a
+    :class:`~dinoserve.errors.ConfigError` naming the choices otherwise."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and device not in ("auto", "cpu"):
+        raise ConfigError(f"runtime 'openvino' runs on the CPU only, not device {device!r}; "
+                          f"use runtime 'onnxruntime' for GPUs")
+    return runtime
+
+
 def open_runtime_session(path: str | os.PathLike, runtime: str = "onnxruntime", *, device: str = "auto",
                          providers: Sequence[str] | None = None, threads: int = 0, hint: str = REEXPORT_HINT):
     """A session on ``path`` in ``runtime``: :func:`open_session` for ``"onnxruntime"``, an
     :class:`~dinoserve.openvino_session.OpenVINOSession` (CPU only) for ``"openvino"``.
     Both answer ``run``, ``get_outputs`` and :func:`session_provider`."""
-    from dinoserve.openvino_session import OpenVINOSession, check_runtime
-
     if check_runtime(runtime, device) == "openvino":
+        from dinoserve.openvino_session import OpenVINOSession
+
         if providers is not None:
             raise ConfigError("onnxruntime providers were given for runtime 'openvino'")
         return OpenVINOSession(path, threads=threads, hint=hint)

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 from dinoserve import triton_process as proc_tree
 from dinoserve.errors import ModelNotFoundError, ServerError
-from dinoserve.openvino_session import check_runtime
+from dinoserve.ort_session import check_runtime
 from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, model_choice_error,
                                   python_backend_config, read_model_config)
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dinoserve.ort_session import open_runtime_session, session_provider
+from dinoserve.ort_session import DEVICES, open_runtime_session, session_provider
 from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_RUNTIME, RUNNER_THREADS
 
 
@@ -87,8 +87,8 @@ class TritonPythonModel:
         # "auto" (GPU instances, or serve --device auto): TensorRT, CUDA, then the CPU; "gpu",
         # "cuda", "tensorrt": fail to load, naming what is missing, rather than run on the CPU.
         device = _parameter(config, RUNNER_DEVICE, "cpu") or "cpu"
-        if device not in ("auto", "cpu", "gpu", "cuda", "tensorrt"):
-            device = "auto" if device == "gpu" else "cpu"
+        if device not in DEVICES:
+            device = "cpu"
         self.runtime = runtime = _parameter(config, RUNNER_RUNTIME, "onnxruntime") or "onnxruntime"
         self.session = open_runtime_session(path, runtime, device=device, threads=threads,
                                             hint="re-export the model with `dinoserve export`, then start serve again")

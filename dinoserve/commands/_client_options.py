@@ -6,6 +6,8 @@ import functools
 
 import click
 
+from dinoserve.ort_session import DEVICES, RUNTIMES  # constants only: no onnxruntime import
+
 
 def client_options(fn):
     """Add --url, --repo, --model, --batch-size, --timeout, --concurrency, --device and
@@ -23,9 +25,9 @@ def client_options(fn):
                   help="Seconds per server request.")
     @click.option("--concurrency", default=None, type=click.IntRange(1),
                   help="Requests in flight [default: 4 with --url, 2 in-process].")
-    @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+    @click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime",
                   show_default=True, help="In-process only: what runs the model (openvino: CPU only).")
-    @click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "cuda", "tensorrt"]), default="auto",
+    @click.option("--device", type=click.Choice(DEVICES), default="auto",
                   show_default=True, help="In-process only: auto = TensorRT, then CUDA, then the CPU; gpu/cuda/"
                                           "tensorrt fail naming what is missing instead of falling back.")
     @functools.wraps(fn)
@@ -36,10 +38,16 @@ def client_options(fn):
     return wrapper
 
 
+def in_process_choices() -> dict[str, str]:
+    """``{"runtime": ..., "device": ...}`` as --runtime/--device set them for the running
+    command (the defaults outside one)."""
+    meta = ctx.meta if (ctx := click.get_current_context(silent=True)) is not None else {}
+    return {"runtime": meta.get("dinoserve.runtime", "onnxruntime"), "device": meta.get("dinoserve.device", "auto")}
+
+
 def make_client(url, repo, model, batch_size, timeout, concurrency):
     """The Client the options describe (imported here so --help stays fast)."""
     from dinoserve.client import Client
 
-    meta = ctx.meta if (ctx := click.get_current_context(silent=True)) is not None else {}
     return Client(url, model=model, repo=repo, batch_size=batch_size, timeout=timeout, concurrency=concurrency,
-                  runtime=meta.get("dinoserve.runtime", "onnxruntime"), device=meta.get("dinoserve.device", "auto"))
+                  **in_process_choices())

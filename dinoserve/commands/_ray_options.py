@@ -6,6 +6,8 @@ import functools
 
 import click
 
+from dinoserve.commands._client_options import in_process_choices
+
 ENGINES = ("inprocess", "ray")
 
 
@@ -40,10 +42,9 @@ def ray_options(url, repo, model, batch_size, timeout, ray_address, actors, acto
     """The :class:`~dinoserve.ray_engine.RayOptions` the command line describes."""
     from dinoserve.ray_engine import RayOptions
 
-    ctx = click.get_current_context(silent=True)  # --runtime, from client_options
-    runtime = ctx.meta.get("dinoserve.runtime", "onnxruntime") if ctx is not None else "onnxruntime"
-    if ctx is not None and ctx.meta.get("dinoserve.device", "auto") not in ("auto", "cpu"):
+    choices = in_process_choices()
+    if choices["device"] not in ("auto", "cpu"):
         raise click.UsageError("--device with --engine ray: the actors choose their own device; leave it at auto")
     return RayOptions(url=url, repo=repo, model=model, batch_size=batch_size, timeout=timeout,
                       address=ray_address, actors=actors, actor_cpus=actor_cpus, shard_size=shard_size,
-                      progress=progress, runtime=runtime)
+                      progress=progress, runtime=choices["runtime"])

@@ -7,6 +7,8 @@ import signal
 
 import click
 
+from dinoserve.ort_session import DEVICES, RUNTIMES  # constants only: no onnxruntime import
+
 PORT = click.IntRange(0, 65535)
 
 
@@ -20,10 +22,10 @@ PORT = click.IntRange(0, 65535)
 @click.option("--metrics-port", default=8002, show_default=True, type=PORT, help="Metrics port; 0 picks a free one.")
 @click.option("--model", "-m", "models", multiple=True, help="Serve only this model (repeatable) [default: all].")
 @click.option("--log-file", default=None, type=click.Path(dir_okay=False), help="Write the server's output here.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu", "cuda", "tensorrt"]), default=None,
+@click.option("--device", type=click.Choice(DEVICES), default=None,
               help="Where each model's onnxruntime runner runs (pip server): auto = TensorRT, then CUDA, then the "
                    "CPU; gpu/cuda/tensorrt refuse to fall back to the CPU [default: each model's instance kind].")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime", show_default=True,
               help="What runs each model (pip server): openvino is CPU only and was faster for CNNs and int8 "
                    "exports on the CPUs measured (README, Throughput).")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=click.FloatRange(min=1),
