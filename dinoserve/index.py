@@ -256,8 +256,7 @@ def build_index(source: str | os.PathLike, out: str | os.PathLike, client: Embed
                 kind_params: dict | None = None, progress: bool = True) -> IndexReport:
     """Embed every image of ``source`` (a folder, recursive, or a CSV file list) into a new index
     at ``out``, replacing any index there atomically. Corrupt files are skipped and reported."""
-    if kind not in index_kinds.KINDS + ("auto",):
-        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
+    _check_kind(kind)
     spec = source_spec(source, splits, root)
     paths = scan(spec, exclude=Path(out))
     if not paths:
@@ -327,8 +326,7 @@ def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelI
     came from and ``skipped`` the ``(path, message)`` of files left out.
     """
     t0 = time.perf_counter()
-    if kind not in index_kinds.KINDS + ("auto",):
-        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
+    _check_kind(kind)
     if len(rows) != len(embeddings):
         raise ConfigError(f"{len(rows)} item rows but {len(embeddings)} embeddings")
     report = IndexReport(path=str(out), count=len(rows), embedded=len(rows), skipped=list(skipped), kind=kind)
@@ -340,6 +338,11 @@ def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelI
         _publish(writer, info, spec, np.asarray(embeddings, np.float32), kind, kind_params, report, None)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in index_kinds.KINDS + ("auto",):
+        raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
 
 
 def _publish(writer: index_store.Writer, info: ModelInfo, spec: dict, emb: np.ndarray, kind: str,
