@@ -248,9 +248,9 @@ def resize_and_crop(img: Image.Image, size: int, crop_pct: float = DEFAULT_CROP_
 
 
 def trim_background(img: Image.Image) -> Image.Image:
-    """``img`` cropped to the bounding box of its non-white pixels (unchanged when it has
+    """RGB ``img`` cropped to the bounding box of its non-white pixels (unchanged when it has
     none, or no white border)."""
-    arr = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
     ys, xs = np.nonzero(arr.min(axis=2) < _BACKGROUND_LEVEL)
     if len(ys) == 0:
         return img
@@ -262,7 +262,8 @@ def resize_and_pad(img: Image.Image, size: int) -> Image.Image:
     white ``size`` x ``size`` square."""
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    img = trim_background(img)
+    # load_image already gives RGB: convert (a full-size copy) only what is not
+    img = trim_background(img if img.mode == "RGB" else img.convert("RGB"))
     w, h = img.size
     scale = size / max(w, h)
     img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
@@ -282,7 +283,7 @@ def fit_image(img: Image.Image, size: int, crop_pct: float = DEFAULT_CROP_PCT, f
     """``img`` as a ``size`` x ``size`` RGB square: :func:`resize_and_crop` for
     ``fit="crop"``, :func:`resize_and_pad` for ``fit="pad"`` (``crop_pct`` unused)."""
     if check_fit(fit) == "pad":
-        return resize_and_pad(img.convert("RGB"), size)
+        return resize_and_pad(img, size)
     return resize_and_crop(img, size, crop_pct)
 
 
