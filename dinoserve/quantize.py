@@ -37,7 +37,8 @@ from dinoserve.errors import DataError, DinoserveError, ExportError
 from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch, walk_images
 
 __all__ = ["Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
-           "MIN_CALIBRATION", "VIT_OPS", "neighbour_agreement", "DEFAULT_CALIBRATION", "MIN_COSINE", "MIN_TOP10_AGREEMENT", "TOP_K"]
+           "weight_products", "neighbour_agreement", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
+           "MIN_COSINE", "MIN_TOP10_AGREEMENT", "TOP_K"]
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,28 @@ def _reader(batch: np.ndarray, input_name: str = "images"):
     return Reader()
 
 
-#: Operators quantised in a ViT: only the matrix products. Quantising LayerNorm, Softmax,
-#: GELU and the residual adds too dropped a random-init ViT-S/16's mean cosine to fp32 to
-#: 0.94 (min 0.60) here; with matrix products only, vit_tiny kept 0.9996.
+#: Operators quantised in a ViT: only the products with a weight matrix (see
+#: :func:`weight_products`). Quantising LayerNorm, Softmax, GELU and the residual adds too
+#: dropped a random-init ViT-S/16's mean cosine to fp32 to 0.94 (min 0.60) here; with matrix
+#: products only, vit_tiny kept 0.9996.
 VIT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def weight_products(graph_path: str | os.PathLike) -> list[str]:
+    """Names of the nodes of :data:`VIT_OPS` whose second input is a stored weight.
+
+    Why not every MatMul: attention's two activation products (q @ k^T, probabilities @ v)
+    quantised on both sides made onnxruntime fuse the softmax between them into
+    ``QLinearSoftmax``, which took 72 ms of a 455-ms ViT-S/16 batch here (the float softmax:
+    19 ms); leaving attention in float made the whole int8 graph 1.69x -> 2.07x of fp32.
+    """
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    weights |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return [n.name for n in graph.node
+            if n.op_type in VIT_OPS and len(n.input) > 1 and n.input[1] in weights]
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
@@ -151,8 +170,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     Activation ranges come from running ``calibration`` (uint8 ``[N, 3, H, W]``, as clients
     send) through the graph (min/max). Activations are uint8 and weights int8, per output
     channel by default. A ResNet has every supported operator quantised (so Conv, Relu and
-    Add fuse into int8 kernels); a ViT (``family="vit"``) only its matrix products
-    (:data:`VIT_OPS`). The uint8 input and its normalisation stay as they are; the
+    Add fuse into int8 kernels); a ViT (``family="vit"``) only its products with weight
+    matrices (:func:`weight_products`), so attention stays float. The uint8 input and its normalisation stay as they are; the
     outputs stay float32, so the graph's contract (and Triton's config) does not change.
 
     Raises:
@@ -177,6 +196,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                 calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
                 op_types_to_quantize=list(VIT_OPS) if family == "vit" else None,
+                nodes_to_quantize=weight_products(pre) if family == "vit" else None,
             )
         except DinoserveError:
             raise

@@ -84,6 +84,25 @@ def test_int8_vit_passes_gate(tmp_path, calib_folder):
     out = ort.InferenceSession(str(res.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"images": batch})
     assert out[0].shape == (4, 192) and out[1].shape == (4, 3, 3, 3) and np.isfinite(out[0]).all()
 
+    # Only products with a weight matrix are quantised; attention's activation x activation
+    # products stay float (quantised, they pulled the softmax into a slow QLinearSoftmax).
+    graph = onnx.load(str(res.onnx_path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {t.name for t in graph.initializer}
+
+    def dequantised(name: str) -> bool:
+        return name in producer and producer[name].op_type == "DequantizeLinear"
+
+    def from_weight(name: str) -> bool:
+        return dequantised(name) and producer[name].input[0] in weights
+
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    linear = [n for n in matmuls if from_weight(n.input[1])]
+    attention = [n for n in matmuls if not from_weight(n.input[1])]
+    assert linear and all(dequantised(n.input[0]) for n in linear)
+    assert attention and not any(dequantised(i) for n in attention for i in n.input)
+    assert not any(n.op_type == "Softmax" and dequantised(n.input[0]) for n in graph.node)
+
 
 def test_gate_refusal_leaves_repository_byte_identical(int8_repo, calib_folder, tmp_path):
     repo = tmp_path / "model_repository"
