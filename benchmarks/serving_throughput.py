@@ -3,14 +3,16 @@
 Backends, all on the same exported model and the same preprocessed uint8 images:
 
 - PyTorch eager (float32, ``torch.no_grad``), in-process, batch ``--batch``: the reference
-  every other row is a ratio to;
+  every other row is a ratio to; for ViTs also eager with the attention maps
+  (``pytorch_eager_attention``), the same two outputs the exported graph computes;
 - onnxruntime in-process on the exported ``model.onnx`` (fp32), and on the ``--int8``
   export of the same model (static QDQ, calibrated on ``--calibration`` images, default a
   sample of openclipart's ``pool`` split, gated against fp32), batch ``--batch``;
 - OpenVINO (``pip install openvino``, when importable) on the same two ONNX files: fp32
   with the f32 precision hint, the same file with OpenVINO's default precision (bf16 on
   CPUs with AMX), and the int8 file;
-- a real tritonserver (:class:`dinoserve.triton.TritonServer`) over HTTP and gRPC, sending
+- a real tritonserver (:class:`dinoserve.triton.TritonServer`) serving the fp32 and the int8
+  export (rows ``triton_http``/``triton_grpc`` and ``..._int8``) over HTTP and gRPC, sending
   requests of ``--request-batch`` images at concurrency 1, 4 and 16 (one client per
   thread); the server's dynamic batcher merges concurrent requests, and the mean batch
   size it actually ran is read from its metrics (``nv_inference_count / nv_inference_exec_count``).
@@ -33,6 +35,7 @@ Writes ``benchmarks/results/serving_throughput[_<arch>].json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import threading
@@ -138,7 +141,7 @@ def main() -> None:
 
     from dinoserve.export import export_onnx, sample_images
     from dinoserve.images import normalize, preprocess_batch
-    from dinoserve.models import create_backbone, load_backbone
+    from dinoserve.models import backbone_card, create_backbone, load_backbone, forward_with_attention
     from dinoserve.triton import TritonServer
 
     torch.manual_seed(0)
@@ -192,6 +195,13 @@ def main() -> None:
             model(x)
 
     backends: dict[str, object] = {"pytorch_eager": eager}
+    if backbone_card(model).family == "vit":
+        # The exported ViT graph also computes the attention maps: this row does the same work.
+        def eager_attention():
+            with torch.no_grad():
+                forward_with_attention(model, x)
+
+        backends["pytorch_eager_attention"] = eager_attention
     sessions = {"onnxruntime": res.onnx_path}
     if int8 is not None:
         sessions["onnxruntime_int8"] = int8.onnx_path
@@ -222,7 +232,7 @@ def main() -> None:
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
 
-    def triton_call(lib, url):
+    def triton_call(lib, url, model_name):
         def make():
             client = lib.InferenceServerClient(url)
             inp = lib.InferInput("images", list(request.shape), "UINT8")
@@ -230,25 +240,26 @@ def main() -> None:
             out = [lib.InferRequestedOutput("embedding")]
 
             def call():
-                r = client.infer("bench", [inp], outputs=out)
+                r = client.infer(model_name, [inp], outputs=out)
                 if r.as_numpy("embedding").shape[0] != len(request):
                     raise RuntimeError("server returned the wrong number of rows")
             return call
         return make
 
     concurrencies = [int(c) for c in args.concurrency.split(",")] if not args.no_triton else []
-    with (TritonServer(repo, models=["bench"]) if concurrencies else _nothing()) as server:
-        for protocol, lib, url in (() if server is None else
-                                   (("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url))):
+    served = {"": "bench"} if int8 is None else {"": "bench", "_int8": "bench_int8"}
+    with (TritonServer(repo, models=list(served.values())) if concurrencies else _nothing()) as server:
+        for (suffix, model_name), (protocol, lib, url) in itertools.product(served.items(), () if server is None else (
+                ("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url))):
             for c in concurrencies:
-                before = scrape_metrics(server.metrics_url, "bench")
-                lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1]))
-                after = scrape_metrics(server.metrics_url, "bench")
+                before = scrape_metrics(server.metrics_url, model_name)
+                lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1], model_name))
+                after = scrape_metrics(server.metrics_url, model_name)
                 count = after["nv_inference_count"] - before["nv_inference_count"]
                 execs = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
                 queue = after["nv_inference_queue_duration_us"] - before["nv_inference_queue_duration_us"]
                 reqs = after["nv_inference_request_success"] - before["nv_inference_request_success"]
-                record(protocol, c, args.request_batch, lat, wall, {
+                record(protocol + suffix, c, args.request_batch, lat, wall, {
                     "mean_server_batch": count / max(execs, 1),
                     "mean_queue_ms": queue / max(reqs, 1) / 1e3,
                 })
