@@ -38,6 +38,11 @@ class AttentionTap:
         self._captured: list[torch.Tensor] = []
         self._handle = self._attn.attn_drop.register_forward_hook(lambda _m, _i, out: self._keep(out))
 
+    @property
+    def module(self) -> nn.Module:
+        """The tapped attention module (the last block's)."""
+        return self._attn
+
     def _keep(self, probs: torch.Tensor) -> None:
         self._captured[:] = [probs]  # only the latest forward pass is ever read
 

@@ -45,6 +45,7 @@ from dinoserve.card import ModelCard
 from dinoserve.errors import DinoserveError, ExportError, ModelFileError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
 from dinoserve.models import backbone_card, forward_with_attention, load_backbone
+from dinoserve.onnx_attention import use_onnx_attention
 from dinoserve.ort_session import open_session
 from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
 
@@ -52,12 +53,12 @@ __all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
 
 log = logging.getLogger(__name__)
 
-#: Opset 20 has a standard ``Gelu`` operator: onnxruntime fuses it with the preceding bias
-#: into one kernel (``BiasGelu``), where opset 18's erf decomposition ran as five. That made a
-#: ViT-S/16 about 9 % faster here (0.85x -> 0.93x of PyTorch eager, batch 8, one thread) and
-#: OpenVINO reads it too. Opset 23's fused ``Attention`` was no faster in fp32 here, and
-#: TensorRT/CUDA support for it could not be checked without a GPU.
-OPSET = 20
+#: Opset 23: its ``Attention`` operator carries a ViT's attention in one node
+#: (:mod:`dinoserve.onnx_attention`), and its ``Gelu`` (since opset 20) is fused by
+#: onnxruntime with the bias before it, where opset 18's erf decomposition ran as five
+#: operators. Together ViT-S/16 fp32 went from 0.85x to 1.00x of PyTorch eager here (batch 8,
+#: one thread). OpenVINO reads both operators; onnxruntime has CUDA kernels for them.
+OPSET = 23
 #: Default max abs difference allowed between onnxruntime and PyTorch, per unit of the
 #: reference's largest magnitude (so a backbone with large activations is not failed for
 #: float rounding): fp32 export and fp16 export.
@@ -88,8 +89,9 @@ class ExportWrapper(nn.Module):
 
     For ViTs an :class:`~dinoserve.attention.AttentionTap` (the one
     :func:`dinoserve.models.forward_with_attention` uses) stays installed on the last block,
-    so the ``attention`` output is the tensor PyTorch code sees. The tap changes the
-    backbone, so pass a copy.
+    so the ``attention`` output is the tensor PyTorch code sees; the other blocks' attention
+    exports as one ONNX ``Attention`` operator (:mod:`dinoserve.onnx_attention`). Both change
+    the backbone, so pass a copy.
     """
 
     def __init__(self, backbone: nn.Module, fp16: bool = False):
@@ -100,6 +102,8 @@ class ExportWrapper(nn.Module):
         self.register_buffer("mean", torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.tap = AttentionTap(backbone) if card.family == "vit" else None
+        if self.tap is not None:  # the tapped block keeps the path that exposes its probabilities
+            use_onnx_attention(backbone, keep=[self.tap.module])
 
     def forward(self, images: torch.Tensor):
         # Same arithmetic as dinoserve.images.normalize, so clients and the graph agree.
