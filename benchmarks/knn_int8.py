@@ -35,6 +35,7 @@ from dinoserve.export import export_onnx  # noqa: E402
 from dinoserve.filelist import read_file_list  # noqa: E402
 from dinoserve.models import load_backbone  # noqa: E402
 from dinoserve.ort_session import open_session  # noqa: E402
+from dinoserve.quantize import row_cosines  # noqa: E402
 from dinoserve.training.knn import knn_scores, prepare_knn_set  # noqa: E402
 
 NAME = "knn_int8"
@@ -45,11 +46,6 @@ def embed(path: Path, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     session = open_session(path, device="cpu")
     return np.concatenate([session.run(["embedding"], {"images": pixels[i:i + batch]})[0]
                            for i in range(0, len(pixels), batch)])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
         int8 = export_onnx(model=model, name=f"int8_{seed}", repo=repo, image_size=args.image_size, int8=True,
                            calibration=calib)
         r, feats = score(int8.onnx_path)
-        cos = cosines(fp32_feats, feats)
+        cos = row_cosines(fp32_feats, feats)  # the int8 gate's own measure
         runs.append({"seed": seed, "knn": r.to_dict(), "top1_drop_points": fp32_knn.top1 - r.top1,
                      "int8_gate": int8.int8.to_dict(),
                      "protocol_images_cosine": {"mean": float(cos.mean()), "min": float(cos.min()), "n": int(len(cos))}})

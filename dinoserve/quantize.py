@@ -37,7 +37,7 @@ from dinoserve.errors import DataError, DinoserveError, ExportError
 from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch, walk_images
 
 __all__ = ["Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
-           "weight_products", "neighbour_agreement", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
+           "weight_products", "neighbour_agreement", "row_cosines", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
            "MIN_COSINE", "MIN_TOP10_AGREEMENT", "TOP_K"]
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     send) through the graph (min/max). Activations are uint8 and weights int8, per output
     channel by default. A ResNet has every supported operator quantised (so Conv, Relu and
     Add fuse into int8 kernels); a ViT (``family="vit"``) only its products with weight
-    matrices (:func:`weight_products`), so attention stays float. The uint8 input and its normalisation stay as they are; the
-    outputs stay float32, so the graph's contract (and Triton's config) does not change.
+    matrices (:func:`weight_products`), so attention stays float. The uint8 input and its
+    normalisation stay as they are; the outputs stay float32, so the graph's contract (and
+    Triton's config) does not change.
 
     Raises:
         ExportError: onnxruntime's quantiser failed (the message names the graph).
@@ -260,14 +261,21 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = T
     return float(np.mean([len(set(ra) & set(rb)) / k for ra, rb in zip(a, b)]))
 
 
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``candidate`` to the same row of ``reference`` (float64); a row
+    with a NaN counts as the worst match, -1."""
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cos = np.sum(reference * candidate, axis=1) / np.maximum(norms, 1e-12)
+    return np.where(np.isfinite(cos), cos, -1.0)
+
+
 def int8_quality(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: np.ndarray, *,
                  min_cosine: float = MIN_COSINE, min_agreement: float = MIN_TOP10_AGREEMENT) -> Int8Quality:
     """Compare the int8 graph with the fp32 graph on ``images`` (uint8 ``[N, 3, H, W]``)."""
     ref = _embeddings(Path(fp32_path), images)
     got = _embeddings(Path(int8_path), images)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cos = np.sum(ref * got, axis=1) / np.maximum(norms, 1e-12)
-    cos = np.where(np.isfinite(cos), cos, -1.0)  # a NaN embedding counts as the worst match
+    cos = row_cosines(ref, got)
     return Int8Quality(len(images), float(cos.mean()), float(cos.min()), neighbour_agreement(ref, got),
                        float(min_cosine), float(min_agreement))
 
