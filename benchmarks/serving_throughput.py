@@ -249,8 +249,9 @@ def main() -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")] if not args.no_triton else []
     served = {"": "bench"} if int8 is None else {"": "bench", "_int8": "bench_int8"}
     with (TritonServer(repo, models=list(served.values())) if concurrencies else _nothing()) as server:
-        for (suffix, model_name), (protocol, lib, url) in itertools.product(served.items(), () if server is None else (
-                ("triton_http", thttp, server.http_url), ("triton_grpc", tgrpc, server.grpc_url))):
+        protocols = [] if server is None else [("triton_http", thttp, server.http_url),
+                                                ("triton_grpc", tgrpc, server.grpc_url)]
+        for (suffix, model_name), (protocol, lib, url) in itertools.product(served.items(), protocols):
             for c in concurrencies:
                 before = scrape_metrics(server.metrics_url, model_name)
                 lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1], model_name))
