@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 #: (:mod:`dinoserve.onnx_attention`), and its ``Gelu`` (since opset 20) is fused by
 #: onnxruntime with the bias before it, where opset 18's erf decomposition ran as five
 #: operators. Together ViT-S/16 fp32 went from 0.85x to 1.00x of PyTorch eager here (batch 8,
-#: one thread). OpenVINO reads both operators; onnxruntime has CUDA kernels for them.
+#: one thread). OpenVINO reads both operators (tested); onnxruntime's CUDA provider lists
+#: kernels for them, not yet run here (no GPU).
 OPSET = 23
 #: Default max abs difference allowed between onnxruntime and PyTorch, per unit of the
 #: reference's largest magnitude (so a backbone with large activations is not failed for
