@@ -22,8 +22,11 @@ from dinoserve.training.knn import (
     evaluate_knn_set,
     extract_features,
     knn_classify,
+    knn_classify_leave_one_out,
+    knn_scores,
     prepare_knn_set,
     raw_pixel_features,
+    standard_error,
 )
 
 SIZE = 32
@@ -87,6 +90,43 @@ def test_knn_separable_clusters_are_classified_perfectly():
     queries = centres[query_labels] + torch.randn(50, 16, generator=g)
     scores = knn_classify(bank, bank_labels, queries, k=20, temperature=0.07)
     assert (scores.argmax(1) == query_labels).all()
+
+
+def test_leave_one_out_equals_brute_force_reference():
+    """Each item classified by a bank of all the others, one at a time, gives the same scores."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(41, 6, generator=g)
+    feats[7] = feats[3]  # an exact duplicate: it must still find its twin, but never itself
+    labels = torch.randint(0, 4, (41,), generator=g)
+    fast = knn_classify_leave_one_out(feats, labels, k=5, temperature=0.1, num_classes=4, chunk=9)
+    for i in range(len(feats)):
+        others = torch.arange(len(feats)) != i
+        ref = knn_classify(feats[others], labels[others], feats[i:i + 1], k=5, temperature=0.1, num_classes=4)
+        torch.testing.assert_close(fast[i], ref[0], rtol=1e-5, atol=0)  # exp(sim / T) reaches 2e4
+    with pytest.raises(ValueError, match="at least two"):
+        knn_classify_leave_one_out(feats[:1], labels[:1])
+
+
+def test_loo_protocol_pools_bank_and_queries_and_reports_its_error(tiny_vit, knn_folder):
+    knn_set = prepare_knn_set(knn_folder, SIZE)
+    bank = torch.randn(len(knn_set.bank_labels), 5, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(len(knn_set.query_labels), 5, generator=torch.Generator().manual_seed(1))
+    loo = knn_scores(bank, queries, knn_set, k=3, protocol="loo")
+    labels = torch.from_numpy(np.concatenate([knn_set.bank_labels, knn_set.query_labels]))
+    scores = knn_classify_leave_one_out(torch.cat([bank, queries]), labels, k=3, num_classes=knn_set.num_classes)
+    expected = 100.0 * (scores.argmax(1) == labels).float().mean().item()
+    assert (loo.protocol, loo.n_query, loo.n_bank) == ("loo", 21, 20)
+    assert loo.top1 == pytest.approx(expected)
+    assert loo.top1_se == pytest.approx(100 * math.sqrt(expected / 100 * (1 - expected / 100) / 21))
+    assert knn_scores(bank, queries, knn_set, k=3).protocol == "split"
+    with pytest.raises(ValueError, match="protocol"):
+        knn_scores(bank, queries, knn_set, protocol="kfold")
+
+
+def test_standard_error_is_the_binomial_one():
+    assert standard_error(50.0, 400) == pytest.approx(2.5)
+    assert standard_error(100.0, 10) == 0.0
+    assert math.isnan(standard_error(50.0, 0))
 
 
 # --- features and evaluate_knn ------------------------------------------------------------
@@ -194,10 +234,14 @@ def test_cli_eval_knn_on_a_saved_checkpoint(tiny_vit, knn_folder, tmp_path):
     assert out["arch"] == "vit_tiny_patch16_224" and out["image_size"] == SIZE
     assert (out["top1"], out["top5"], out["n_bank"], out["n_query"], out["skipped"]) == (
         expected.top1, expected.top5, 15, 6, 1)
+    loo = evaluate_knn(load_backbone(ckpt), knn_folder, image_size=SIZE, protocol="loo")
+    assert out["protocols"]["loo"]["top1"] == loo.top1 and out["protocols"]["loo"]["n_query"] == 21
+    assert out["protocols"]["split"]["top1_se"] == round(expected.top1_se, 2)
 
     text = CliRunner().invoke(cli, ["eval", "knn", "-w", str(ckpt), "-d", str(knn_folder), "-k", "3",
                                     "--device", "cpu"])
     assert text.exit_code == 0 and "top-1" in text.output and "k=3" in text.output
+    assert ", split: top-1" in text.output and ", loo: top-1" in text.output and "±" in text.output
 
 
 def test_cli_eval_knn_bad_inputs_exit_1_with_message(tiny_vit, tmp_path):

@@ -262,6 +262,8 @@ def test_knn_during_training_and_epoch_teacher(twelve, tmp_path):
     assert result.knn[0]["top5"] == 100.0  # 3 classes: the right one is always in the top 5
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["top1"] for r in rows if r["event"] == "knn"] == [result.knn[0]["top1"]]
+    # the low-noise protocol is logged beside the fixed split: 6 queries there, all 18 images here
+    assert 0.0 <= result.knn[0]["loo_top1"] <= 100.0 and {"top1_se", "loo_top1_se"} <= set(result.knn[0])
     # 'epoch' teacher: frozen during the epoch, so it still equals the initial student, which
     # is also what an EMA teacher with momentum 1 keeps after one step of a same-seed run
     frozen = tmp_path / "frozen"

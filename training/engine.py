@@ -606,7 +606,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
     decoded once and kept in ``cache``); other processes wait."""
     row: dict[str, Any] = {"epoch": epoch, "step": step}
     if main:
-        from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set
+        from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
         t0 = time.perf_counter()
         if "set" not in cache:
@@ -614,11 +614,15 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
             cache["set"] = prepare_knn_set(cfg.knn_data, size, root=cfg.knn_data_root, fit=cfg.fit)
         backbone.eval()
         try:
-            r = evaluate_knn_set(backbone, cache["set"], k=cfg.knn_k, temperature=cfg.knn_temperature,
-                                 device=device)
+            r = evaluate_knn_protocols(backbone, cache["set"], k=cfg.knn_k, temperature=cfg.knn_temperature,
+                                       device=device)
         finally:
             backbone.train()
-        row.update(top1=float(r.top1), top5=float(r.top5), seconds=round(time.perf_counter() - t0, 1))
+        # top1 is the fixed split (comparable with every earlier log); loo the low-noise protocol
+        split, loo = r["split"], r["loo"]
+        row.update(top1=float(split.top1), top5=float(split.top5), top1_se=round(split.top1_se, 2),
+                   loo_top1=float(loo.top1), loo_top1_se=round(loo.top1_se, 2),
+                   seconds=round(time.perf_counter() - t0, 1))
         log.write("knn", **row)
         logger.info("k-NN after epoch %d: top-1 %.2f top-5 %.2f", epoch + 1, row["top1"], row["top5"])
     D.barrier()

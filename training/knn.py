@@ -10,6 +10,12 @@ Decoding dominates the cost on a CPU, so it is split from feature extraction: a
 :class:`KnnSet` holds the preprocessed uint8 pixels of bank and queries and can be
 evaluated many times (every few epochs of a training run, or along a benchmark curve)
 without decoding again. :func:`evaluate_knn` does both steps at once.
+
+Two protocols over one labelled set: ``"split"`` (bank = ``knn_train``, queries =
+``knn_val``: the fixed protocol every earlier number used) and ``"loo"`` (leave-one-out:
+every labelled image is a query against all the others, five times as many queries, so
+a standard error about half as large). Every result carries its binomial standard error;
+two models differ only when their gap is larger than twice it.
 """
 
 from __future__ import annotations
@@ -44,11 +50,18 @@ __all__ = [
     "evaluate_knn_set",
     "knn_scores",
     "evaluate_knn",
+    "evaluate_knn_protocols",
+    "knn_classify_leave_one_out",
+    "standard_error",
+    "PROTOCOLS",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # an alias: the one extension list is dinoserve.images.IMAGE_EXTENSIONS
+
+#: ``split``: bank knn_train, queries knn_val; ``loo``: each labelled image against all the others.
+PROTOCOLS = ("split", "loo")
 
 #: Bank and query splits of a CSV file list (the openclipart protocol).
 BANK_SPLIT = "knn_train"
@@ -66,9 +79,23 @@ class KnnResult:
     skipped: int
     k: int = 20
     temperature: float = 0.07
+    protocol: str = "split"
+
+    @property
+    def top1_se(self) -> float:
+        """Binomial standard error of ``top1`` in points: sqrt(p (1 - p) / queries)."""
+        return standard_error(self.top1, self.n_query)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "top1_se": round(self.top1_se, 2)}
+
+
+def standard_error(percent: float, n: int) -> float:
+    """Standard error, in points, of an accuracy of ``percent`` measured on ``n`` queries."""
+    if n <= 0:
+        return float("nan")
+    p = percent / 100.0
+    return 100.0 * float(np.sqrt(p * (1.0 - p) / n))
 
 
 @dataclass
@@ -214,6 +241,36 @@ def knn_classify(
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
 
 
+@torch.no_grad()
+def knn_classify_leave_one_out(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores ``[N, num_classes]`` of every item classified by the other ``N - 1``
+    (the DINO vote of :func:`knn_classify`; an item never votes for itself)."""
+    if len(feats) < 2:
+        raise ValueError("leave-one-out k-NN needs at least two labelled items")
+    labels = labels.long()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    x = F.normalize(feats.float(), dim=1)
+    k = min(k, len(x) - 1)
+    scores = []
+    for start in range(0, len(x), chunk):
+        sims = x[start:start + chunk] @ x.T
+        rows = torch.arange(len(sims))
+        sims[rows, rows + start] = -float("inf")  # itself: never among its own neighbours
+        top, idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(sims), num_classes, dtype=top.dtype)
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
 def _accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
     if len(labels) == 0:
         return float("nan")
@@ -300,12 +357,22 @@ def prepare_knn_set(
     return KnnSet(bank_pixels, bank_labels, query_pixels, query_labels, classes, image_size, skipped)
 
 
-def knn_scores(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int = 20, temperature: float = 0.07) -> KnnResult:
-    """k-NN accuracy of given bank/query features against the labels of ``s``."""
-    scores = knn_classify(bank, torch.from_numpy(s.bank_labels), queries, k, temperature, s.num_classes)
-    labels = torch.from_numpy(s.query_labels)
-    return KnnResult(_accuracy(scores, labels, 1), _accuracy(scores, labels, 5), len(bank), len(queries),
-                     len(s.skipped), k, temperature)
+def knn_scores(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int = 20, temperature: float = 0.07,
+               protocol: str = "split") -> KnnResult:
+    """k-NN accuracy of given bank/query features against the labels of ``s``, by
+    ``protocol`` (see :data:`PROTOCOLS`)."""
+    bank_labels, query_labels = torch.from_numpy(s.bank_labels), torch.from_numpy(s.query_labels)
+    if protocol == "split":
+        scores = knn_classify(bank, bank_labels, queries, k, temperature, s.num_classes)
+        labels = query_labels
+    elif protocol == "loo":
+        labels = torch.cat([bank_labels, query_labels])
+        scores = knn_classify_leave_one_out(torch.cat([bank, queries]), labels, k, temperature, s.num_classes)
+    else:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    n_bank = len(bank) if protocol == "split" else len(labels) - 1
+    return KnnResult(_accuracy(scores, labels, 1), _accuracy(scores, labels, 5), n_bank, len(labels),
+                     len(s.skipped), k, temperature, protocol)
 
 
 def evaluate_knn_set(
@@ -316,16 +383,32 @@ def evaluate_knn_set(
     temperature: float = 0.07,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    protocol: str = "split",
 ) -> KnnResult:
     """k-NN accuracy of ``backbone`` on a prepared set; ``None`` scores raw pixels
-    (centred per image, see :func:`raw_pixel_features`)."""
+    (centred per image, see :func:`raw_pixel_features`). ``protocol``: see :data:`PROTOCOLS`."""
+    return evaluate_knn_protocols(backbone, knn_set, (protocol,), k=k, temperature=temperature,
+                                  batch_size=batch_size, device=device)[protocol]
+
+
+def evaluate_knn_protocols(
+    backbone: nn.Module | None,
+    knn_set: KnnSet,
+    protocols: Sequence[str] = PROTOCOLS,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, KnnResult]:
+    """:func:`evaluate_knn_set` for several protocols from one feature extraction."""
     if backbone is None:
         bank = raw_pixel_features(knn_set.bank_pixels)
         queries = raw_pixel_features(knn_set.query_pixels)
     else:
         bank = features_from_pixels(backbone, knn_set.bank_pixels, batch_size, device)
         queries = features_from_pixels(backbone, knn_set.query_pixels, batch_size, device)
-    return knn_scores(bank, queries, knn_set, k, temperature)
+    return {p: knn_scores(bank, queries, knn_set, k, temperature, p) for p in protocols}
 
 
 def evaluate_knn(
@@ -340,6 +423,7 @@ def evaluate_knn(
     device: str | torch.device = "cpu",
     crop_pct: float = DEFAULT_CROP_PCT,
     fit: str | None = None,
+    protocol: str = "split",
 ) -> KnnResult:
     """k-NN top-1/top-5 of ``backbone`` features on a labelled set.
 
@@ -351,6 +435,7 @@ def evaluate_knn(
         root: folder relative CSV paths resolve against (see :mod:`dinoserve.filelist`).
         image_size: evaluation size; default the backbone's own image size.
         fit: ``"crop"`` or ``"pad"``; default the backbone card's (``"crop"`` for raw pixels).
+        protocol: ``"split"`` (bank/queries) or ``"loo"`` (leave-one-out over both).
     """
     card = getattr(backbone, "dino_card", None)
     if image_size is None:
@@ -360,4 +445,5 @@ def evaluate_knn(
     if fit is None:
         fit = card.fit if card is not None else "crop"
     knn_set = prepare_knn_set(data, image_size, root=root, crop_pct=crop_pct, fit=fit)
-    return evaluate_knn_set(backbone, knn_set, k=k, temperature=temperature, batch_size=batch_size, device=device)
+    return evaluate_knn_set(backbone, knn_set, k=k, temperature=temperature, batch_size=batch_size, device=device,
+                            protocol=protocol)
