@@ -46,24 +46,14 @@ def train(out: Path, args: list[str]) -> tuple[list[str], float]:
 
 
 def write_weights(checkpoint: Path, target: Path) -> dict:
-    """Teacher backbone + head in fp16 safetensors with the card in the metadata."""
-    import torch
-    from safetensors.torch import save_file
+    """Teacher backbone in fp16 safetensors with the card in the metadata, at most 25 MB."""
+    from dinoserve.training.checkpoint import package_teacher
 
-    from dinoserve.models import read_checkpoint
-
-    ckpt = read_checkpoint(checkpoint)
-    # the backbone only: with resnet18 the DINO head (6M parameters) would take the file past 25 MB
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
-               if k.startswith("backbone.")}
-    card = {k: v for k, v in ckpt["meta"].items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target), metadata={"format": "dinoserve-shipped-1", "card": json.dumps(card)})
+    facts = package_teacher(checkpoint, target)
     size = target.stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"{target}: {size / 2**20:.1f} MB is over the 25 MB limit; ship a smaller head or model")
-    del torch
-    return {"args": ckpt["args"], "meta": card, "epoch": int(ckpt["epoch"]), "steps": int(ckpt["progress"]["step"])}
+    return {**facts, "steps": facts["step"]}
 
 
 def measure(weights: Path, sizes: list[int]) -> dict:

@@ -327,3 +327,37 @@ def test_resume_accepts_the_original_command_line_and_names_real_conflicts(twelv
     assert r.exit_code == 1
     assert "--out-dim 256 (the run has 128)" in r.output and "--batch-size 3 (the run has 4)" in r.output
     assert "--lr" not in r.output  # a new learning rate is how a run is rescued, not a conflict
+
+
+def test_packaged_teacher_of_an_interrupted_run_loads_and_continues(twelve, tmp_path):
+    """What a long run leaves when its checkpoint is lost: the packaged teacher serves as it
+    was trained and starts the next run (--pretrained) from exactly its values."""
+    from dinoserve.training.checkpoint import package_teacher
+
+    out = tmp_path / "run"
+    train(make_config(**TINY, data=str(twelve), out=str(out), max_steps=2))  # stopped mid-run
+    target = tmp_path / "progress" / "teacher.safetensors"
+    facts = package_teacher(out / "checkpoint.pth", target)
+    assert (facts["epoch"], facts["step"]) == (0, 2)
+    teacher = {k[len("backbone."):]: v for k, v in read_checkpoint(out / "checkpoint.pth")["teacher"].items()
+               if k.startswith("backbone.")}
+    packaged = load_backbone(str(target))  # the card travels in the file: no --arch needed
+    assert packaged.dino_card.patch_size == 8 and packaged.dino_card.image_size == 32
+    for k, v in packaged.state_dict().items():
+        torch.testing.assert_close(v, teacher[k].half().float(), rtol=0, atol=0)
+
+    nxt = tmp_path / "next"
+    cfg = make_config(**{**TINY, "lr": 0.0, "momentum_teacher": 1.0}, data=str(twelve), out=str(nxt),
+                      pretrained=str(target), max_steps=1)
+    train(cfg)  # lr 0 and momentum 1: both networks keep the packaged values through a step
+    continued = read_checkpoint(nxt / "checkpoint.pth")
+    for k, v in packaged.state_dict().items():
+        if v.is_floating_point() and "num_batches" not in k:
+            torch.testing.assert_close(continued["teacher"][f"backbone.{k}"], v, rtol=0, atol=0)
+
+    # a packaging step that fails (here: a damaged checkpoint) leaves the packaged file as it was
+    before = file_sha256(target)
+    (out / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception):
+        package_teacher(out / "checkpoint.pth", target)
+    assert file_sha256(target) == before and not list(target.parent.glob(".*.tmp"))

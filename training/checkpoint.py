@@ -11,6 +11,7 @@ states, skipped files). Everything is tensors, containers and plain values, so
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -82,3 +83,24 @@ def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise TrainingError(f"--resume: {path} is not a dinoserve training checkpoint (no {', '.join(missing)})")
     return ckpt
+
+
+#: ``format`` in the metadata of a packaged teacher: its model card travels in the file.
+PACKAGED_FORMAT = "dinoserve-shipped-1"
+
+
+def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+    """Write the teacher backbone of a training ``checkpoint`` as fp16 ``.safetensors`` with
+    its model card in the metadata (what ``weights/`` ships and ``--pretrained`` reads),
+    atomically: an interrupted write leaves the previous file. Returns the checkpoint's
+    ``args``, ``meta``, ``epoch`` and ``step``."""
+    from safetensors.torch import save
+
+    ckpt = read_checkpoint(checkpoint)
+    # the backbone only: a DINO head (6M parameters for resnet18's) would double the file
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
+               if k.startswith("backbone.")}
+    data = save(tensors, metadata={"format": PACKAGED_FORMAT, "card": json.dumps(ckpt["meta"])})
+    atomic_write(target, lambda f: f.write(data))
+    return {"args": ckpt["args"], "meta": ckpt["meta"], "epoch": int(ckpt["epoch"]),
+            "step": int(ckpt["progress"]["step"])}
