@@ -1,0 +1,293 @@
+"""A DINO run of many CPU hours that survives sessions: start or resume it, watch it, keep it.
+
+Small data needs hundreds of epochs (lightly's resnet18: 87 % k-NN on Imagenette after 200),
+and two CPU cores give a few epochs an hour, so one run spans many sessions. This script
+keeps such a run going:
+
+    python benchmarks/long_run.py start     # start, or resume, in the background; returns at once
+    python benchmarks/long_run.py status    # running?, epoch, k-NN so far
+    python benchmarks/long_run.py package   # the current teacher -> weights/progress/<name>.*
+    python benchmarks/long_run.py stop      # end the trainer, then package
+    python benchmarks/long_run.py curve     # results/long_run_<name>.json + .png: k-NN vs epochs and CPU hours
+
+- The checkpoint lives outside the repository (``$DINOSERVE_RUNS`` or
+  ``~/.cache/dinoserve/runs/<name>``); ``start`` resumes it bit-exactly when it is there.
+  A checkpoint of another configuration or a damaged one is refused by ``dinoserve train
+  --resume``, with one line naming the file or the option that differs.
+- While it runs, a supervisor packages the teacher after every k-NN evaluation: fp16
+  backbone ``weights/progress/<name>.safetensors`` and its record ``<name>.json`` (both
+  written to a temporary file and renamed, so an interrupted write leaves the previous pair).
+  Commit them: they are what a later session has when the machine, and the checkpoint with
+  it, is gone. ``start`` then begins a new run from those weights with ``--pretrained``
+  (student and teacher backbones; a new head) and the record says so, with the chain of
+  earlier segments, so no epoch is lost and none is counted twice.
+- k-NN is logged every ``--knn-every`` epochs on the fixed split and the leave-one-out
+  protocol (``dinoserve.training.knn``), each with its standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._results import OPENCLIPART_CSV, REPO, RESULTS, machine, write_json  # noqa: E402
+
+#: The long runs this project keeps; each is ``dinoserve train`` options. Why each:
+RECIPES: dict[str, list[str]] = {
+    # lightly's small-data recipe (SGD, K 2048, BN head, teacher momentum 0.99 constant) at
+    # the CPU's 64/32 px with 6 local crops: on an H200 it reached 54.5 % (split) / 58.7 %
+    # (leave-one-out) on thumbnails after 43 of 129 planned epochs, still rising
+    # (benchmarks/gpu_long_run.py); 150 epochs at batch 256 is ~20 CPU hours here
+    "r18_sgd_64": ["-p", "cpu_small", "--local-crops", "6", "--optimizer", "sgd", "--lr", "0.06",
+                   "--weight-decay", "5e-4", "--weight-decay-end", "5e-4", "--momentum-teacher", "0.99",
+                   "--momentum-constant", "--out-dim", "2048", "--warmup-epochs", "10", "-b", "256",
+                   "--epochs", "150", "--no-fit-epochs-to-time"],
+}
+KNN_EVERY = 2
+PROGRESS = REPO / "weights" / "progress"
+
+
+def run_dir(name: str) -> Path:
+    base = os.environ.get("DINOSERVE_RUNS")
+    return Path(base) / name if base else Path.home() / ".cache" / "dinoserve" / "runs" / name
+
+
+def _pid(name: str) -> int | None:
+    """The supervisor's pid when it is alive."""
+    f = run_dir(name) / "supervisor.pid"
+    try:
+        pid = int(f.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
+    """The ``dinoserve train`` command that starts or continues ``name``, and how it begins."""
+    out = run_dir(name)
+    cmd = [str(Path(sys.executable).parent / "dinoserve"), "train", "-q", "-d", str(OPENCLIPART_CSV),
+           "--split", "knn_train,pool", "-o", str(out), "--knn-data", str(OPENCLIPART_CSV),
+           "--knn-every", str(KNN_EVERY), "--save-every", "10", *RECIPES[name]]
+    packaged = PROGRESS / f"{name}.safetensors"
+    if (out / "checkpoint.pth").is_file():
+        return cmd + ["--resume"], {"how": "resumed", "checkpoint": str(out / "checkpoint.pth")}
+    if packaged.is_file():  # the checkpoint is gone (a new machine): go on from the last packaged teacher
+        (out / "continued_from.json").write_text((PROGRESS / f"{name}.json").read_text())
+        return cmd + ["--pretrained", str(packaged)], {"how": "continued from packaged weights (new head)",
+                                                        "pretrained": str(packaged.relative_to(REPO))}
+    if init:
+        return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
+    return cmd, {"how": "started from scratch"}
+
+
+def start(name: str, init: str | None) -> None:
+    if _pid(name):
+        print(f"{name} is already running (supervisor pid {_pid(name)}); `status` shows it")
+        return
+    out = run_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd, how = train_command(name, init)
+    segment = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **how, "command": cmd}
+    with open(out / "segments.jsonl", "a") as f:
+        f.write(json.dumps(segment) + "\n")
+    log = open(out / "supervisor.out", "a")
+    proc = subprocess.Popen([sys.executable, __file__, "_supervise", name], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=REPO)
+    (out / "supervisor.pid").write_text(str(proc.pid))
+    print(f"{name}: {how['how']}; supervisor pid {proc.pid}; log {out / 'log.jsonl'}")
+
+
+def supervise(name: str) -> None:
+    """Run the trainer; package after each new k-NN row and when it ends."""
+    out = run_dir(name)
+    segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
+    trainer = subprocess.Popen(segments[-1]["command"], stdout=sys.stdout, stderr=subprocess.STDOUT, cwd=REPO,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    (out / "trainer.pid").write_text(str(trainer.pid))
+
+    def forward(signum, _frame):  # `stop`: end the trainer, then package what it saved
+        trainer.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    seen = len(_knn_rows(out))
+    while trainer.poll() is None:
+        time.sleep(30)
+        rows = len(_knn_rows(out))
+        if rows > seen:
+            seen = rows
+            package(name)
+    print(f"trainer exited with {trainer.returncode}", flush=True)
+    package(name)
+
+
+def _log_rows(out: Path) -> list[dict]:
+    f = out / "log.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return rows
+
+
+def _knn_rows(out: Path) -> list[dict]:
+    return [r for r in _log_rows(out) if r.get("event") == "knn"]
+
+
+def package(name: str) -> Path | None:
+    """The run's current teacher as fp16 safetensors + record in weights/progress (atomic)."""
+    from dinoserve.atomic import atomic_write_text
+    from dinoserve.models import file_sha256
+    from dinoserve.training.checkpoint import package_teacher
+
+    out = run_dir(name)
+    ckpt_path = out / "checkpoint.pth"
+    if not ckpt_path.is_file():
+        print(f"{name}: no checkpoint at {ckpt_path} yet; nothing packaged")
+        return None
+    target = PROGRESS / f"{name}.safetensors"
+    facts = package_teacher(ckpt_path, target)  # the record follows; until then the old one names fewer epochs
+    segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
+    rows = _log_rows(out)
+    record = {
+        "name": name, "file": str(target.relative_to(REPO)), "file_sha256": file_sha256(target),
+        "recipe": RECIPES[name], "epochs_this_segment": facts["epoch"], "steps_this_segment": facts["step"],
+        "planned_epochs": int(facts["args"]["epochs"]), "segment": _origin(segments)["how"],
+        "earlier_segments": _earlier(out),
+        "cpu_hours_this_segment": round(_train_seconds(rows) / 3600, 2),
+        "knn": [{k: r[k] for k in ("epoch", "top1", "top1_se", "loo_top1", "loo_top1_se") if k in r}
+                for r in rows if r.get("event") == "knn"],
+        "machine": machine(),
+    }
+    atomic_write_text(PROGRESS / f"{name}.json", json.dumps(record, indent=1) + "\n")
+    print(f"{name}: packaged epoch {record['epochs_this_segment']} -> {target}", flush=True)
+    return target
+
+
+def _read_record(name: str) -> dict | None:
+    f = PROGRESS / f"{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _origin(segments: list[dict]) -> dict:
+    """The invocation that began the current checkpoint (later ones only resumed it)."""
+    return next((s for s in reversed(segments) if s["how"] != "resumed"), segments[0])
+
+
+def _earlier(out: Path) -> list[dict]:
+    """The segments before the current checkpoint's: the record it was continued from, and
+    that record's own earlier ones, so the chain of epochs survives lost checkpoints."""
+    f = out / "continued_from.json"
+    if not f.is_file():
+        return []
+    prev = json.loads(f.read_text())
+    return [*prev.get("earlier_segments", []),
+            {k: prev[k] for k in ("segment", "epochs_this_segment", "cpu_hours_this_segment", "knn")}]
+
+
+def _train_seconds(rows: list[dict]) -> float:
+    """Wall-clock seconds the trainer ran, over every invocation in the log."""
+    total, start, last = 0.0, None, None
+    for r in rows:
+        if r.get("event") == "start":
+            if start is not None and last is not None:
+                total += last - start
+            start = r["time"]
+        last = r.get("time", last)
+    if start is not None and last is not None:
+        total += last - start
+    return total
+
+
+def status(name: str) -> None:
+    out = run_dir(name)
+    rows = _log_rows(out)
+    epochs = [r for r in rows if r.get("event") == "epoch"]
+    print(f"{name}: {'running, pid ' + str(_pid(name)) if _pid(name) else 'not running'}; folder {out}")
+    if epochs:
+        print(f"  epoch {epochs[-1]['epoch'] + 1}, loss {epochs[-1]['loss']:.3f}, {epochs[-1]['img_per_s']} img/s, "
+              f"{_train_seconds(rows) / 3600:.2f} h")
+    for r in _knn_rows(out):
+        print(f"  k-NN after epoch {r['epoch'] + 1}: split {r['top1']:.1f} ± {r.get('top1_se', float('nan')):.1f}, "
+              f"leave-one-out {r.get('loo_top1', float('nan')):.1f} ± {r.get('loo_top1_se', float('nan')):.1f}")
+
+
+def stop(name: str) -> None:
+    pid = _pid(name)
+    if pid is None:
+        print(f"{name} is not running")
+    else:
+        os.kill(pid, signal.SIGTERM)  # the supervisor ends the trainer and packages
+        for _ in range(120):
+            if _pid(name) is None:
+                break
+            time.sleep(1)
+    package(name)
+
+
+def curve(name: str) -> None:
+    """k-NN against epochs and CPU hours, every segment of the run, as JSON and PNG."""
+    record = _read_record(name)
+    if record is None:
+        raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `package` first")
+    points, epoch0, hours0 = [], 0, 0.0
+    for seg in [*record["earlier_segments"], record]:
+        for r in seg["knn"]:
+            points.append({"epoch": epoch0 + r["epoch"] + 1, "segment": seg["segment"], **r})
+        epoch0 += seg["epochs_this_segment"]
+        hours0 += seg["cpu_hours_this_segment"]
+    path = write_json(f"long_run_{name}", {"name": name, "points": points, "epochs": epoch0, "cpu_hours": round(hours0, 2),
+                                          "record": record["file"], "machine": machine()})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("top1", "fixed split (343 queries)"), ("loo_top1", "leave-one-out (1,677)")):
+        pts = [p for p in points if key in p]
+        ax.errorbar([p["epoch"] for p in pts], [p[key] for p in pts], yerr=[2 * p[key + "_se"] for p in pts],
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("epoch (all segments)")
+    ax.set_ylabel("k-NN top-1 % (bars: 2 standard errors)")
+    ax.set_title(f"{name}: {epoch0} epochs, {hours0:.1f} CPU hours")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"long_run_{name}.png", dpi=110)
+    print(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["start", "status", "package", "stop", "curve", "_supervise"])
+    ap.add_argument("name", nargs="?", default="r18_sgd_64", choices=list(RECIPES))
+    ap.add_argument("--init", help="weights to start a new run from (when no checkpoint or packaged weights exist)")
+    args = ap.parse_args()
+    if args.action == "start":
+        start(args.name, args.init)
+    elif args.action == "_supervise":
+        supervise(args.name)
+    elif args.action == "status":
+        status(args.name)
+    elif args.action == "package":
+        package(args.name)
+    elif args.action == "stop":
+        stop(args.name)
+    else:
+        curve(args.name)
+
+
+if __name__ == "__main__":
+    main()
