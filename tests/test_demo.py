@@ -62,6 +62,9 @@ def test_demo_fine_tunes_the_base_model_compares_and_reuses(tmp_path, shapes, ba
     assert "fine-tuning the shipped model base.safetensors" in first.output
     assert set(summary["knn_top1"]) == {"shipped", "fine-tuned", "raw pixels"}
     assert all(0 <= v <= 100 for v in summary["knn_top1"].values())
+    assert set(summary["knn_loo_top1"]) == set(summary["knn_top1"])  # the low-noise protocol beside it
+    assert all(0 <= v <= 100 for v in summary["knn_loo_top1"].values())
+    assert "leave-one-out" in first.output and "±" in first.output
     tuned, shipped = summary["knn_top1"]["fine-tuned"], summary["knn_top1"]["shipped"]
     # the gate: the fine-tuned model is served only when it is not worse
     expected = str(tmp_path / "run" / "train" / "checkpoint.pth") if tuned >= shipped else str(base_model)
@@ -83,6 +86,7 @@ def test_demo_fine_tunes_the_base_model_compares_and_reuses(tmp_path, shapes, ba
     second, again = _demo(tmp_path, shapes, "--base", str(base_model), "--minutes", "0.1")
     assert second.exit_code == 0, second.output
     assert again["reused"] == ["train", "export", "index"] and again["knn_top1"] == summary["knn_top1"]
+    assert again["knn_loo_top1"] == summary["knn_loo_top1"]
     assert not (tmp_path / "repo" / "dino_demo" / "2").exists()  # no second export
 
 

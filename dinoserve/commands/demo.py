@@ -53,7 +53,7 @@ def demo(data, out, repo, name, minutes, from_scratch, base, weights, arch, imag
                      from_scratch=from_scratch, arch=arch, image_size=image_size, fresh=fresh,
                      **({"shipped": base} if base else {}))
     result = run_demo(cfg, echo=click.echo)
-    summary = {"knn_top1": result.knn, "served": result.served, "why_served": result.why_served,
+    summary = {"knn_top1": result.knn, "knn_loo_top1": result.knn_loo, "served": result.served, "why_served": result.why_served,
                "model_dir": result.model_dir, "index": result.index, "reused": result.reused,
                "seconds": result.seconds}
     click.echo(json.dumps(summary))
