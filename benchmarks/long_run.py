@@ -103,6 +103,14 @@ def start(name: str, init: str | None) -> None:
     proc = subprocess.Popen([sys.executable, __file__, "_supervise", name], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=REPO)
     (out / "supervisor.pid").write_text(str(proc.pid))
+    starts = sum(1 for r in _log_rows(out) if r.get("event") == "start")
+    for _ in range(300):  # a damaged checkpoint or a changed option fails in seconds: say it here
+        if proc.poll() is not None:
+            tail = (out / "supervisor.out").read_text().strip().splitlines()[-3:]
+            raise SystemExit(f"{name}: the trainer stopped at once:\n" + "\n".join(tail))
+        if sum(1 for r in _log_rows(out) if r.get("event") == "start") > starts:
+            break
+        time.sleep(1)
     print(f"{name}: {how['how']}; supervisor pid {proc.pid}; log {out / 'log.jsonl'}")
 
 
@@ -157,8 +165,14 @@ def package(name: str) -> Path | None:
     if not ckpt_path.is_file():
         print(f"{name}: no checkpoint at {ckpt_path} yet; nothing packaged")
         return None
+    from dinoserve.errors import DinoserveError
+
     target = PROGRESS / f"{name}.safetensors"
-    facts = package_teacher(ckpt_path, target)  # the record follows; until then the old one names fewer epochs
+    try:
+        facts = package_teacher(ckpt_path, target)  # the record follows; until then the old one names fewer epochs
+    except DinoserveError as e:
+        print(f"{name}: not packaged, the packaged weights stay as they were: {e}", flush=True)
+        return None
     segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
     rows = _log_rows(out)
     record = {
