@@ -189,6 +189,8 @@ def adopt(src: Path, target: Path) -> None:
 
     with tarfile.open(src / "logs.tar.gz") as tar:
         tar.extractall(target, filter="data")
+        names = sorted({Path(m).parts[0] for m in tar.getnames()})
+    _record_runs(src, target, names)
     for first in sorted(src.glob("*_a.safetensors")):
         name = first.name[: -len("_a.safetensors")]
         if not (src / f"{name}_b.safetensors").is_file():  # the transfer left it behind (64 MiB at most)
@@ -200,6 +202,32 @@ def adopt(src: Path, target: Path) -> None:
         save_file({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
                   str(target / name / "teacher.safetensors"), metadata={"format": "dinoserve-shipped-1", "card": card})
         print(target / name / "teacher.safetensors")
+
+
+def _record_runs(src: Path, target: Path, names: list[str]) -> None:
+    """Each run's plan, speed and thumbnail k-NN into results/gpu_long_run.json (runs of
+    earlier calls kept, the same name replaced)."""
+    from benchmarks._results import RESULTS, write_json
+
+    path = RESULTS / "gpu_long_run.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    device = json.loads((src / "summary.json").read_text())
+    for name in names:
+        rows = [json.loads(line) for line in (target / name / "log.jsonl").read_text().splitlines()]
+        plan = [r for r in rows if r["event"] == "plan"]
+        end = [r for r in rows if r["event"] == "end"]
+        report["runs"][name] = {
+            "options": RECIPES.get(name), "device": device.get("device"), "torch": device.get("torch"),
+            "concurrent_with": [n for n in names if n != name], "minutes": rows[0]["args"]["time_limit"],
+            "batch": rows[0]["args"]["batch_size"], "planned_epochs": plan[-1]["epochs"] if plan else None,
+            "epochs_done": end[-1]["epochs_done"] if end else None, "stopped_early": end[-1]["stopped_early"] if end else None,
+            "img_per_s": end[-1]["images_per_second"] if end else None,
+            "final_loss": end[-1]["final_loss"] if end else None,
+            "knn_thumbnails": [{k: r[k] for k in ("epoch", "top1", "top1_se", "loo_top1", "loo_top1_se")}
+                               for r in rows if r["event"] == "knn"],
+            "teacher_returned": (src / f"{name}_b.safetensors").is_file(),
+        }
+    write_json("gpu_long_run", report)
 
 
 def main() -> None:

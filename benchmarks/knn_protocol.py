@@ -73,7 +73,9 @@ def main() -> None:
         entry = {"raw_pixels": _row(evaluate_knn_protocols(None, knn_set)), "models": {}, "random_init": {}}
         for name, (weights, model, card) in models.items():
             entry["models"][name] = {"weights": weights, "arch": card.arch, **_row(evaluate_knn_protocols(model, knn_set))}
-            key = f"{card.arch} {json.dumps(card.model_kwargs, sort_keys=True)}"
+            # a ResNet's input size is not part of its network: one floor per architecture
+            kwargs = {k: v for k, v in card.model_kwargs.items() if card.family == "vit" or k != "img_size"}
+            key = f"{card.arch} {json.dumps(kwargs, sort_keys=True)}"
             if args.seeds and key not in entry["random_init"]:
                 entry["random_init"][key] = random_init_floor(card, knn_set, args.seeds)
             print(size, name, entry["models"][name], flush=True)
