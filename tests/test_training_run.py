@@ -301,15 +301,16 @@ def test_resume_removes_the_temp_file_of_a_run_killed_while_saving(twelve, tmp_p
 def test_fit_epochs_to_time_plans_the_schedules_from_measured_speed(twelve, tmp_path):
     out = tmp_path / "run"
     result = train(make_config(**{**TINY, "epochs": 1, "warmup_epochs": 1}, data=str(twelve), out=str(out),
-                               time_limit=0.25, fit_epochs_to_time=True))
+                               time_limit=0.5, fit_epochs_to_time=True))  # 3 steps fit even at load 12
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     plans = [r for r in rows if r["event"] == "plan"]
     assert len(plans) == 1 and plans[0]["step"] == 3 and plans[0]["epochs"] >= 1  # the 1-epoch plan's last step
     planned = plans[0]["epochs"]
     assert read_checkpoint(result.checkpoint)["args"]["epochs"] == planned  # --resume continues this plan
     steps = [r for r in rows if r["event"] == "step"]
-    if result.steps == planned * 3:  # finished within the limit: the cosine reached its end
-        assert steps[-1]["lr"] < steps[2]["lr"]
+    if result.steps == planned * 3 and planned > 1:  # finished, and past the 1-epoch warmup:
+        assert steps[-1]["lr"] < steps[2]["lr"]  # the cosine reached its end (on a loaded machine
+        # one epoch is all that fits, all of it warmup, and the last step has the peak rate)
     assert result.epochs_done <= planned
 
 
