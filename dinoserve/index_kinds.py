@@ -92,6 +92,15 @@ def configure(index, kind: str, params: dict) -> None:
         index.nprobe = int(params.get("nprobe", 8))
 
 
+def flat_vectors(index) -> np.ndarray:
+    """The ``[ntotal, d]`` float32 vectors a faiss flat index holds, as a numpy view (no copy)."""
+    import faiss
+
+    if index.ntotal == 0:
+        return np.zeros((0, index.d), np.float32)
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
 def search(index, queries: np.ndarray, k: int, *, kind: str = "flat", params: dict | None = None,
            vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, rows) for each query; rows of -1 pad missing results.
@@ -101,6 +110,8 @@ def search(index, queries: np.ndarray, k: int, *, kind: str = "flat", params: di
     exactly and the best ``k`` kept. Recall then depends only on the candidate list.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if kind == "flat":  # exact: one BLAS product per block, on faiss's own copy of the vectors
+        return exact_search(flat_vectors(index), queries, k)
     rerank = int((params or {}).get("rerank", 1)) if kind == "ivfpq" else 1
     if rerank <= 1 or vectors is None:
         return index.search(queries, k)
@@ -132,16 +143,72 @@ def recall_at_k(index, vectors: np.ndarray, k: int = 10, sample: int = 1000, see
     return hits / (len(rows) * k)
 
 
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner product with numpy, in row blocks (the reference for recall)."""
-    best_s = np.full((len(queries), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 0), np.int64)
-    for start in range(0, len(vectors), block):
-        scores = queries @ vectors[start:start + block].T
-        kk = min(k, scores.shape[1])
-        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-        s = np.concatenate([best_s, np.take_along_axis(scores, part, 1)], axis=1)
-        i = np.concatenate([best_i, part + start], axis=1)
-        keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+#: Score-matrix size, in floats, that one step of :func:`exact_search` computes (16 MB): big
+#: enough for the BLAS product to run at full speed, small enough to stay in cache-friendly
+#: sizes and bound memory for any number of queries.
+EXACT_STEP_FLOATS = 4 * 2**20
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, block: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of each query row among ``vectors``, best first:
+    ``(scores [Q, k] float32, rows [Q, k] int64)``, rows of -1 (score -inf) when there are
+    fewer than ``k`` vectors.
+
+    Why not faiss's ``IndexFlatIP.search``: it multiplies in small tiles and keeps a heap per
+    query, 2-5x slower than one BLAS product here (``benchmarks/search_scaling.py``). This
+    runs the queries against blocks of ``block`` rows as one matrix product each and keeps a
+    running top-``k``: the first block's by ``argpartition``, later blocks only through the
+    few scores above each query's current k-th best, so past the product each score is
+    compared once and rarely moved.
+    """
+    vectors = np.asarray(vectors)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n, nq = len(vectors), len(queries)
+    k = int(k)
+    best_s = np.full((nq, k), -np.inf, np.float32)
+    best_i = np.full((nq, k), -1, np.int64)
+    if n == 0 or nq == 0 or k < 1:
+        return best_s, best_i
+    q_step = max(1, min(nq, EXACT_STEP_FLOATS // 1024))
+    for q0 in range(0, nq, q_step):
+        q = queries[q0:q0 + q_step]
+        rows = block or max(1024, EXACT_STEP_FLOATS // len(q))
+        s, i = _exact_block_scan(vectors, q, k, rows)
+        best_s[q0:q0 + len(q)], best_i[q0:q0 + len(q)] = s, i
+    return best_s, best_i
+
+
+def _exact_block_scan(vectors: np.ndarray, q: np.ndarray, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    nq, n = len(q), len(vectors)
+    best_s = np.full((nq, k), -np.inf, np.float32)
+    best_i = np.full((nq, k), -1, np.int64)
+    # A small first block sets each query's k-th-best threshold cheaply (argpartition moves
+    # every score it sees); the large blocks after it are only compared against it.
+    first = min(rows, max(4 * k, 2048))
+    bounds = [0, *range(first, n, rows), n] if n > first else [0, n]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        x = np.asarray(vectors[start:stop], dtype=np.float32)
+        scores = q @ x.T  # the BLAS product: all the arithmetic of exact search
+        threshold = best_s[:, -1:] if start else None  # each query's current k-th best
+        if threshold is None or not np.isfinite(threshold).all():
+            kk = min(k, scores.shape[1])
+            part = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]
+            cand_s, cand_i = np.take_along_axis(scores, part, 1), part + start
+        else:
+            r, c = np.nonzero(scores > threshold)
+            if len(r) == 0:
+                continue
+            # Pad each query's few candidates into one small matrix (nonzero is row-major).
+            counts = np.bincount(r, minlength=nq)
+            width = int(counts.max())
+            pos = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
+            cand_s = np.full((nq, width), -np.inf, np.float32)
+            cand_i = np.full((nq, width), -1, np.int64)
+            cand_s[r, pos], cand_i[r, pos] = scores[r, c], c + start
+        all_s = np.concatenate([best_s, cand_s], axis=1)
+        all_i = np.concatenate([best_i, cand_i], axis=1)
+        keep = np.argsort(-all_s, axis=1, kind="stable")[:, :k]  # k + a few columns: cheap
+        best_s, best_i = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_i, keep, 1)
+    best_i[~np.isfinite(best_s)] = -1
     return best_s, best_i

@@ -465,3 +465,53 @@ def test_index_training_and_knn_list_the_same_files_of_a_folder(vit, tmp_path):
     trained = [str(p) for p in find_images(train)]
     bank = [str(p) for p, _ in labelled_items(data)[0]]
     assert indexed == trained == bank and len(indexed) == 6
+
+
+@pytest.mark.parametrize("n,nq,k,block,step", [(5000, 300, 10, None, None), (5000, 300, 10, 333, 2**14),
+                                               (7, 4, 10, None, None), (3000, 1, 50, 256, None)])
+def test_exact_search_batches_equal_brute_force(n, nq, k, block, step, monkeypatch):
+    """Many queries at once (in query chunks and row blocks, with the threshold path) give
+    exactly the brute-force top-k, including fewer vectors than k (-1 rows, -inf scores)."""
+    if step:
+        monkeypatch.setattr(index_kinds, "EXACT_STEP_FLOATS", step)  # several query chunks
+    rng = np.random.default_rng(n + nq)
+    x = rng.normal(size=(n, 48)).astype(np.float32)
+    q = rng.normal(size=(nq, 48)).astype(np.float32)
+    s, i = index_kinds.exact_search(x, q, k, block=block)
+    scores = q @ x.T
+    kk = min(k, n)
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    np.testing.assert_array_equal(i[:, :kk], truth)  # continuous scores: no ties, order is exact
+    np.testing.assert_allclose(s[:, :kk], np.take_along_axis(scores, truth, 1), rtol=1e-5, atol=1e-5)
+    assert (i[:, kk:] == -1).all() and np.isneginf(s[:, kk:]).all()
+
+
+def test_flat_index_search_many_queries_equals_brute_force(built):
+    index = EmbeddingIndex.load(built[0])
+    q = np.concatenate([index.embeddings, index.embeddings[::-1] * 0.5 + 0.1])  # 2N queries in one call
+    hits = index.search(q, k=5)
+    emb = np.asarray(index.embeddings)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    truth = np.argsort(-(qn @ emb.T), axis=1, kind="stable")[:, :5]
+    assert len(hits) == len(q)
+    for row, t in zip(hits, truth):
+        assert [h.path for h in row] == [index.paths[j] for j in t]
+
+
+def test_cli_search_a_folder_of_queries_at_once(built, vit, image_folder, tmp_path):
+    """A folder argument is every image under it: one JSON line per query, each equal to
+    the library's batched search of the same queries."""
+    out, _ = built
+    r = CliRunner().invoke(cli, ["search", str(image_folder / "circle"), str(image_folder / "square" / "square_004.png"),
+                                 "--index", str(out), "-k", "4", "--json", "--repo", str(vit.repo)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    queries = sorted(str(p) for p in (image_folder / "circle").rglob("*.png")) + [str(image_folder / "square" / "square_004.png")]
+    assert [row["query"] for row in rows] == queries and len(rows) > 2
+    expected = vit.search(queries, EmbeddingIndex.load(out), k=4)
+    for row, hits in zip(rows, expected):
+        assert [h["path"] for h in row["hits"]] == [h.path for h in hits]
+        assert row["hits"][0]["path"] == row["query"]
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["search", str(tmp_path / "empty"), "--index", str(out), "--repo", str(vit.repo)])
+    assert r.exit_code == 2 and "a folder with no images in it" in r.output
