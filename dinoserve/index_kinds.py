@@ -1,16 +1,23 @@
-"""The faiss index behind an embedding index: exact, HNSW or IVF-PQ, and its measured recall.
+"""The faiss index behind an embedding index: exact, HNSW, IVF-Flat or IVF-PQ, and its measured recall.
 
 All kinds use inner product on L2-normalised vectors (cosine similarity).
 
-- ``flat``: exact (``IndexFlatIP``); the default, right up to a few hundred thousand images.
+- ``flat``: exact; the default, right up to a few hundred thousand images. The vectors live
+  in a faiss ``IndexFlatIP`` but are searched by :func:`exact_search` (batched BLAS products).
+- ``ivfflat``: inverted lists of full vectors (``IndexIVFFlat``): only the ``nprobe`` lists
+  nearest a query are scanned, with exact scores, so recall depends on ``nprobe`` alone and
+  reaches 1.0 at ``nprobe = nlist``. The approximate kind for ~100k to a few million images
+  (memory as ``flat``: 4 bytes per dimension).
 - ``hnsw``: graph search (``IndexHNSWFlat``, M=32); keeps full vectors, fast queries, slower builds.
 - ``ivfpq``: inverted lists + product quantisation (``IndexIVFPQ``); compact codes for very
   large collections; needs at least :data:`IVFPQ_MIN` vectors to train. Its candidates are
   re-scored exactly from the stored embeddings (``rerank``: 10x k candidates), which lifts
   recall a lot for little time; the embeddings can stay on disk (memory-mapped).
 
-Approximate kinds report recall@10 against exact search on a sample of the indexed
-vectors used as queries, stored in the index metadata.
+Approximate kinds report recall@10 against exact search, measured at build time on a
+held-out sample (indexed vectors as queries, each one's own row left out of both result
+lists) and stored in the index metadata. :func:`tune` sweeps the search-time parameter
+(``nprobe``, ``efSearch``) to the smallest value that reaches a recall target.
 """
 
 from __future__ import annotations
@@ -21,19 +28,32 @@ import numpy as np
 
 from dinoserve.errors import ConfigError
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "ivfflat", "hnsw", "ivfpq")
 IVFPQ_MIN = 1000
-#: ``auto`` picks IVF-PQ from this many vectors on, exact ``flat`` below: where exact search
-#: passes ~25 ms per query and IVF-PQ's re-ranked recall is still ~1.0
-#: (benchmarks/search_scaling.py, 100k row of the README).
-AUTO_IVFPQ_FROM = 100_000
+#: The IVF kinds need this many vectors to train their lists.
+IVF_MIN = {"ivfpq": IVFPQ_MIN, "ivfflat": 1000}
+#: ``auto`` picks IVF-Flat from this many vectors on, exact ``flat`` below: at 100k exact
+#: search costs ~1 ms per query in batches, at 1M ten times that
+#: (benchmarks/search_scaling.py).
+AUTO_IVF_FROM = 100_000
+#: ... and IVF-PQ from here, where IVF-Flat's full vectors pass ~6 GB at 384 dimensions.
+AUTO_IVFPQ_FROM = 4_000_000
+#: Recall targets are checked on this many held-out queries at build time.
+RECALL_SAMPLE = 1000
+#: The search-time values :func:`tune` tries, smallest (fastest) first.
+NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)
+EF_SEARCH_GRID = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def resolve(kind: str, n: int) -> str:
-    """``kind``, with ``auto`` replaced by ``flat`` or ``ivfpq`` for an index of ``n`` vectors."""
+    """``kind``, with ``auto`` replaced by ``flat``, ``ivfflat`` or ``ivfpq`` for ``n`` vectors."""
     if kind == "auto":
-        return "ivfpq" if n >= AUTO_IVFPQ_FROM else "flat"
+        return "ivfpq" if n >= AUTO_IVFPQ_FROM else "ivfflat" if n >= AUTO_IVF_FROM else "flat"
     return kind
+
+
+def _nlist(n: int) -> int:
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
 
 
 def default_params(kind: str, n: int, dim: int) -> dict:
@@ -42,8 +62,11 @@ def default_params(kind: str, n: int, dim: int) -> dict:
         return {}
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 80, "efSearch": 128}
+    if kind == "ivfflat":
+        nlist = _nlist(n)
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 16))}
     if kind == "ivfpq":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 points per list
+        nlist = _nlist(n)
         # ~8 dimensions per sub-quantizer: finer splits train much slower (faiss) for little gain.
         m = max(d for d in range(1, 65) if dim % d == 0 and dim // d >= 8) if dim >= 8 else 1
         nbits = 8 if n >= 256 * 39 else 6
@@ -64,15 +87,19 @@ def build(vectors: np.ndarray, kind: str = "flat", params: dict | None = None):
         index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(params["efConstruction"])
     else:
-        if n < IVFPQ_MIN:
+        if n < IVF_MIN[kind]:
             raise ConfigError(
-                f"--kind ivfpq needs at least {IVFPQ_MIN} images to train its quantisers, this index has {n}; "
+                f"--kind {kind} needs at least {IVF_MIN[kind]} images to train its lists, this index has {n}; "
                 "use --kind flat (exact, fast at this size)"
             )
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
-                                 faiss.METRIC_INNER_PRODUCT)
-        index.pq.cp.niter = 10  # faiss's 25 k-means rounds cost 2.5x the time for no measurable recall here
+        if kind == "ivfflat":
+            index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
+                                     faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.niter = 10  # faiss's 25 k-means rounds cost 2.5x the time for no measurable recall here
+        index.cp.niter = 10  # the coarse k-means too: lists only need to be roughly balanced
         # k-means on every vector is slow and no better past ~40 points per list (faiss's own
         # advice is 39-256); train on a fixed random sample so large builds stay predictable.
         sample = min(n, max(40 * int(params["nlist"]), 256 * 40))
@@ -88,7 +115,7 @@ def configure(index, kind: str, params: dict) -> None:
     """Set the search-time parameters (they are not all stored in the faiss file)."""
     if kind == "hnsw":
         index.hnsw.efSearch = int(params.get("efSearch", 128))
-    elif kind == "ivfpq":
+    elif kind in ("ivfpq", "ivfflat"):
         index.nprobe = int(params.get("nprobe", 8))
 
 
@@ -118,29 +145,112 @@ def search(index, queries: np.ndarray, k: int, *, kind: str = "flat", params: di
     _, cand = index.search(queries, min(index.ntotal, k * rerank))
     scores = np.full((len(queries), k), -np.inf, np.float32)
     rows = np.full((len(queries), k), -1, np.int64)
-    for i, c in enumerate(cand):
-        c = np.sort(c[c >= 0])  # sorted rows: forward reads when vectors is a memmap
-        s = np.asarray(vectors[c], np.float32) @ queries[i]
-        top = np.argsort(-s, kind="stable")[:k]
-        scores[i, :len(top)], rows[i, :len(top)] = s[top], c[top]
+    step = 256  # queries per gather: bounds the [step, R*k, d] block of candidate vectors
+    for q0 in range(0, len(queries), step):
+        c = cand[q0:q0 + step]
+        # Each distinct row read once, in increasing order (forward reads of a memmap).
+        uniq, inv = np.unique(np.where(c >= 0, c, c.max(initial=0)), return_inverse=True)
+        v = np.asarray(vectors[uniq], np.float32)[inv.reshape(c.shape)]
+        s = np.einsum("qrd,qd->qr", v, queries[q0:q0 + step])
+        s[c < 0] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        scores[q0:q0 + step, :top.shape[1]] = np.take_along_axis(s, top, 1)
+        rows[q0:q0 + step, :top.shape[1]] = np.take_along_axis(c, top, 1)
+    rows[~np.isfinite(scores)] = -1
     return scores, rows
 
 
-def recall_at_k(index, vectors: np.ndarray, k: int = 10, sample: int = 1000, seed: int = 0, *,
-                kind: str = "flat", params: dict | None = None) -> float:
-    """Mean fraction of the exact top-``k`` that :func:`search` returns, for up to ``sample``
-    of the indexed vectors used as queries."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def holdout_sample(vectors: np.ndarray, k: int = 10, sample: int = RECALL_SAMPLE, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out queries for recall: up to ``sample`` indexed vectors (seeded), and their exact
+    top-``k`` *other* rows ``[Q, k]`` (each query's own row left out, as if it were new)."""
     n = len(vectors)
-    if n == 0:
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    exact = exact_search(vectors, np.asarray(vectors[rows], np.float32), min(k + 1, n))[1]
+    return rows, _drop_self(exact, rows, k)
+
+
+def _drop_self(found: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Each row of ``found`` without its query's own index, cut to ``k`` (padded with -1)."""
+    out = np.full((len(found), k), -1, np.int64)
+    for j, (f, r) in enumerate(zip(found, rows)):
+        f = f[(f != r) & (f >= 0)][:k]
+        out[j, :len(f)] = f
+    return out
+
+
+def holdout_recall(index, vectors: np.ndarray, rows: np.ndarray, truth: np.ndarray, *, kind: str,
+                   params: dict | None) -> float:
+    """Mean fraction of ``truth`` (from :func:`holdout_sample`) that :func:`search` returns."""
+    k = truth.shape[1]
+    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    found = _drop_self(search(index, queries, min(k + 1, index.ntotal), kind=kind, params=params,
+                              vectors=vectors)[1], rows, k)
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def recall_at_k(index, vectors: np.ndarray, k: int = 10, sample: int = RECALL_SAMPLE, seed: int = 0, *,
+                kind: str = "flat", params: dict | None = None) -> float:
+    """recall@``k`` of :func:`search` against exact search on a held-out sample of up to
+    ``sample`` indexed vectors (see :func:`holdout_sample`)."""
+    vectors = np.asarray(vectors)
+    if len(vectors) < 2:
         return 1.0
-    k = min(k, n)
-    rows = np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False)
-    queries = vectors[rows]
-    exact = exact_search(vectors, queries, k)[1]
-    _, approx = search(index, queries, k, kind=kind, params=params, vectors=vectors)
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
-    return hits / (len(rows) * k)
+    rows, truth = holdout_sample(vectors, k, sample, seed)
+    return holdout_recall(index, vectors, rows, truth, kind=kind, params=params)
+
+
+#: Each kind's search-time parameter and the values :func:`tune` tries.
+TUNABLE = {"ivfflat": ("nprobe", NPROBE_GRID), "ivfpq": ("nprobe", NPROBE_GRID), "hnsw": ("efSearch", EF_SEARCH_GRID)}
+
+
+class RecallNotReached(ConfigError):
+    """A recall target no parameter of the sweep reached; says the best found."""
+
+
+def tune(index, vectors: np.ndarray, kind: str, params: dict, target: float, *, k: int = 10,
+         sample: int = RECALL_SAMPLE, seed: int = 0, grid: tuple[int, ...] | None = None
+         ) -> tuple[dict, float, list[dict]]:
+    """The smallest value of ``kind``'s search-time parameter (``nprobe`` or ``efSearch``,
+    over ``grid``) whose held-out recall@``k`` reaches ``target``: ``(params, recall, sweep)``,
+    ``sweep`` listing every value tried with its recall. ``flat`` is exact: recall 1.0.
+
+    Raises:
+        RecallNotReached: no value reaches ``target``; the message names the best recall,
+            its parameters and the fixes.
+    """
+    if not 0 < target <= 1:
+        raise ConfigError(f"--recall {target}: a recall target is a fraction in (0, 1], e.g. 0.95")
+    params = dict(params)
+    if kind == "flat":
+        return params, 1.0, []
+    name, values = TUNABLE[kind]
+    values = tuple(v for v in (grid or values) if kind == "hnsw" or v <= params["nlist"])
+    if kind != "hnsw" and not grid and params["nlist"] not in values:
+        values += (params["nlist"],)  # every list scanned: IVF-Flat's recall is then exact
+    vectors = np.asarray(vectors)
+    rows, truth = holdout_sample(vectors, k, sample, seed)
+    sweep, best, flat_for = [], None, 0
+    for v in values:
+        trial = {**params, name: int(v)}
+        configure(index, kind, trial)
+        r = round(holdout_recall(index, vectors, rows, truth, kind=kind, params=trial), 4)
+        sweep.append({name: int(v), f"recall_at_{k}": r})
+        flat_for = flat_for + 1 if best is not None and r <= best[1] + 0.001 else 0
+        if best is None or r > best[1]:
+            best = (trial, r)
+        if r >= target:
+            return trial, r, sweep
+        if flat_for >= 3:  # recall stopped growing (IVF-PQ's codes, a graph's reach): larger values cost only time
+            break
+    configure(index, kind, best[0])
+    shown = {key: val for key, val in best[0].items() if key in ("nlist", "nprobe", "M", "efSearch", "m", "nbits",
+                                                                  "rerank")}
+    raise RecallNotReached(
+        f"recall@{k} {target:g} not reached by --kind {kind}: the best found is {best[1]:.4f} with "
+        f"{', '.join(f'{key}={val}' for key, val in shown.items())} ({len(rows)} held-out queries); "
+        f"lower --recall, or use --kind ivfflat (recall up to 1.0) or --kind flat (exact)")
 
 
 #: Score-matrix size, in floats, that one step of :func:`exact_search` computes (16 MB): big
