@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 #: Set to 1 to serve a u8s8 model on a CPU without VNNI anyway (a warning instead of a refusal).
 ALLOW_ENV = "DINOSERVE_INT8_ANY_CPU"
+#: Space-separated CPU flags to decide for instead of this CPU's: checks a model against
+#: another machine's CPU (paste its /proc/cpuinfo flags line), and lets tests exercise a
+#: Triton runner's refusal on this machine.
+FLAGS_ENV = "DINOSERVE_CPU_FLAGS"
 
-__all__ = ["PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "cpu_flags", "cpu_features",
+__all__ = ["PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV", "cpu_flags", "cpu_features",
            "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
 
 #: int8 scheme names as the model card stores them.
@@ -54,7 +58,10 @@ _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
-    """The feature flags of this CPU (empty when /proc/cpuinfo cannot be read, e.g. not Linux)."""
+    """The feature flags of this CPU (empty when /proc/cpuinfo cannot be read, e.g. not Linux),
+    or those :data:`FLAGS_ENV` names."""
+    if os.environ.get(FLAGS_ENV, "").strip():
+        return frozenset(os.environ[FLAGS_ENV].split())
     try:
         for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("flags"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dinoserve.cpu import (ALLOW_ENV, PORTABLE, VNNI_ONLY, check_int8_model, cpu_features, cpu_flags,
+from dinoserve.cpu import (ALLOW_ENV, FLAGS_ENV, PORTABLE, VNNI_ONLY, check_int8_model, cpu_features, cpu_flags,
                            int8_problem, int8_scheme_of)
 from dinoserve.errors import ModelError
 
@@ -79,3 +79,9 @@ def test_cpu_features_reads_proc_cpuinfo_format(tmp_path):
     assert {"avx2", "avx512_vnni"} <= flags
     assert cpu_features(flags) == ["avx2", "fma", "avx512f", "avx512_vnni"]
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_flags_from_the_environment_decide_for_another_cpu(monkeypatch):
+    monkeypatch.setenv(FLAGS_ENV, "sse4_2 avx avx2 fma")
+    assert cpu_flags() == frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert int8_problem(VNNI_ONLY, cpu_flags(), "x86_64") is not None
