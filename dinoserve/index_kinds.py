@@ -8,6 +8,11 @@ All kinds use inner product on L2-normalised vectors (cosine similarity).
   nearest a query are scanned, with exact scores, so recall depends on ``nprobe`` alone and
   reaches 1.0 at ``nprobe = nlist``. The approximate kind for ~100k to a few million images
   (memory as ``flat``: 4 bytes per dimension).
+- ``ivfsq``: inverted lists of vectors stored in 8 bits per dimension
+  (``IndexIVFScalarQuantizer``), candidates re-scored exactly from the stored embeddings
+  (``rerank``: 10x k): IVF-Flat's recall at each ``nprobe`` with a quarter of its memory
+  (the exact vectors can stay on disk, memory-mapped), but measured slower than IVF-Flat at
+  100k and 1M (decoding, and re-ranking reads scattered rows): a kind for memory, not speed.
 - ``hnsw``: graph search (``IndexHNSWFlat``, M=32); keeps full vectors, fast queries, slower builds.
 - ``ivfpq``: inverted lists + product quantisation (``IndexIVFPQ``); compact codes for very
   large collections; needs at least :data:`IVFPQ_MIN` vectors to train. Its candidates are
@@ -28,10 +33,12 @@ import numpy as np
 
 from dinoserve.errors import ConfigError
 
-KINDS = ("flat", "ivfflat", "hnsw", "ivfpq")
+KINDS = ("flat", "ivfflat", "ivfsq", "hnsw", "ivfpq")
 IVFPQ_MIN = 1000
 #: The IVF kinds need this many vectors to train their lists.
-IVF_MIN = {"ivfpq": IVFPQ_MIN, "ivfflat": 1000}
+IVF_MIN = {"ivfpq": IVFPQ_MIN, "ivfflat": 1000, "ivfsq": 1000}
+#: Kinds whose scores are approximate codes, re-scored exactly from the stored embeddings.
+RERANKED = ("ivfpq", "ivfsq")
 #: ``auto`` picks IVF-Flat from this many vectors on, exact ``flat`` below: at 100k exact
 #: search costs ~1 ms per query in batches, at 1M ten times that
 #: (benchmarks/search_scaling.py).
@@ -65,6 +72,9 @@ def default_params(kind: str, n: int, dim: int) -> dict:
     if kind == "ivfflat":
         nlist = _nlist(n)
         return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 16))}
+    if kind == "ivfsq":
+        nlist = _nlist(n)
+        return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 16)), "rerank": 10}
     if kind == "ivfpq":
         nlist = _nlist(n)
         # ~8 dimensions per sub-quantizer: finer splits train much slower (faiss) for little gain.
@@ -95,6 +105,9 @@ def build(vectors: np.ndarray, kind: str = "flat", params: dict | None = None):
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivfflat":
             index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        elif kind == "ivfsq":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, int(params["nlist"]), faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
                                      faiss.METRIC_INNER_PRODUCT)
@@ -115,7 +128,7 @@ def configure(index, kind: str, params: dict) -> None:
     """Set the search-time parameters (they are not all stored in the faiss file)."""
     if kind == "hnsw":
         index.hnsw.efSearch = int(params.get("efSearch", 128))
-    elif kind in ("ivfpq", "ivfflat"):
+    elif kind in ("ivfpq", "ivfflat", "ivfsq"):
         index.nprobe = int(params.get("nprobe", 8))
 
 
@@ -139,7 +152,7 @@ def search(index, queries: np.ndarray, k: int, *, kind: str = "flat", params: di
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if kind == "flat":  # exact: one BLAS product per block, on faiss's own copy of the vectors
         return exact_search(flat_vectors(index), queries, k)
-    rerank = int((params or {}).get("rerank", 1)) if kind == "ivfpq" else 1
+    rerank = int((params or {}).get("rerank", 1)) if kind in RERANKED else 1
     if rerank <= 1 or vectors is None:
         return index.search(queries, k)
     _, cand = index.search(queries, min(index.ntotal, k * rerank))
@@ -202,7 +215,8 @@ def recall_at_k(index, vectors: np.ndarray, k: int = 10, sample: int = RECALL_SA
 
 
 #: Each kind's search-time parameter and the values :func:`tune` tries.
-TUNABLE = {"ivfflat": ("nprobe", NPROBE_GRID), "ivfpq": ("nprobe", NPROBE_GRID), "hnsw": ("efSearch", EF_SEARCH_GRID)}
+TUNABLE = {"ivfflat": ("nprobe", NPROBE_GRID), "ivfsq": ("nprobe", NPROBE_GRID), "ivfpq": ("nprobe", NPROBE_GRID),
+           "hnsw": ("efSearch", EF_SEARCH_GRID)}
 
 
 class RecallNotReached(ConfigError):

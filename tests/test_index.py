@@ -599,3 +599,18 @@ def test_cli_index_build_recall_option(folder, vit, tmp_path):
     r = runner.invoke(cli, ["index", "build", str(folder), "--out", str(tmp_path / "c.index"), "--kind", "ivfflat",
                             *common])
     assert r.exit_code == 1 and "needs at least 1000 images" in r.output
+
+
+def test_ivfsq_reranks_8_bit_candidates_exactly():
+    """IVF-SQ8: codes pick the candidates, the stored vectors score them, so scores are exact
+    and the tuned recall holds for new queries."""
+    x = _clustered(6000, 32)
+    fresh = _clustered(300, 32, seed=9)
+    index, params = index_kinds.build(x, "ivfsq")
+    chosen, recall, _ = index_kinds.tune(index, x, "ivfsq", params, 0.95)
+    assert recall >= 0.95 and chosen["rerank"] == 10
+    s, i = index_kinds.search(index, fresh, 10, kind="ivfsq", params=chosen, vectors=x)
+    np.testing.assert_allclose(s, np.take_along_axis(fresh @ x.T, i, 1), atol=1e-5)  # exact scores
+    assert _brute_recall(i, x, fresh) >= 0.93
+    codes_only = index_kinds.search(index, fresh, 10, kind="ivfsq", params={**chosen, "rerank": 1}, vectors=x)[0]
+    assert not np.allclose(codes_only, s, atol=1e-5)  # without re-ranking the 8-bit scores are approximate

@@ -9,7 +9,7 @@ import click
 from dinoserve.commands._client_options import client_options, make_client
 from dinoserve.commands._ray_options import engine_options, ray_options
 
-KINDS = ("flat", "ivfflat", "hnsw", "ivfpq", "auto")
+KINDS = ("flat", "ivfflat", "ivfsq", "hnsw", "ivfpq", "auto")
 
 
 @click.group("index")
@@ -27,9 +27,9 @@ def _echo_report(report) -> None:
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", "-o", required=True, type=click.Path(), help="Index directory to create or replace (e.g. photos.index).")
 @click.option("--kind", type=click.Choice(KINDS), default=None,
-              help="flat: exact inner product; ivfflat / hnsw / ivfpq: approximate, for large collections (recall is "
-                   "measured on held-out queries); auto: flat below 100k images, ivfflat to 4M, ivfpq from there "
-                   "[default: flat, auto with --recall or --engine ray].")
+              help="flat: exact inner product; ivfflat / ivfsq / hnsw / ivfpq: approximate, for large collections "
+                   "(recall is measured on held-out queries); auto: flat below 100k images, ivfflat to 4M, ivfpq "
+                   "from there [default: flat, auto with --recall or --engine ray].")
 @click.option("--recall", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="recall@10 target: an approximate index's search parameter (nprobe, efSearch) is swept to the "
                    "fastest value that reaches it on held-out queries; if none does, the best found is reported "
