@@ -289,9 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         "approximate": approx,
         "fastest_setting_reaching_target": best,
     })
-    if exact:
+    if exact:  # the plot's left panel needs the exact part
         plot(exact, approx, plot_path(args.name))
-    print(f"wrote {out} and {plot_path(args.name)}")
+    print(f"wrote {out}" + (f" and {plot_path(args.name)}" if exact else ""))
 
 
 if __name__ == "__main__":
