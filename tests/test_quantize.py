@@ -252,6 +252,28 @@ def test_cli_int8_prints_gate(tmp_path, calib_folder):
 
 
 @pytest.mark.triton
+def test_triton_runner_refuses_u8s8_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypatch):
+    """The runner decides with the server's CPU flags (here given as an AVX2 EPYC's): a u8s8
+    model does not load, and the server's error carries the one-line reason and fix."""
+    import shutil
+
+    from dinoserve.cpu import FLAGS_ENV
+    from dinoserve.errors import ServerError
+    from dinoserve.triton import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_repo[0] / "int8", repo / "int8")
+    config = repo / "int8" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"u8s7"', '"u8s8"'))
+    monkeypatch.setenv(FLAGS_ENV, "sse4_2 avx avx2 fma")
+    server = TritonServer(repo, startup_timeout=120)
+    with pytest.raises(ServerError) as e:
+        server.start()
+    assert "needs VNNI" in str(e.value) and "avx512_vnni" in str(e.value) and "--int8-scheme u8s7" in str(e.value)
+    assert not server.is_running()
+
+
+@pytest.mark.triton
 def test_triton_serves_int8_and_reports_the_runner_provider(int8_repo, calib_folder):
     from dinoserve.ort_session import CPU, gpu_problem
     from dinoserve.triton import TritonServer
