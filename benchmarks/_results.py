@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -20,14 +19,9 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on, including how busy the machine was."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from dinoserve.cpu import cpu_name
+
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cpu_features": cpu_features(),
@@ -40,21 +34,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-#: Instruction-set features that change what is fast on a CPU (bf16 pays only with AMX).
-_ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
-        "amx_tile", "amx_bf16", "amx_int8")
-
-
 def cpu_features() -> list[str]:
-    """The CPU's instruction-set features that matter for speed, from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in _ISA if f in flags]
-    except OSError:
-        pass
-    return []
+    """The CPU's instruction-set features that matter for speed (:func:`dinoserve.cpu.cpu_features`)."""
+    from dinoserve.cpu import cpu_features as features
+
+    return features()
 
 
 def _git_sha() -> str | None:

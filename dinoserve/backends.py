@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dinoserve.cpu import check_int8_model
 from dinoserve.errors import (
     ConfigError,
     InferenceError,
@@ -75,6 +76,9 @@ class EmbeddedBackend:
         self.session = open_runtime_session(
             self.onnx_path, runtime, providers=providers, device=device,
             hint=f"re-export it with `dinoserve export ... --repo {self.repo}` (export writes model.onnx atomically)")
+        if session_provider(self.session) == "CPUExecutionProvider":
+            # onnxruntime's CPU int8 kernels: a u8s8 model gives wrong embeddings without VNNI.
+            check_int8_model(name, cfg.card.precision, cfg.card.int8_scheme)
         self.info = dataclasses.replace(self.info, provider=session_provider(self.session))
         self.url = None
 

@@ -65,6 +65,10 @@ class ModelCard:
     interpolation: str = "bicubic"  # resize filter of that preprocessing
     weights_sha256: str = ""  # hex sha256 of the weights file loaded; "" when random or unknown
     precision: str = "fp32"  # compute precision of an exported graph: "fp32", "fp16" or "int8"
+    # int8 only: how it was quantised, which decides the CPUs it is right on (dinoserve.cpu):
+    # "u8s7" (7-bit weights, every CPU), "u8u8", or "u8s8" (needs VNNI/AMX-INT8). An int8
+    # config without it predates the field and was u8s8.
+    int8_scheme: str = ""
     # timm constructor options that rebuild the architecture (depth, img_size ...); checkpoint
     # meta only. Not hashed, so the card stays hashable.
     model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, metadata={_PARAM: False})

@@ -213,9 +213,12 @@ class Client:
         """The ``k`` nearest images in ``index`` (an :class:`~dinoserve.index.EmbeddingIndex`
         or its path) for each query image, best first: ``[[Hit(path, score, rank), ...], ...]``.
 
-        Shorthand for :func:`dinoserve.index.search` ``(self, images, index, k)``. Raises
-        :class:`~dinoserve.errors.IndexMismatchError` if the index was built with another
-        model or preprocessing.
+        Pass many queries in one call: they are embedded in batches and searched together,
+        an exact index in one matrix product per block of its vectors
+        (:func:`dinoserve.index_kinds.exact_search`), which costs far less per query than
+        one call each. Shorthand for :func:`dinoserve.index.search` ``(self, images, index,
+        k)``. Raises :class:`~dinoserve.errors.IndexMismatchError` if the index was built
+        with another model or preprocessing.
         """
         from dinoserve.index import search
 

@@ -190,6 +190,7 @@ def export_onnx(
     calibration: Sequence[str] | str | os.PathLike | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    int8_scheme: str | None = None,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
 
@@ -220,6 +221,9 @@ def export_onnx(
             a list of paths. Default: the training data a dinoserve checkpoint names.
         min_cosine: int8 gate, mean cosine to fp32 embeddings (default 0.99).
         min_agreement: int8 gate, mean top-10 neighbour overlap with fp32 (default 0.8).
+        int8_scheme: ``u8s7`` (default: 7-bit weights, right on every CPU), ``u8u8`` or
+            ``u8s8`` (full-range weights, right only on CPUs with VNNI or AMX-INT8; serving
+            refuses it elsewhere); recorded in the card (:mod:`dinoserve.cpu`).
 
     Raises:
         ExportError: bad arguments, an unwritable repository, an export or a verification
@@ -230,11 +234,16 @@ def export_onnx(
         raise ExportError("--int8 and --fp16 exclude each other: choose one precision")
     if not int8 and calibration is not None:
         raise ExportError("--calibration is for --int8 exports only; add --int8 or leave it out")
+    if not int8 and int8_scheme is not None:
+        raise ExportError("--int8-scheme is for --int8 exports only; add --int8 or leave it out")
     repo = Path(repo).expanduser().absolute()
     _check_writable(repo)
     if int8:  # bad calibration data fails here, before minutes of export work
         from dinoserve import quantize
 
+        if (int8_scheme or quantize.PORTABLE) not in quantize.INT8_SCHEMES:
+            raise ExportError(f"--int8-scheme {int8_scheme!r}: choose one of {', '.join(quantize.INT8_SCHEMES)} "
+                              f"({quantize.PORTABLE}, the default, is right on every CPU)")
         calibration = calibration if calibration is not None else _training_data_of(weights)
     if model is None:
         model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
@@ -244,8 +253,9 @@ def export_onnx(
         raise ExportError(f"--image-size {size} is not a multiple of the patch size {built.patch_size} of {built.arch}")
     # What the model is and what clients must do to feed it: the card config.pbtxt carries.
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    scheme = (int8_scheme or quantize.PORTABLE) if int8 else ""
     card = built.replace(image_size=size, crop_pct=float(crop_pct), fit=check_fit(fit or built.fit),
-                         precision=precision)
+                         precision=precision, int8_scheme=scheme)
     tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
     batch = _verify_inputs(verify_images, size, crop_pct)
     calib, calib_from, quality = None, "", None
@@ -261,7 +271,8 @@ def export_onnx(
         _torch_export(model, card, onnx_path, fp16=fp16, size=size)
         diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images)
         if int8:
-            quality = _quantize_and_gate(onnx_path, card.family, calib, calib_from, min_cosine, min_agreement)
+            quality = _quantize_and_gate(onnx_path, card.family, calib, calib_from, min_cosine, min_agreement,
+                                         scheme)
         write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16)
         fsync_path(onnx_path)
         _commit(staged_model, model_dir, version)
@@ -271,14 +282,14 @@ def export_onnx(
 
 
 def _quantize_and_gate(onnx_path: Path, family: str, calib: np.ndarray, calib_from: str, min_cosine: float | None,
-                       min_agreement: float | None):
+                       min_agreement: float | None, scheme: str):
     """Replace the verified fp32 graph at ``onnx_path`` by its int8 copy if the copy passes the gate."""
     from dinoserve import quantize
 
     int8_path = onnx_path.with_name("model.int8.onnx")
-    quantize.quantize_int8(onnx_path, int8_path, calib, family=family)
+    quantize.quantize_int8(onnx_path, int8_path, calib, family=family, scheme=scheme)
     quality = quantize.int8_quality(
-        onnx_path, int8_path, calib,
+        onnx_path, int8_path, calib, scheme=scheme,
         min_cosine=quantize.MIN_COSINE if min_cosine is None else min_cosine,
         min_agreement=quantize.MIN_TOP10_AGREEMENT if min_agreement is None else min_agreement)
     if not quality.passed:

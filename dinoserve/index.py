@@ -253,15 +253,23 @@ def scan(spec: dict, exclude: Path | None = None) -> list[str]:
 # --- build and update ---------------------------------------------------------------------------
 def build_index(source: str | os.PathLike, out: str | os.PathLike, client: Embedder, *, kind: str = "flat",
                 splits: Sequence[str] | None = None, root: str | os.PathLike | None = None,
-                kind_params: dict | None = None, progress: bool = True) -> IndexReport:
+                kind_params: dict | None = None, progress: bool = True, recall: float | None = None) -> IndexReport:
     """Embed every image of ``source`` (a folder, recursive, or a CSV file list) into a new index
-    at ``out``, replacing any index there atomically. Corrupt files are skipped and reported."""
+    at ``out``, replacing any index there atomically. Corrupt files are skipped and reported.
+
+    ``recall``: a recall@10 target for an approximate ``kind``; its search-time parameter is
+    swept (:func:`dinoserve.index_kinds.tune`) to the fastest value that reaches it on a
+    held-out sample, and the target is kept for updates. A target no value reaches raises
+    :class:`~dinoserve.index_kinds.RecallNotReached` (best recall and parameters in the
+    message) and publishes nothing.
+    """
     _check_kind(kind)
+    _check_recall(recall)
     spec = source_spec(source, splits, root)
     paths = scan(spec, exclude=Path(out))
     if not paths:
         raise DataError(f"{source}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return _write(Path(out), spec, paths, client, kind, kind_params, previous=None, progress=progress)
+    return _write(Path(out), spec, paths, client, kind, kind_params, previous=None, progress=progress, recall=recall)
 
 
 def update_index(path: str | os.PathLike, client: Embedder, *, progress: bool = True) -> IndexReport:
@@ -271,11 +279,11 @@ def update_index(path: str | os.PathLike, client: Embedder, *, progress: bool = 
     old.check_model(client.info)
     paths = scan(old.meta["source"], exclude=Path(path))
     return _write(Path(path), old.meta["source"], paths, client, old.kind, old.meta.get("kind_params"),
-                  previous=old, progress=progress)
+                  previous=old, progress=progress, recall=(old.meta.get("recall") or {}).get("target"))
 
 
 def _write(out: Path, spec: dict, paths: list[str], client: Embedder, kind: str, kind_params: dict | None,
-           previous: EmbeddingIndex | None, progress: bool) -> IndexReport:
+           previous: EmbeddingIndex | None, progress: bool, recall: float | None = None) -> IndexReport:
     t0 = time.perf_counter()
     report = IndexReport(path=str(out), count=0, kind=kind)
     by_path = {it["path"]: i for i, it in enumerate(previous.items)} if previous else {}
@@ -310,14 +318,15 @@ def _write(out: Path, spec: dict, paths: list[str], client: Embedder, kind: str,
                 report.recall_at_10 = previous.meta.get("recall_at_10")
                 report.seconds = time.perf_counter() - t0
                 return report  # nothing new: keep the live generation as it is
-        _publish(writer, client.info, spec, emb, kind, kind_params, report, previous)
+        _publish(writer, client.info, spec, emb, kind, kind_params, report, previous, recall)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelInfo, rows: list[dict],
                                 embeddings: np.ndarray, skipped: Sequence[tuple[str, str]] = (), *,
-                                kind: str = "flat", kind_params: dict | None = None) -> IndexReport:
+                                kind: str = "flat", kind_params: dict | None = None,
+                                recall: float | None = None) -> IndexReport:
     """Publish an index at ``out`` from rows and embeddings computed elsewhere (e.g. the shards
     of :mod:`dinoserve.ray_engine`), exactly as :func:`build_index` would have written them.
 
@@ -327,6 +336,7 @@ def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelI
     """
     t0 = time.perf_counter()
     _check_kind(kind)
+    _check_recall(recall)
     if len(rows) != len(embeddings):
         raise ConfigError(f"{len(rows)} item rows but {len(embeddings)} embeddings")
     report = IndexReport(path=str(out), count=len(rows), embedded=len(rows), skipped=list(skipped), kind=kind)
@@ -335,7 +345,7 @@ def build_index_from_embeddings(out: str | os.PathLike, spec: dict, info: ModelI
                         f"first error: {report.skipped[0][1] if report.skipped else '?'}")
     with index_store.Writer(Path(out)) as writer:
         writer.append_items(rows)
-        _publish(writer, info, spec, np.asarray(embeddings, np.float32), kind, kind_params, report, None)
+        _publish(writer, info, spec, np.asarray(embeddings, np.float32), kind, kind_params, report, None, recall)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -345,14 +355,32 @@ def _check_kind(kind: str) -> None:
         raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(index_kinds.KINDS)} or auto")
 
 
+def _check_recall(recall: float | None) -> None:
+    if recall is not None and not 0 < recall <= 1:
+        raise ConfigError(f"--recall {recall}: a recall target is a fraction in (0, 1], e.g. 0.95")
+
+
 def _publish(writer: index_store.Writer, info: ModelInfo, spec: dict, emb: np.ndarray, kind: str,
-             kind_params: dict | None, report: IndexReport, previous: EmbeddingIndex | None) -> None:
-    """Build the faiss index over ``emb``, measure its recall and publish the generation."""
+             kind_params: dict | None, report: IndexReport, previous: EmbeddingIndex | None,
+             recall: float | None = None) -> None:
+    """Build the faiss index over ``emb``, measure its recall (tuning it to ``recall`` when
+    given) on a held-out sample and publish the generation."""
     kind = report.kind = index_kinds.resolve(kind, len(emb))
     fi, params = index_kinds.build(emb, kind, kind_params)
+    sweep: list[dict] = []
     if kind != "flat":
-        report.recall_at_10 = round(index_kinds.recall_at_k(fi, emb, k=10, kind=kind, params=params), 4)
-    writer.publish(_meta(info, spec, kind, params, report, previous), emb, fi)
+        if recall is not None:
+            params, measured, sweep = index_kinds.tune(fi, emb, kind, params, recall)
+        else:
+            measured = index_kinds.recall_at_k(fi, emb, k=10, kind=kind, params=params)
+        report.recall_at_10 = round(measured, 4)
+    meta = _meta(info, spec, kind, params, report, previous)
+    meta["recall"] = {"target": recall, "at_10": 1.0 if kind == "flat" else report.recall_at_10,
+                      "queries": 0 if kind == "flat" else min(len(emb), index_kinds.RECALL_SAMPLE),
+                      "method": "exact" if kind == "flat" else
+                      "held out: indexed vectors as queries, each one's own row left out of both lists",
+                      "sweep": sweep}
+    writer.publish(meta, emb, fi)
 
 
 def _process_chunk(chunk: list[str], client: Embedder, previous: EmbeddingIndex | None,

@@ -12,6 +12,13 @@ ranges calibrated on real images lets onnxruntime fuse Conv/MatMul into its int8
 uint8 activations with int8 per-channel weights (the u8s8 kernels; int8 activations ran
 slower than fp32).
 
+Why 7-bit weights by default (scheme ``u8s7``, onnxruntime's ``reduce_range``): on x86 CPUs
+without VNNI the u8s8 kernels add pairs of products in saturating int16, and full-range
+weights overflow it (:mod:`dinoserve.cpu` explains it). 7-bit weights are right on every CPU
+and cost nothing measurable in speed or accuracy on a VNNI CPU
+(``benchmarks/int8_portable.py``); ``u8s8`` stays available for VNNI-only fleets, and the
+card records which one a model holds so that serving can refuse it on the wrong CPU.
+
 Why a gate: one user's DINO model fell to ~25 % accuracy after QDQ quantisation. So every
 int8 graph is compared with its fp32 graph on the calibration images: the mean cosine
 similarity of their embeddings and how much of each image's top-10 neighbour list survives.
@@ -33,10 +40,11 @@ from typing import Sequence
 
 import numpy as np
 
+from dinoserve.cpu import INT8_SCHEMES, PORTABLE, cpu_features, cpu_name
 from dinoserve.errors import DataError, DinoserveError, ExportError
 from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch, walk_images
 
-__all__ = ["Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
+__all__ = ["PORTABLE", "INT8_SCHEMES", "Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
            "weight_products", "neighbour_agreement", "row_cosines", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
            "MIN_COSINE", "MIN_TOP10_AGREEMENT", "TOP_K"]
 
@@ -164,7 +172,7 @@ def weight_products(graph_path: str | os.PathLike) -> list[str]:
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
-                  *, family: str = "resnet", per_channel: bool = True) -> Path:
+                  *, family: str = "resnet", per_channel: bool = True, scheme: str = PORTABLE) -> Path:
     """Write a static QDQ int8 copy of the fp32 graph at ``fp32_path`` to ``out_path``.
 
     Activation ranges come from running ``calibration`` (uint8 ``[N, 3, H, W]``, as clients
@@ -175,9 +183,18 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     normalisation stay as they are; the outputs stay float32, so the graph's contract (and
     Triton's config) does not change.
 
+    ``scheme`` (:data:`dinoserve.cpu.INT8_SCHEMES`): ``u8s7`` (default) int8 weights in 7
+    bits, right on every CPU; ``u8s8`` full-range int8 weights, right only on CPUs with VNNI
+    or AMX-INT8; ``u8u8`` uint8 weights (onnxruntime's u8u8 kernels, which widen to int16 and
+    never saturate).
+
     Raises:
-        ExportError: onnxruntime's quantiser failed (the message names the graph).
+        ExportError: onnxruntime's quantiser failed (the message names the graph), or an
+            unknown ``scheme``.
     """
+    if scheme not in INT8_SCHEMES:
+        raise ExportError(f"int8 scheme {scheme!r}: choose one of {', '.join(INT8_SCHEMES)} "
+                          f"({PORTABLE} is right on every CPU)")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -194,7 +211,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         try:
             quantize_static(
                 str(pre), str(out_path), _reader(calibration), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8, per_channel=per_channel,
+                reduce_range=scheme == PORTABLE,
                 calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
                 op_types_to_quantize=list(VIT_OPS) if family == "vit" else None,
                 nodes_to_quantize=weight_products(pre) if family == "vit" else None,
@@ -222,6 +241,10 @@ class Int8Quality:
     top10_agreement: float  # mean over images of |top-10 neighbours fp32 & int8| / 10
     min_cosine_required: float = MIN_COSINE
     top10_agreement_required: float = MIN_TOP10_AGREEMENT
+    # Where the gate ran: the figures hold for CPUs with the same int8 kernels (dinoserve.cpu).
+    scheme: str = ""
+    cpu: str = ""
+    cpu_features: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -231,10 +254,12 @@ class Int8Quality:
         """One line with the figures and the thresholds."""
         return (f"mean cosine to fp32 {self.mean_cosine:.4f} (needs >= {self.min_cosine_required:g}, "
                 f"min {self.min_cosine:.4f}), top-{TOP_K} neighbour agreement {self.top10_agreement:.3f} "
-                f"(needs >= {self.top10_agreement_required:g}) on {self.images} calibration images")
+                f"(needs >= {self.top10_agreement_required:g}) on {self.images} calibration images"
+                + (f", {self.scheme} on a CPU with {' '.join(self.cpu_features) or 'no listed features'}"
+                   if self.scheme else ""))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "cpu_features": list(self.cpu_features), "passed": self.passed}
 
 
 def _embeddings(path: Path, batch: np.ndarray) -> np.ndarray:
@@ -271,11 +296,14 @@ def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
 
 
 def int8_quality(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: np.ndarray, *,
-                 min_cosine: float = MIN_COSINE, min_agreement: float = MIN_TOP10_AGREEMENT) -> Int8Quality:
-    """Compare the int8 graph with the fp32 graph on ``images`` (uint8 ``[N, 3, H, W]``)."""
+                 min_cosine: float = MIN_COSINE, min_agreement: float = MIN_TOP10_AGREEMENT,
+                 scheme: str = "") -> Int8Quality:
+    """Compare the int8 graph (quantised with ``scheme``) with the fp32 graph on ``images``
+    (uint8 ``[N, 3, H, W]``), on this CPU: the result names its features, because the int8
+    kernels onnxruntime runs (and a u8s8 model's accuracy) depend on them."""
     ref = _embeddings(Path(fp32_path), images)
     got = _embeddings(Path(int8_path), images)
     cos = row_cosines(ref, got)
     return Int8Quality(len(images), float(cos.mean()), float(cos.min()), neighbour_agreement(ref, got),
-                       float(min_cosine), float(min_agreement))
+                       float(min_cosine), float(min_agreement), scheme, cpu_name(), tuple(cpu_features()))
 

@@ -355,13 +355,15 @@ def default_shards_dir(out: str | os.PathLike) -> Path:
 def build_index_ray(source: str | os.PathLike, out: str | os.PathLike, options: RayOptions, *,
                     kind: str = "auto", splits: Sequence[str] | None = None, root: str | os.PathLike | None = None,
                     kind_params: dict | None = None, shards_dir: str | os.PathLike | None = None,
-                    keep_shards: bool = False, on_shard: Callable[[int], None] | None = None):
+                    keep_shards: bool = False, on_shard: Callable[[int], None] | None = None,
+                    recall: float | None = None):
     """:func:`dinoserve.index.build_index` on Ray: the same files, rows, skipped list and index.
 
     Shards go to ``shards_dir`` (default ``<out>.shards``); a rerun after a crash or Ctrl-C
     embeds only the missing shards. They are removed once the index is published, unless
-    ``keep_shards``. ``kind="auto"`` is exact (``flat``) below
-    :data:`dinoserve.index_kinds.AUTO_IVFPQ_FROM` images and IVF-PQ (trained on a sample) from there.
+    ``keep_shards``. ``kind="auto"`` is :func:`dinoserve.index_kinds.resolve`'s choice (exact
+    ``flat`` below :data:`~dinoserve.index_kinds.AUTO_IVF_FROM` images); ``recall`` a recall@10
+    target, as for :func:`~dinoserve.index.build_index`.
     """
     from dinoserve.index import build_index_from_embeddings, scan, source_spec
 
@@ -373,7 +375,7 @@ def build_index_ray(source: str | os.PathLike, out: str | os.PathLike, options: 
         raise DataError(f"{source}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     run = embed_paths(paths, shards_dir, options, mode="index", on_shard=on_shard)
     report = build_index_from_embeddings(out, spec, run.info, run.rows, run.embeddings, run.skipped,
-                                         kind=kind, kind_params=kind_params)
+                                         kind=kind, kind_params=kind_params, recall=recall)
     report.embedded, report.reused = run.images_embedded, run.images_reused
     report.seconds = run.seconds + report.seconds
     if not keep_shards:

@@ -27,6 +27,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from dinoserve.cpu import check_int8_model
+from dinoserve.errors import ModelError
 from dinoserve.ort_session import DEVICES, open_runtime_session, session_provider
 from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_RUNTIME, RUNNER_THREADS
 
@@ -92,6 +94,12 @@ class TritonPythonModel:
         self.runtime = runtime = _parameter(config, RUNNER_RUNTIME, "onnxruntime") or "onnxruntime"
         self.session = open_runtime_session(path, runtime, device=device, threads=threads,
                                             hint="re-export the model with `dinoserve export`, then start serve again")
+        if session_provider(self.session) == "CPUExecutionProvider":
+            try:  # a u8s8 int8 model on a CPU without VNNI: refuse to load (one line in the server log)
+                check_int8_model(config["name"], _parameter(config, "precision", "fp32"),
+                                 _parameter(config, "int8_scheme", ""))
+            except ModelError as e:
+                raise pb_utils.TritonModelException(str(e)) from None
         # One line in the server log that `dinoserve serve` reports (TritonServer.runner_providers).
         print(f"{PROVIDER_LOG} model={config['name']} version={args['model_version']} device={device} "
               f"provider={session_provider(self.session)}", flush=True)

@@ -465,3 +465,152 @@ def test_index_training_and_knn_list_the_same_files_of_a_folder(vit, tmp_path):
     trained = [str(p) for p in find_images(train)]
     bank = [str(p) for p, _ in labelled_items(data)[0]]
     assert indexed == trained == bank and len(indexed) == 6
+
+
+@pytest.mark.parametrize("n,nq,k,block,step", [(5000, 300, 10, None, None), (5000, 300, 10, 333, 2**14),
+                                               (7, 4, 10, None, None), (3000, 1, 50, 256, None)])
+def test_exact_search_batches_equal_brute_force(n, nq, k, block, step, monkeypatch):
+    """Many queries at once (in query chunks and row blocks, with the threshold path) give
+    exactly the brute-force top-k, including fewer vectors than k (-1 rows, -inf scores)."""
+    if step:
+        monkeypatch.setattr(index_kinds, "EXACT_STEP_FLOATS", step)  # several query chunks
+    rng = np.random.default_rng(n + nq)
+    x = rng.normal(size=(n, 48)).astype(np.float32)
+    q = rng.normal(size=(nq, 48)).astype(np.float32)
+    s, i = index_kinds.exact_search(x, q, k, block=block)
+    scores = q @ x.T
+    kk = min(k, n)
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    np.testing.assert_array_equal(i[:, :kk], truth)  # continuous scores: no ties, order is exact
+    np.testing.assert_allclose(s[:, :kk], np.take_along_axis(scores, truth, 1), rtol=1e-5, atol=1e-5)
+    assert (i[:, kk:] == -1).all() and np.isneginf(s[:, kk:]).all()
+
+
+def test_flat_index_search_many_queries_equals_brute_force(built):
+    index = EmbeddingIndex.load(built[0])
+    q = np.concatenate([index.embeddings, index.embeddings[::-1] * 0.5 + 0.1])  # 2N queries in one call
+    hits = index.search(q, k=5)
+    emb = np.asarray(index.embeddings)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    truth = np.argsort(-(qn @ emb.T), axis=1, kind="stable")[:, :5]
+    assert len(hits) == len(q)
+    for row, t in zip(hits, truth):
+        assert [h.path for h in row] == [index.paths[j] for j in t]
+
+
+def test_cli_search_a_folder_of_queries_at_once(built, vit, image_folder, tmp_path):
+    """A folder argument is every image under it: one JSON line per query, each equal to
+    the library's batched search of the same queries."""
+    out, _ = built
+    r = CliRunner().invoke(cli, ["search", str(image_folder / "circle"), str(image_folder / "square" / "square_004.png"),
+                                 "--index", str(out), "-k", "4", "--json", "--repo", str(vit.repo)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.strip().splitlines()]
+    queries = sorted(str(p) for p in (image_folder / "circle").rglob("*.png")) + [str(image_folder / "square" / "square_004.png")]
+    assert [row["query"] for row in rows] == queries and len(rows) > 2
+    expected = vit.search(queries, EmbeddingIndex.load(out), k=4)
+    for row, hits in zip(rows, expected):
+        assert [h["path"] for h in row["hits"]] == [h.path for h in hits]
+        assert row["hits"][0]["path"] == row["query"]
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["search", str(tmp_path / "empty"), "--index", str(out), "--repo", str(vit.repo)])
+    assert r.exit_code == 2 and "a folder with no images in it" in r.output
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """``n`` unit vectors around 100 fixed centres (the same for every seed: one distribution)."""
+    centers = np.random.default_rng(dim).normal(size=(100, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = centers[rng.integers(0, 100, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_recall(found: np.ndarray, x: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    truth = np.argsort(-(queries @ x.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found.tolist(), truth.tolist())]))
+
+
+def test_ivfflat_tuned_to_a_recall_target_keeps_the_neighbours():
+    """The sweep stops at the smallest nprobe that reaches the target, and new queries (not in
+    the index) searched with it find that share of the brute-force neighbours."""
+    x = _clustered(6000, 32)
+    fresh = _clustered(300, 32, seed=9)  # same distribution, never indexed
+    index, params = index_kinds.build(x, "ivfflat")
+    chosen, recall, sweep = index_kinds.tune(index, x, "ivfflat", params, 0.95)
+    assert recall >= 0.95 and sweep[-1] == {"nprobe": chosen["nprobe"], "recall_at_10": recall}
+    assert all(step["recall_at_10"] < 0.95 for step in sweep[:-1]) and chosen["nprobe"] < params["nlist"]
+    found = index_kinds.search(index, fresh, 10, kind="ivfflat", params=chosen)[1]
+    assert _brute_recall(found, x, fresh) >= 0.93
+    index_kinds.configure(index, "ivfflat", {"nprobe": params["nlist"]})  # every list: exact
+    found = index_kinds.search(index, fresh, 10, kind="ivfflat")[1]
+    assert _brute_recall(found, x, fresh) == 1.0
+
+
+def test_unreachable_recall_target_names_the_best_found():
+    x = _clustered(3000, 32)
+    index, params = index_kinds.build(x, "ivfpq", {"m": 4, "rerank": 1})  # 8 bits per 8 dims: coarse codes
+    with pytest.raises(index_kinds.RecallNotReached) as e:
+        index_kinds.tune(index, x, "ivfpq", params, 0.99)
+    msg = str(e.value)
+    best = float(msg.split("the best found is ")[1].split()[0])
+    assert 0 < best < 0.99 and "nprobe=" in msg and "m=4" in msg and "--kind ivfflat" in msg and "\n" not in msg
+    assert index_kinds.recall_at_k(index, x, kind="ivfpq", params={**params, "nprobe": index.nprobe}) == \
+        pytest.approx(best, abs=1e-4)
+    with pytest.raises(ConfigError, match="a recall target is a fraction"):
+        index_kinds.tune(index, x, "ivfpq", params, 1.5)
+
+
+def test_index_built_with_recall_target_records_kind_params_and_recall(vit, tmp_path):
+    """Published through the same path as build_index: the metadata holds the kind, the tuned
+    nprobe, the target and the held-out recall, and the loaded index searches with them."""
+    from dinoserve.index import build_index_from_embeddings
+
+    x = _clustered(3000, vit.info.embed_dim, seed=3)
+    rows = [{"path": f"/img/{i}.png", "size": 1, "mtime_ns": 0, "sha256": f"{i:064x}"} for i in range(len(x))]
+    spec = {"type": "folder", "path": "/img"}
+    out = tmp_path / "big.index"
+    report = build_index_from_embeddings(out, spec, vit.info, rows, x, kind="ivfflat", recall=0.95)
+    index = EmbeddingIndex.load(out)
+    meta = index.meta
+    assert index.kind == report.kind == "ivfflat" and meta["recall"]["target"] == 0.95
+    assert meta["recall_at_10"] == meta["recall"]["at_10"] == report.recall_at_10 >= 0.95
+    assert meta["kind_params"]["nprobe"] == meta["recall"]["sweep"][-1]["nprobe"]
+    assert index._faiss.nprobe == meta["kind_params"]["nprobe"]
+    fresh = _clustered(200, vit.info.embed_dim, seed=4)
+    hits = index.search(fresh, k=10)
+    found = np.array([[int(h.path.split("/")[-1].split(".")[0]) for h in row] for row in hits])
+    assert _brute_recall(found, x, fresh) >= 0.9
+    with pytest.raises(index_kinds.RecallNotReached):
+        build_index_from_embeddings(tmp_path / "pq.index", spec, vit.info, rows, x, kind="ivfpq",
+                                    kind_params={"m": 4, "rerank": 1}, recall=0.999)
+    assert not (tmp_path / "pq.index" / "CURRENT").exists()  # nothing published
+
+
+def test_cli_index_build_recall_option(folder, vit, tmp_path):
+    runner = CliRunner()
+    common = ["--no-progress", "--repo", str(vit.repo), "--model", "vit_tiny"]
+    r = runner.invoke(cli, ["index", "build", str(folder), "--out", str(tmp_path / "a.index"), "--recall", "0.95", *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["kind"] == "flat"  # 24 images: auto is exact
+    meta = EmbeddingIndex.load(tmp_path / "a.index").meta
+    assert meta["recall"]["target"] == 0.95 and meta["recall"]["at_10"] == 1.0
+    r = runner.invoke(cli, ["index", "build", str(folder), "--out", str(tmp_path / "b.index"), "--recall", "0", *common])
+    assert r.exit_code == 2 and "--recall" in r.output
+    r = runner.invoke(cli, ["index", "build", str(folder), "--out", str(tmp_path / "c.index"), "--kind", "ivfflat",
+                            *common])
+    assert r.exit_code == 1 and "needs at least 1000 images" in r.output
+
+
+def test_ivfsq_reranks_8_bit_candidates_exactly():
+    """IVF-SQ8: codes pick the candidates, the stored vectors score them, so scores are exact
+    and the tuned recall holds for new queries."""
+    x = _clustered(6000, 32)
+    fresh = _clustered(300, 32, seed=9)
+    index, params = index_kinds.build(x, "ivfsq")
+    chosen, recall, _ = index_kinds.tune(index, x, "ivfsq", params, 0.95)
+    assert recall >= 0.95 and chosen["rerank"] == 10
+    s, i = index_kinds.search(index, fresh, 10, kind="ivfsq", params=chosen, vectors=x)
+    np.testing.assert_allclose(s, np.take_along_axis(fresh @ x.T, i, 1), atol=1e-5)  # exact scores
+    assert _brute_recall(i, x, fresh) >= 0.93
+    codes_only = index_kinds.search(index, fresh, 10, kind="ivfsq", params={**chosen, "rerank": 1}, vectors=x)[0]
+    assert not np.allclose(codes_only, s, atol=1e-5)  # without re-ranking the 8-bit scores are approximate

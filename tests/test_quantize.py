@@ -17,7 +17,8 @@ from conftest import build_tiny_backbone, make_image_folder
 
 from dinoserve.cli import cli
 from dinoserve.client import Client
-from dinoserve.errors import DataError, ExportError
+from dinoserve.cpu import PORTABLE, VNNI_ONLY, cpu_features
+from dinoserve.errors import DataError, ExportError, ModelError
 from dinoserve.export import export_onnx
 from dinoserve.images import preprocess_batch
 from dinoserve.models import load_backbone
@@ -52,16 +53,61 @@ def int8_repo(tmp_path_factory, calib_folder) -> tuple[Path, object]:
 
 def test_int8_export_passes_gate_and_records_precision(int8_repo):
     repo, res = int8_repo
-    assert res.card.precision == "int8"
+    assert res.card.precision == "int8" and res.card.int8_scheme == PORTABLE
     assert res.int8.passed and res.int8.mean_cosine >= 0.99 and res.int8.top10_agreement >= 0.8
     assert res.int8.images == 48 and "48 images from" in res.calibration
+    # The gate says where it ran: its figures hold for CPUs with the same int8 kernels.
+    gate = res.int8.to_dict()
+    assert gate["scheme"] == PORTABLE and gate["cpu_features"] == cpu_features() and gate["cpu"]
     cfg = read_model_config(repo / "int8")
-    assert cfg.card.precision == "int8" and cfg.backend == "onnxruntime"
+    assert cfg.card.precision == "int8" and cfg.card.int8_scheme == PORTABLE and cfg.backend == "onnxruntime"
     assert read_model_config(repo / "fp32").card.precision == "fp32"
     ops = {n.op_type for n in onnx.load(str(res.onnx_path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # Only model.onnx beside the config: no leftover fp32 or calibration files.
     assert sorted(p.name for p in (repo / "int8" / "1").iterdir()) == ["model.onnx"]
+
+
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    graph = onnx.load(str(path)).graph
+    return [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_portable_int8_weights_fit_in_seven_bits(int8_repo, calib_folder, tmp_path):
+    """The portable scheme's weights keep |w| <= 64, so u8 x s8 pair sums stay under int16's
+    limit on AVX2 kernels; the full-range scheme really uses 8 bits."""
+    fp32 = int8_repo[0] / "fp32" / "1" / "model.onnx"
+    portable = _int8_weights(int8_repo[0] / "int8" / "1" / "model.onnx")
+    assert len(portable) >= 20 and max(int(np.abs(w.astype(np.int32)).max()) for w in portable) <= 64
+    batch, _ = calibration_batch(calib_folder, 64)
+    full = _int8_weights(quantize_int8(fp32, tmp_path / "full.onnx", batch, scheme=VNNI_ONLY))
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full) > 100
+
+
+def test_u8s8_model_refused_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypatch):
+    """An int8 config exported before the scheme was recorded (full range) or marked u8s8 is
+    refused by the in-process client where VNNI is missing; the portable one is served."""
+    import shutil
+
+    from dinoserve import cpu
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(int8_repo[0], repo)
+    config = repo / "int8" / "config.pbtxt"
+    text = config.read_text()
+    assert '"u8s7"' in text
+    shutil.copytree(repo / "int8", repo / "old")
+    (repo / "old" / "config.pbtxt").write_text(  # an older export: no int8_scheme parameter
+        text.replace('name: "int8"', 'name: "old"').replace('key: "int8_scheme"', 'key: "unused_scheme"'))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda *a: frozenset({"avx", "avx2", "fma"}))  # an AVX2 EPYC
+    monkeypatch.delenv(cpu.ALLOW_ENV, raising=False)
+    with Client(repo=repo, model="int8") as c:  # portable: served
+        assert c.embed(np.zeros((64, 64, 3), np.uint8)).shape == (1, 512)
+    with pytest.raises(ModelError) as e:
+        Client(repo=repo, model="old")
+    assert "avx512_vnni" in str(e.value) and "--int8-scheme u8s7" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda *a: frozenset({"avx2", "avx512bw", "avx512_vnni"}))
+    Client(repo=repo, model="old").close()  # the same model on a VNNI CPU: fine
 
 
 def test_client_serves_int8_unchanged(int8_repo, calib_folder):
@@ -188,6 +234,8 @@ def test_cli_int8_bad_input_exit_1(tmp_path, calib_folder):
     assert r.exit_code == 1 and "--calibration" in r.output and "name no training data" in r.output
     r = runner.invoke(cli, base + ["--int8", "--fp16", "--calibration", str(calib_folder)])
     assert r.exit_code == 1 and "exclude each other" in r.output
+    r = runner.invoke(cli, base + ["--int8-scheme", "u8s8"])
+    assert r.exit_code == 1 and "--int8-scheme is for --int8 exports only" in r.output
     assert not (tmp_path / "r").exists()
 
 
@@ -197,9 +245,32 @@ def test_cli_int8_prints_gate(tmp_path, calib_folder):
     assert r.exit_code == 0, r.output
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["precision"] == "int8" and line["int8_gate"]["passed"] and line["int8_gate"]["mean_cosine"] >= 0.99
+    assert line["int8_scheme"] == "u8s7" and line["int8_gate"]["cpu_features"] == cpu_features()
 
 
 # --- served by the real tritonserver, unchanged ------------------------------------------------
+
+
+@pytest.mark.triton
+def test_triton_runner_refuses_u8s8_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypatch):
+    """The runner decides with the server's CPU flags (here given as an AVX2 EPYC's): a u8s8
+    model does not load, and the server's error carries the one-line reason and fix."""
+    import shutil
+
+    from dinoserve.cpu import FLAGS_ENV
+    from dinoserve.errors import ServerError
+    from dinoserve.triton import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_repo[0] / "int8", repo / "int8")
+    config = repo / "int8" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"u8s7"', '"u8s8"'))
+    monkeypatch.setenv(FLAGS_ENV, "sse4_2 avx avx2 fma")
+    server = TritonServer(repo, startup_timeout=120)
+    with pytest.raises(ServerError) as e:
+        server.start()
+    assert "needs VNNI" in str(e.value) and "avx512_vnni" in str(e.value) and "--int8-scheme u8s7" in str(e.value)
+    assert not server.is_running()
 
 
 @pytest.mark.triton

@@ -24,6 +24,9 @@ import click
 @click.option("--calibration", default=None, type=click.Path(exists=False),
               help="int8 calibration images: a folder, a CSV file list or a dinoserve index (a few hundred images) "
                    "[default: the training data a dinoserve checkpoint names].")
+@click.option("--int8-scheme", type=click.Choice(["u8s7", "u8u8", "u8s8"]), default=None,
+              help="int8 weights: u8s7 (7-bit, right on every CPU), u8u8, or u8s8 (full range: only for CPUs with "
+                   "VNNI or AMX-INT8, refused elsewhere when served) [default: u8s7].")
 @click.option("--min-cosine", default=None, type=click.FloatRange(-1, 1),
               help="int8 gate: mean cosine to the fp32 embeddings [default: 0.99].")
 @click.option("--min-agreement", default=None, type=click.FloatRange(0, 1),
@@ -42,7 +45,7 @@ import click
 @click.option("--fit", type=click.Choice(["crop", "pad"]), default=None,
               help="How clients fit images into the input: crop (shorter side, centre crop) or pad (white "
                    "border trimmed, padded on white) [default: what the model was trained with, else crop].")
-def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, calibration, min_cosine,
+def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, calibration, int8_scheme, min_cosine,
            min_agreement, device, trt_fp16, verify_images, tolerance, checkpoint_key, crop_pct, fit):
     """Export a DINO backbone as the next version of REPO/NAME and verify it.
 
@@ -67,7 +70,8 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
     res = export_onnx(weights, name=name, arch=arch, repo=repo, image_size=image_size, max_batch=max_batch,
                       fp16=fp16, device=device, trt_fp16=trt_fp16, verify_images=verify_images,
                       tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct, fit=fit, int8=int8,
-                      calibration=calibration, min_cosine=min_cosine, min_agreement=min_agreement)
+                      calibration=calibration, min_cosine=min_cosine, min_agreement=min_agreement,
+                      int8_scheme=int8_scheme)
     click.echo(f"verified: max abs difference onnxruntime vs PyTorch {res.max_abs_diff:.3g} "
                f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
     if res.int8:
@@ -77,5 +81,6 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
         "arch": res.card.arch, "family": res.card.family, "embed_dim": res.card.embed_dim,
         "image_size": res.image_size, "fit": res.card.fit, "max_abs_diff": res.max_abs_diff,
         "sizes_checked": [list(s) for s in res.sizes_checked], "precision": res.card.precision,
-        **({"int8_gate": res.int8.to_dict(), "calibration": res.calibration} if res.int8 else {}),
+        **({"int8_scheme": res.card.int8_scheme, "int8_gate": res.int8.to_dict(), "calibration": res.calibration}
+           if res.int8 else {}),
     }))

@@ -19,18 +19,35 @@ from dinoserve.commands._client_options import client_options, make_client
 def search(images, index_path, k, as_json, url, repo, model, batch_size, timeout, concurrency):
     """Find the K most similar indexed images for each query IMAGE (cosine similarity).
 
+    An IMAGE that is a folder stands for every image under it. All queries are embedded in
+    batches and searched together (one matrix product per block of the index for an exact
+    index), so many queries cost far less than one call each.
+
     The model defaults to the one that built the index; another model is refused.
 
     \b
     Example:
       dinoserve search query.jpg --index photos.index -k 5
+      dinoserve search queries/ --index photos.index --json > hits.jsonl
     """
+    from pathlib import Path
+
+    from dinoserve.images import walk_images
     from dinoserve.index import EmbeddingIndex
 
+    queries: list[str] = []
+    for image in images:
+        if Path(image).is_dir():
+            found = [str(p) for p in walk_images(Path(image))]
+            if not found:
+                raise click.BadParameter(f"{image}: a folder with no images in it", param_hint="IMAGES")
+            queries += found
+        else:
+            queries.append(image)
     idx = EmbeddingIndex.load(index_path)
     with make_client(url, repo, model or idx.model_name, batch_size, timeout, concurrency) as client:
-        results = client.search(list(images), idx, k=k)
-    for query, hits in zip(images, results):
+        results = client.search(queries, idx, k=k)
+    for query, hits in zip(queries, results):
         if as_json:
             click.echo(json.dumps({"query": query, "hits": [
                 {"rank": h.rank, "score": round(h.score, 6), "path": h.path} for h in hits]}))
