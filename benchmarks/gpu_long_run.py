@@ -108,15 +108,24 @@ def pack(target: Path, size: int) -> None:
     print(f"{target}: {sum(1 for _ in target.rglob('*.png'))} PNGs, {total / 2**20:.1f} MiB")
 
 
-def run(data: Path, out: Path, minutes: float, knn_every: int, batch: int, recipes: list[str]) -> None:
-    """All recipes at once, one process each; then the teachers and logs into ``out``."""
+def run(data: Path, out: Path, minutes: float, knn_every: int, batch: int, recipes: list[str],
+        epochs: int | None = None) -> None:
+    """All recipes at once, one process each; then the teachers and logs into ``out``.
+
+    ``epochs`` fixes every schedule (the time limit then only stops a run that is slower
+    than planned). Without it each run plans its epochs from its first steps, which
+    misplans when the runs start at different moments: on 2026-12-04 the first one timed
+    its steps alone, planned 129 epochs and was stopped after 43 (results/gpu_long_run.json
+    has the measured speeds to plan with)."""
+    plan = ["--epochs", str(epochs), "--no-fit-epochs-to-time"] if epochs else ["--fit-epochs-to-time",
+                                                                              "--epochs", "1000"]
     runs = Path("/tmp/gpu_long_run")
     _decode_stores(data / "train", runs / "stores", recipes)
     procs = {}
     for name in recipes:
         cmd = [sys.executable, "-m", "dinoserve", "train", "-q", "-d", str(data / "train"), "-o", str(runs / name),
                "--knn-data", str(data / "knn"), "--knn-every", str(knn_every), "-b", str(batch),
-               "--time-limit", str(minutes), "--fit-epochs-to-time", "--epochs", "1000",
+               "--time-limit", str(minutes), *plan,
                "--store-dir", str(runs / "stores"), *RECIPES[name]]
         env = dict(os.environ, OMP_NUM_THREADS="4")
         log = open(out / f"{name}.stderr.txt", "w")
@@ -243,6 +252,7 @@ def main() -> None:
     r.add_argument("--knn-every", type=int, default=20)
     r.add_argument("--batch", type=int, default=256)
     r.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    r.add_argument("--epochs", type=int, help="fixed epochs for every recipe (default: fitted to --minutes)")
     a = sub.add_parser("adopt")
     a.add_argument("src", type=Path)
     a.add_argument("--target", type=Path, default=Path("runs/gpu"))
@@ -251,7 +261,7 @@ def main() -> None:
         pack(args.target, args.size)
     elif args.cmd == "run":
         args.out.mkdir(parents=True, exist_ok=True)
-        run(args.data, args.out, args.minutes, args.knn_every, args.batch, args.recipes)
+        run(args.data, args.out, args.minutes, args.knn_every, args.batch, args.recipes, args.epochs)
     else:
         adopt(args.src, args.target)
 
