@@ -103,8 +103,11 @@ def _attention_tab(h: Handlers) -> None:
         "Last block's CLS->patch attention, one map per head, upsampled per patch. Each head's map "
         "is renormalised to sum to 1 over the patches (the CLS->CLS weight is left out, so the raw "
         "maps sum to a little less); colours are then stretched per map for display. The threshold "
-        "view keeps the smallest set of patches that holds a share t of the attention.",
-        visible=vit,
+        "view keeps the smallest set of patches that holds a share t of the attention."
+        + (f" This model has {h.model.num_registers} register tokens: they are left out of the maps "
+           "too (registers often take much of the CLS attention, so the raw sums can be well below 1)."
+           if h.model.num_registers else ""),
+        visible=vit, elem_id="attention-about",
     )
     with gr.Row(visible=vit):
         with gr.Column(scale=1):

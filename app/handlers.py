@@ -177,7 +177,8 @@ class Handlers:
         the smallest set of patches holding ``threshold`` of the attention, the rest
         darkened) and a dict with the numbers (``attention``: the renormalised maps, each
         head summing to 1; ``raw_sums``: the sums before renormalisation, below 1 by the
-        CLS->CLS weight; ``kept_patches``).
+        CLS->CLS weight and, for models with registers (``registers``), the CLS->register
+        weights; ``kept_patches``).
         """
         image = read_upload(image)
         _require(image, "show attention for")
@@ -204,6 +205,7 @@ class Handlers:
             "heads": int(att.shape[0]),
             "grid": [int(att.shape[1]), int(att.shape[2])],
             "threshold": threshold,
+            "registers": int(self.model.num_registers),
             "raw_sums": [round(float(s), 6) for s in raw.sum(axis=(1, 2))],
             "kept_patches": {label: int(m.sum()) for label, m in zip(labels, masks)},
             "attention": att.astype(np.float32).tolist(),
@@ -212,7 +214,9 @@ class Handlers:
 
     def no_attention_message(self) -> str:
         family = self.model.family or "this architecture"
-        return (f"Model '{self.model.name}' ({family}) has no attention output: CLS attention "
+        cnn = {"resnet": " (a ResNet is a CNN: it has no attention)",
+               "convnext": " (a ConvNeXt, DINOv3's CNN, has no attention)"}.get(self.model.family, "")
+        return (f"Model '{self.model.name}' ({family}) has no attention output{cnn}: CLS attention "
                 "maps exist only for ViT models. Serve a ViT export (e.g. dino_vits16) to see them.")
 
     # --- embed -------------------------------------------------------------------------
