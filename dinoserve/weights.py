@@ -17,7 +17,8 @@ Weight sources (``source``), detected in this order:
   ``torch.save`` file: a dinoserve training checkpoint (``meta`` + ``teacher``/``student``),
   a facebookresearch/dino full checkpoint (``teacher``/``student`` with ``module.``/
   ``backbone.`` prefixes and an ``argparse.Namespace`` in ``args``), or a backbone-only
-  state dict such as the released ``*_pretrain.pth``.
+  state dict such as the released ``*_pretrain.pth`` (DINO, DINOv2 and DINOv3 layouts; the
+  last two are renamed to timm's by :mod:`dinoserve.official_layouts`).
 
 Files are read with ``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` only.
 An empty, truncated or foreign file is an :class:`~dinoserve.errors.UnreadableWeightsError`
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinoserve.arch_detect import detect_dino_arch, register_count, weights_generation
 from dinoserve.errors import (
     IncompatibleWeightsError,
     UnreadableWeightsError,
@@ -52,7 +54,7 @@ from dinoserve.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from dinoserve.arch_detect import detect_dino_arch, register_count, weights_generation
+from dinoserve.official_layouts import to_timm_layout
 from dinoserve.registry import ALIASES, generation_of
 
 __all__ = [
@@ -383,6 +385,7 @@ def extract_backbone_state_dict(obj: dict[str, Any], checkpoint_key: str = "teac
     sd = _strip_prefix(sd, "_orig_mod.")
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    sd, _ = to_timm_layout(sd, source)  # facebookresearch/dinov2 and dinov3 names -> timm's
     return sd, fmt
 
 

@@ -310,3 +310,58 @@ def test_app_attention_leaves_registers_out_and_convnext_has_none(exported, imag
     h = Handlers(convnext, SimpleNamespace(paths=[image]), convnext.info, tmp_path)
     with pytest.raises(gr.Error, match="ConvNeXt.*no attention"):
         h.attention(image, 0.6)
+
+
+# --- the official checkpoints' layouts ---------------------------------------------------------
+
+
+def _official(name: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` (timm's names) written the way facebookresearch/dinov2 / dinov3 save it."""
+    import re
+
+    torch.manual_seed(1)
+    out = {}
+    for k, v in sd.items():
+        if name == "dinov2_reg4":
+            k = k.replace("reg_token", "register_tokens")
+        elif name == "dinov3_qkvb":
+            k = k.replace("reg_token", "storage_tokens").replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        elif name == "convnext":
+            k = k.replace("stem.", "downsample_layers.0.").replace("head.norm.", "norm.")
+            k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+            k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
+            k = k.replace(".conv_dw.", ".dwconv.").replace(".mlp.fc1.", ".pwconv1.").replace(".mlp.fc2.", ".pwconv2.")
+        out[k] = v.clone()
+    if name == "dinov2_reg4":  # the reference's table has a CLS entry, added to the CLS token
+        cls_pos = torch.randn(1, 1, sd["cls_token"].shape[-1])
+        out["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+        out["cls_token"] = sd["cls_token"] - cls_pos
+        out["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    if name == "dinov3_qkvb":
+        for i in range(len([k for k in sd if k.endswith("attn.q_bias")])):
+            q, v = out.pop(f"blocks.{i}.attn.q_bias"), out.pop(f"blocks.{i}.attn.v_bias")
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+            out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q)])
+        out["rope_embed.periods"] = torch.ones(16, dtype=torch.bfloat16)
+        out["mask_token"] = torch.zeros(1, 384)
+    return out
+
+
+@pytest.mark.parametrize("name", ["dinov2_reg4", "dinov3_qkvb", "convnext"])
+def test_official_layout_loads_and_equals_timms(tmp_path, name):
+    model = _tiny(name)
+    if name == "dinov3_qkvb":
+        with torch.no_grad():  # non-zero query/value biases, so the split is checked
+            for n, p in model.named_parameters():
+                if n.endswith(("q_bias", "v_bias")):
+                    p.normal_()
+    official = _official(name, model.state_dict())
+    assert set(official) != set(model.state_dict())
+    torch.save(official, tmp_path / "official_pretrain.pth")
+    loaded = load_backbone(tmp_path / "official_pretrain.pth")  # the architecture read from the keys
+    assert backbone_card(loaded).arch == FAMILIES[name][0]
+    side = 4 * FAMILIES[name][5] if name != "convnext" else 64
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        # (DINOv2-reg: adding the CLS position back to the token rounds in float32)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
