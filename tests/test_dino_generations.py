@@ -374,3 +374,19 @@ def test_official_layout_loads_and_equals_timms(tmp_path, name):
     with torch.no_grad():
         # (DINOv2-reg: adding the CLS position back to the token rounds in float32)
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dino_v1_vit_has_patch_tokens_and_resnet_refuses_them(tmp_path, image_folder):
+    from dinoserve.errors import ExportError
+    from dinoserve.export import export_onnx
+
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_patch16_224", depth=1, img_size=32).eval()
+    res = export_onnx(model=vit, name="v1", repo=tmp_path, image_size=32, patch_tokens=True)
+    batch, _, _ = preprocess_batch(walk_images(image_folder)[:2], 48, 0.875)
+    got = open_session(res.onnx_path).run(["patch_tokens"], {"images": batch})[0]
+    x = torch.from_numpy(normalize(batch, backbone_card(vit).mean, backbone_card(vit).std))
+    _close(got, forward_outputs(vit, x, patch_tokens=True)["patch_tokens"].numpy())
+    assert got.shape == (2, 9, 192)
+    with pytest.raises(ExportError, match="--patch-tokens: resnet18 is a resnet without patch tokens"):
+        export_onnx(model=create_backbone("resnet18"), name="r", repo=tmp_path, patch_tokens=True)
