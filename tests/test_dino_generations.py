@@ -33,7 +33,7 @@ FAMILIES = {
     "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", {"depth": 2, "img_size": 28}, 28, 4, "learned", 14),
     "dinov3": ("vit_small_patch16_dinov3", {"depth": 2}, 32, 4, "rope", 16),
     "dinov3_qkvb": ("vit_small_patch16_dinov3_qkvb", {"depth": 1}, 32, 4, "rope", 16),
-    "convnext": ("convnext_tiny", {"depths": (1, 1, 1, 1)}, 32, 0, "", 32),
+    "convnext": ("convnext_tiny", {"depths": (1, 1, 1, 1)}, 64, 0, "", 32),
 }
 TOL = 1e-4  # max abs diff per unit of the reference's magnitude, as export checks
 
@@ -390,3 +390,47 @@ def test_dino_v1_vit_has_patch_tokens_and_resnet_refuses_them(tmp_path, image_fo
     assert got.shape == (2, 9, 192)
     with pytest.raises(ExportError, match="--patch-tokens: resnet18 is a resnet without patch tokens"):
         export_onnx(model=create_backbone("resnet18"), name="r", repo=tmp_path, patch_tokens=True)
+
+
+def test_app_patch_features_pca_through_a_real_gradio_server(exported, image_folder, tmp_path, monkeypatch):
+    """ConvNeXt: no attention, but its patch features in the Attention tab, over gradio_client;
+    the red channel is the projection on the top principal component (found here by eigh)."""
+    import socket
+
+    from gradio_client import Client as GradioClient
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from dinoserve import app
+    from dinoserve.index import build_index
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    repo, _ = exported
+    client = Client(repo=repo, model="convnext")
+    build_index(image_folder, tmp_path / "x.index", client, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.launch(client, tmp_path / "x.index", port=port, prevent_thread_lock=True, quiet=True)
+    gc = GradioClient(demo.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
+    try:
+        query = walk_images(image_folder)[4]
+        picture, numbers = gc.predict(handle_file(str(query)), api_name="/patch_features")
+        with pytest.raises(Exception, match="ConvNeXt.*no attention"):
+            gc.predict(handle_file(str(query)), 0.6, api_name="/attention")
+    finally:
+        gc.close()
+        demo.close()
+    assert numbers["grid"] == [2, 2] and numbers["registers_left_out"] == 0
+    ratio = numbers["explained_variance"]
+    assert ratio == sorted(ratio, reverse=True) and 0 < sum(ratio) <= 1 + 1e-6
+    img = np.asarray(Image.open(picture).convert("RGB"))
+    assert img.shape[0] == img.shape[1] >= client.info.image_size
+    _, tokens = client.embed([query], patch_tokens=True)
+    x = tokens[0].astype(np.float64) - tokens[0].mean(0)
+    top = np.linalg.eigh(x.T @ x)[1][:, -1]
+    proj = x @ top
+    side = numbers["grid"][0]
+    step = img.shape[0] // side
+    red = img[step // 2::step, step // 2::step, 0][:side, :side].reshape(-1).astype(np.float64)
+    assert abs(np.corrcoef(red, proj)[0, 1]) > 0.99
