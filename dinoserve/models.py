@@ -11,12 +11,15 @@ The work is split by job, and the public names of each module are re-exported he
 - :mod:`dinoserve.registry`: the official aliases and the listing (``list_models``);
 - :mod:`dinoserve.weights`: resolve a source, read it once, convert, load strictly;
 - :mod:`dinoserve.pos_embed`: the reference implementation's position-embedding numerics;
+- :mod:`dinoserve.rope`: DINOv3's RoPE on tensor operations, for export with a dynamic grid;
 - :mod:`dinoserve.attention`: the last block's CLS attention, shared with ONNX export.
 
 A weight source is resolved and read before any model is built, so a missing or broken
-file fails fast. ViTs are built with ``dynamic_img_size=True`` and interpolate their
-position embeddings exactly as the reference implementation does, so official weights
-give the reference's outputs at any input size.
+file fails fast. ViTs are built with ``dynamic_img_size=True``; a learned position table
+(DINO, DINOv2) is resampled exactly as the reference implementations do, so official
+weights give the reference's outputs at any input size, and DINOv3's RoPE is timm's own.
+:func:`backbone_outputs` is the one definition of the exported outputs (embedding,
+attention, patch tokens), used by export verification and the exported graph alike.
 """
 
 from __future__ import annotations
@@ -87,10 +90,12 @@ def create_backbone(
     checkpoint_key: str = "teacher",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a DINO backbone (no classifier) by alias or timm ``resnet*``/``vit*`` name.
+    """Build a DINO backbone (no classifier) by alias or timm ``resnet*``/``vit*``/``convnext*`` name.
 
     Args:
-        name: ``dino_vits16`` ... ``dino_resnet50``, or a timm architecture.
+        name: ``dino_vits16`` ... ``dino_resnet50``, or a timm architecture (DINOv2's
+            ``vit_*_dinov2``/``vit_*_reg4_dinov2``, DINOv3's ``vit_*_dinov3[_qkvb]`` and
+            ``convnext_*`` included).
         weights: a weight source (see :mod:`dinoserve.weights`) or a :class:`Weights` record
             already read, loaded strictly.
         pretrained: load the alias's own weights (aliases only).
@@ -100,7 +105,8 @@ def create_backbone(
             records the size it is trained and evaluated at.
 
     The returned module maps a float ``[B, 3, H, W]`` normalised batch to ``[B, D]`` features
-    (ViT: final-normed CLS token; ResNet: global average pool) and carries its
+    (ViT: final-normed CLS token; ResNet: global average pool; ConvNeXt: average pool and
+    its head's LayerNorm, DINOv3's CLS-token equivalent) and carries its
     :class:`~dinoserve.card.ModelCard` as ``model.dino_card``.
     """
     alias, arch, family = resolve_name(name)
