@@ -49,9 +49,9 @@ from dinoserve.errors import DinoserveError, ExportError, ModelFileError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
 from dinoserve.models import (backbone_card, backbone_outputs, forward_outputs, load_backbone, output_names,
                               patch_token_error)
-from dinoserve.registry import not_exportable
 from dinoserve.onnx_attention import use_onnx_attention
 from dinoserve.ort_session import open_session
+from dinoserve.registry import not_exportable
 from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
 
 __all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
@@ -97,8 +97,9 @@ class ExportWrapper(nn.Module):
     :func:`dinoserve.models.forward_with_attention` uses) stays installed on the last block,
     so the ``attention`` output is the tensor PyTorch code sees; the other blocks' attention
     exports as one ONNX ``Attention`` operator (:mod:`dinoserve.onnx_attention`) where it is
-    a plain timm attention, and as timm's own forward where it is not (DINOv3's RoPE). The
-    outputs are :func:`dinoserve.models.backbone_outputs`, the function verification calls.
+    a plain timm attention; DINOv3's RoPE attention keeps timm's forward, whose fused
+    attention the exporter turns into the same operator. The outputs are
+    :func:`dinoserve.models.backbone_outputs`, the function verification calls.
     Both change the backbone, so pass a copy.
     """
 
@@ -246,9 +247,9 @@ def export_onnx(
 
         calibration = calibration if calibration is not None else _training_data_of(weights)
     if model is None:
-        too_large = not_exportable(arch or "")
-        if too_large:
-            raise ExportError(f"{arch}: {too_large}")
+        named = arch or (str(weights)[len("timm:"):].split(".")[0] if str(weights).startswith("timm:") else "")
+        if not_exportable(named):  # before reading gigabytes of weights
+            raise ExportError(f"{named}: {not_exportable(named)}")
         model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
     built = backbone_card(model)
     if patch_tokens and patch_token_error(built):
@@ -349,9 +350,9 @@ def _check_size(card: ModelCard, size: int) -> None:
     """One line naming the sizes ``card``'s architecture takes when ``size`` is not one."""
     p = card.patch_size
     if card.family == "vit" and size % p:
-        lower, upper = max(p, size - size % p), size - size % p + p
-        raise ExportError(f"--image-size {size}: {card.arch} takes multiples of its patch size {p} "
-                          f"(e.g. {lower} or {upper})")
+        lower, upper = size - size % p, size - size % p + p
+        near = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ExportError(f"--image-size {size}: {card.arch} takes multiples of its patch size {p} (e.g. {near})")
     if card.family == "convnext" and size < CONVNEXT_MIN_SIZE:
         raise ExportError(f"--image-size {size}: {card.arch} takes sizes of {CONVNEXT_MIN_SIZE} px or more "
                           f"(its stages downsample 32 times)")
