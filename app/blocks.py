@@ -61,6 +61,8 @@ def build_blocks(h: Handlers, *, title: str = "dinoserve") -> gr.Blocks:
                 _search_tab(h, max_k)
             with gr.Tab("Attention", id="attention"):
                 _attention_tab(h)
+                if h.model.has_patch_tokens:
+                    _patch_features(h)
             with gr.Tab("Embed", id="embed"):
                 _embed_tab(h)
     return demo
@@ -103,8 +105,11 @@ def _attention_tab(h: Handlers) -> None:
         "Last block's CLS->patch attention, one map per head, upsampled per patch. Each head's map "
         "is renormalised to sum to 1 over the patches (the CLS->CLS weight is left out, so the raw "
         "maps sum to a little less); colours are then stretched per map for display. The threshold "
-        "view keeps the smallest set of patches that holds a share t of the attention.",
-        visible=vit,
+        "view keeps the smallest set of patches that holds a share t of the attention."
+        + (f" This model has {h.model.num_registers} register tokens: they are left out of the maps "
+           "too (registers often take much of the CLS attention, so the raw sums can be well below 1)."
+           if h.model.num_registers else ""),
+        visible=vit, elem_id="attention-about",
     )
     with gr.Row(visible=vit):
         with gr.Column(scale=1):
@@ -124,6 +129,22 @@ def _attention_tab(h: Handlers) -> None:
     button.click(h.attention, [image, threshold], outputs, api_name="attention", preprocess=False)
     image.upload(_when_image(h.attention, 4), [image, threshold], outputs, api_visibility="private", preprocess=False)
     threshold.release(_when_image(h.attention, 4), [image, threshold], outputs, api_visibility="private", preprocess=False)
+
+
+def _patch_features(h: Handlers) -> None:
+    """PCA of the patch tokens to RGB, for any model exported with them (ConvNeXts too)."""
+    gr.Markdown("### Patch features\nThe first three principal components of this image's patch tokens "
+                "as red, green and blue (registers and CLS left out): patches that look alike to the model "
+                "get alike colours.", elem_id="patch-features-about")
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = _image_input(label="Image", elem_id="patch-features-image")
+            button = gr.Button("Show patch features", variant="primary", elem_id="patch-features-button")
+        with gr.Column(scale=2):
+            picture = gr.Image(label="Patch features, PCA to RGB", type="pil", interactive=False, format="png",
+                               height=320, elem_id="patch-features-pca")
+            numbers = gr.JSON(label="Numbers (grid, explained variance)", open=False)
+    button.click(h.patch_features, [image], [picture, numbers], api_name="patch_features", preprocess=False)
 
 
 def _embed_tab(h: Handlers) -> None:

@@ -29,7 +29,8 @@ from dinoserve.images import fit_image, load_image
 from dinoserve.model_info import ModelInfo
 
 from dinoserve.app.errors import app_error, user_errors
-from dinoserve.app.overlay import heatmap_overlay, renormalize, threshold_mask, threshold_overlay
+from dinoserve.app.overlay import (heatmap_overlay, pca_rgb, renormalize, threshold_mask, threshold_overlay,
+                                   upsample_rgb)
 from dinoserve.app.upload import read_upload
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class Handlers:
         the smallest set of patches holding ``threshold`` of the attention, the rest
         darkened) and a dict with the numbers (``attention``: the renormalised maps, each
         head summing to 1; ``raw_sums``: the sums before renormalisation, below 1 by the
-        CLS->CLS weight; ``kept_patches``).
+        CLS->CLS weight and, for models with registers (``registers``), the CLS->register
+        weights; ``kept_patches``).
         """
         image = read_upload(image)
         _require(image, "show attention for")
@@ -204,15 +206,36 @@ class Handlers:
             "heads": int(att.shape[0]),
             "grid": [int(att.shape[1]), int(att.shape[2])],
             "threshold": threshold,
+            "registers": int(self.model.num_registers),
             "raw_sums": [round(float(s), 6) for s in raw.sum(axis=(1, 2))],
             "kept_patches": {label: int(m.sum()) for label, m in zip(labels, masks)},
             "attention": att.astype(np.float32).tolist(),
         }
         return heads, heatmap_overlay(crop, mean), kept, summary
 
+    def patch_features(self, image: Image.Image | str | None):
+        """The PCA-to-RGB picture of ``image``'s patch tokens (a model exported with
+        ``--patch-tokens``): ``(picture, summary)``, the picture the size of the display
+        crop, the summary with the grid and each component's explained variance."""
+        image = read_upload(image)
+        _require(image, "show patch features for")
+        if not self.model.has_patch_tokens:
+            raise app_error(f"Model '{self.model.name}' has no patch_tokens output: export it with "
+                            f"`dinoserve export --patch-tokens` (ViTs and ConvNeXts).", title="No patch features")
+        with user_errors("Patch features failed"):
+            _, tokens = self.client.embed([image], patch_tokens=True)
+        side = self.model.image_size // self.model.patch_size
+        rgb, ratio = pca_rgb(tokens[0], (side, side))
+        crop = self.display_crop(image)
+        summary = {"model": self.model.name, "grid": [side, side], "registers_left_out": int(self.model.num_registers),
+                   "explained_variance": [round(float(r), 6) for r in ratio]}
+        return upsample_rgb(rgb, crop.size), summary
+
     def no_attention_message(self) -> str:
         family = self.model.family or "this architecture"
-        return (f"Model '{self.model.name}' ({family}) has no attention output: CLS attention "
+        cnn = {"resnet": " (a ResNet is a CNN: it has no attention)",
+               "convnext": " (a ConvNeXt, DINOv3's CNN, has no attention)"}.get(self.model.family, "")
+        return (f"Model '{self.model.name}' ({family}) has no attention output{cnn}: CLS attention "
                 "maps exist only for ViT models. Serve a ViT export (e.g. dino_vits16) to see them.")
 
     # --- embed -------------------------------------------------------------------------

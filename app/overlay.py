@@ -1,4 +1,5 @@
-"""Turn CLS attention maps into pictures: heat-map overlays and the threshold view.
+"""Turn CLS attention maps into pictures: heat-map overlays and the threshold view; and
+patch features into the PCA-to-RGB picture DINOv2/DINOv3 users know.
 
 Pure numpy + PIL, no gradio, so every function here is testable on its own.
 
@@ -108,3 +109,33 @@ def threshold_overlay(image: Image.Image, mask: np.ndarray, dim: float = 0.25) -
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = np.where(keep[..., None], base, base * dim)
     return Image.fromarray(np.round(out).astype(np.uint8))
+
+
+def pca_rgb(tokens: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The first three principal components of one image's patch tokens ``[P, D]`` as
+    colours: ``(rgb [h, w, 3] uint8, explained variance ratio of the three)``.
+
+    The tokens are centred and projected on the covariance's top eigenvectors (computed in
+    float64); each component is stretched to 0..255 on its own, red being the first. A
+    component's sign is arbitrary (as in any PCA), so only the contrasts mean something.
+    """
+    x = np.asarray(tokens, dtype=np.float64)
+    h, w = grid
+    if x.ndim != 2 or x.shape[0] != h * w:
+        raise ValueError(f"patch tokens of shape {x.shape} do not make a {h} x {w} grid")
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    k = min(3, vt.shape[0])
+    proj = x @ vt[:k].T  # [P, k]
+    lo, hi = proj.min(axis=0), proj.max(axis=0)
+    scaled = np.where(hi > lo, (proj - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+    rgb = np.zeros((h * w, 3))
+    rgb[:, :k] = scaled
+    var = s ** 2
+    ratio = var[:k] / var.sum() if var.sum() > 0 else np.zeros(k)
+    return np.round(rgb.reshape(h, w, 3) * 255).astype(np.uint8), ratio
+
+
+def upsample_rgb(rgb: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A ``[h, w, 3]`` patch picture enlarged to ``size`` (width, height), each patch a square."""
+    return Image.fromarray(rgb).resize(size, Image.Resampling.NEAREST)

@@ -24,6 +24,9 @@ fraction of this CPU's measured float32 matmul peak.
     python benchmarks/serving_throughput.py                      # resnet18 at 224
     python benchmarks/serving_throughput.py --arch vit_small_patch16_224 --seconds 8
     python benchmarks/serving_throughput.py --arch resnet50 --no-triton --rounds 5   # in-process rows only
+    python benchmarks/serving_throughput.py --arch vit_small_patch16_dinov3 --no-triton --no-int8 --no-openvino
+        # any DINO generation: vit_small_patch14_dinov2, vit_small_patch14_reg4_dinov2,
+        # vit_small_patch16_dinov3[_qkvb], convnext_tiny (`dinoserve models dino`)
 
 The in-process backends are measured interleaved (``--rounds`` rounds, each backend for
 ``--seconds / --rounds`` per round), so load from other jobs hits them alike; each ratio is

@@ -28,8 +28,9 @@ from dinoserve.images import DEFAULT_CROP_PCT, FITS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ModelCard", "family_of", "FAMILIES"]
 
-#: The backbone families dinoserve builds, by timm architecture prefix.
-FAMILIES = ("vit", "resnet")
+#: The backbone families dinoserve builds, by timm architecture prefix. ``vit`` covers DINO,
+#: DINOv2 (learned position table) and DINOv3 (RoPE) ViTs; ``convnext`` the DINOv3 ConvNeXts.
+FAMILIES = ("vit", "resnet", "convnext")
 
 #: Field metadata key: False keeps a field out of ``config.pbtxt`` (build details only the
 #: PyTorch side needs).
@@ -37,7 +38,7 @@ _PARAM = "param"
 
 
 def family_of(arch: str) -> str:
-    """``"vit"`` or ``"resnet"`` for a timm architecture name; ``""`` for anything else."""
+    """``"vit"``, ``"resnet"`` or ``"convnext"`` for a timm architecture name; ``""`` for anything else."""
     for family in FAMILIES:
         if arch.startswith(family):
             return family
@@ -53,10 +54,14 @@ class ModelCard:
     """
 
     arch: str = ""  # timm architecture, e.g. "vit_small_patch16_224"
-    family: str = ""  # "vit" or "resnet"; worked out from arch when not given
+    family: str = ""  # "vit", "resnet" or "convnext"; worked out from arch when not given
     image_size: int  # square input side a client sends, in pixels
-    patch_size: int = 0  # ViT patch side; 0 for ResNets
+    patch_size: int = 0  # ViT patch side; a ConvNeXt's patch-token stride (32); 0 for ResNets
     num_heads: int = 0  # ViT attention heads of the last block; 0 for ResNets
+    # ViT tokens before the patches that are neither CLS nor a patch (DINOv2-reg, DINOv3): they
+    # are left out of the attention map and the patch tokens, so a client must know them.
+    num_registers: int = 0
+    position: str = ""  # how a ViT encodes position: "learned" (DINO, DINOv2) or "rope" (DINOv3)
     embed_dim: int  # length of the ``embedding`` output
     mean: tuple[float, ...] = IMAGENET_MEAN  # normalisation the graph applies to [0, 1] RGB
     std: tuple[float, ...] = IMAGENET_STD

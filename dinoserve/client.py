@@ -29,7 +29,7 @@ from PIL import Image
 
 from dinoserve.errors import ConfigError, InputTypeError, ModelError
 from dinoserve.images import ImageInput, l2_normalize, preprocess_batch
-from dinoserve.model_info import ATTENTION, EMBEDDING, ModelInfo
+from dinoserve.model_info import ATTENTION, EMBEDDING, PATCH_TOKENS, ModelInfo
 
 __all__ = ["Client", "ClientStats", "Embeddings", "l2_normalize"]
 
@@ -51,6 +51,9 @@ class Embeddings:
     vectors: np.ndarray
     kept: list[int]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    #: float32 ``[N, P, D]`` final-normed patch tokens (``embed_detailed(patch_tokens=True)``),
+    #: row-major over the patch grid, CLS and register tokens left out; None otherwise.
+    patch_tokens: np.ndarray | None = None
 
 
 @dataclass
@@ -153,29 +156,44 @@ class Client:
 
     # -- public calls ----------------------------------------------------------------------
     def embed(self, images: ImageInput | Iterable[ImageInput], normalize: bool = True,
-              on_error: str = "raise", names: Sequence[str] | None = None) -> np.ndarray:
+              on_error: str = "raise", names: Sequence[str] | None = None,
+              patch_tokens: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Embeddings of ``images`` as float32 ``[N, D]``, L2-normalised unless ``normalize=False``.
 
         ``images`` is one image or a list mixing paths, bytes, PIL images and numpy arrays.
         With ``on_error="skip"`` bad images are left out (use :meth:`embed_detailed` to learn
         which); with ``"raise"`` the first bad one raises an :class:`~dinoserve.errors.ImageError`
         naming its position and path.
+
+        With ``patch_tokens=True`` (a model exported with ``--patch-tokens``) it returns
+        ``(embeddings, patch_tokens)``: the second float32 ``[N, P, D]``, the final-normed
+        patch tokens in row-major grid order (``P = (S/p)^2`` at the model's size ``S``;
+        CLS and register tokens left out), never normalised.
         """
-        return self.embed_detailed(images, normalize=normalize, on_error=on_error, names=names).vectors
+        out = self.embed_detailed(images, normalize=normalize, on_error=on_error, names=names,
+                                  patch_tokens=patch_tokens)
+        return (out.vectors, out.patch_tokens) if patch_tokens else out.vectors
 
     def embed_detailed(self, images: ImageInput | Iterable[ImageInput], *, normalize: bool = True,
                        on_error: str = "raise", names: Sequence[str] | None = None,
-                       progress: Callable[[int], None] | None = None) -> Embeddings:
+                       progress: Callable[[int], None] | None = None, patch_tokens: bool = False) -> Embeddings:
         """Like :meth:`embed`, also returning which inputs were kept and why others were skipped.
 
         ``names`` label inputs in error messages (e.g. the path of raw bytes); ``progress`` is
-        called with the number of inputs finished after each batch.
+        called with the number of inputs finished after each batch; ``patch_tokens`` fills
+        :attr:`Embeddings.patch_tokens`.
         """
-        outs = self._run(images, EMBEDDING, on_error, names, progress)
+        if patch_tokens and not self.info.has_patch_tokens:
+            raise ModelError(
+                f"model {self.model!r} ({self.info.arch or self.info.family}) has no 'patch_tokens' output; "
+                f"export it with `dinoserve export --patch-tokens` (ViTs and ConvNeXts)")
+        outputs = (EMBEDDING, PATCH_TOKENS) if patch_tokens else (EMBEDDING,)
+        outs = self._run(images, outputs, on_error, names, progress)
         vectors = outs.vectors.astype(np.float32, copy=False)
         if normalize and len(vectors):
             vectors = l2_normalize(vectors)
-        return Embeddings(vectors, outs.kept, outs.skipped)
+        tokens = outs.patch_tokens.astype(np.float32, copy=False) if patch_tokens else None
+        return Embeddings(vectors, outs.kept, outs.skipped, tokens)
 
     def embed_pixels(self, batch: np.ndarray, normalize: bool = True) -> np.ndarray:
         """Embeddings of images already preprocessed by :func:`dinoserve.images.preprocess_batch`
@@ -207,7 +225,7 @@ class Client:
                 f"model {self.model!r} ({self.info.arch or self.info.family}) is {kind}: it has no "
                 "attention maps; use a ViT model (e.g. one exported from dino_vits16) for attention"
             )
-        return self._run(images, ATTENTION, on_error, names, None).vectors.astype(np.float32, copy=False)
+        return self._run(images, (ATTENTION,), on_error, names, None).vectors.astype(np.float32, copy=False)
 
     def search(self, images: ImageInput | Iterable[ImageInput], index: Any, k: int = 10) -> list:
         """The ``k`` nearest images in ``index`` (an :class:`~dinoserve.index.EmbeddingIndex`
@@ -225,30 +243,31 @@ class Client:
         return search(self, images, index, k)
 
     # -- machinery -------------------------------------------------------------------------
-    def _run(self, images, output: str, on_error: str, names, progress) -> Embeddings:
+    def _run(self, images, outputs: tuple[str, ...], on_error: str, names, progress) -> Embeddings:
+        """``outputs[0]`` as ``vectors``; a second output (``patch_tokens``) as ``patch_tokens``."""
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        items = as_image_list(images, f"Client.{'attention' if output == ATTENTION else 'embed'}")
+        items = as_image_list(images, f"Client.{'attention' if outputs[0] == ATTENTION else 'embed'}")
         if names is not None and len(names) != len(items):
             raise ConfigError(f"names has {len(names)} entries for {len(items)} images")
         chunks = [list(range(i, min(i + self.batch_size, len(items)))) for i in range(0, len(items), self.batch_size)]
 
         def work(positions: list[int]):
-            return self._run_chunk(items, names, positions, output, on_error)
+            return self._run_chunk(items, names, positions, outputs, on_error)
 
-        vectors, kept, skipped = [], [], []
+        parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        kept, skipped = [], []
         for got, kept_j, skipped_j in self._map(work, chunks):
-            if len(got):
-                vectors.append(got)
+            for o in outputs:
+                if len(got[o]):
+                    parts[o].append(got[o])
             kept += kept_j
             skipped += skipped_j
             if progress is not None:
                 progress(len(kept_j) + len(skipped_j))
-        if vectors:
-            out = np.concatenate(vectors)
-        else:
-            out = np.zeros((0, self.dim) if output == EMBEDDING else (0, 0, 0, 0), np.float32)
-        return Embeddings(out, kept, skipped)
+        empty = {EMBEDDING: (0, self.dim), ATTENTION: (0, 0, 0, 0), PATCH_TOKENS: (0, 0, self.dim)}
+        out = {o: np.concatenate(parts[o]) if parts[o] else np.zeros(empty[o], np.float32) for o in outputs}
+        return Embeddings(out[outputs[0]], kept, skipped, out.get(PATCH_TOKENS))
 
     def _map(self, fn, chunks: list) -> Iterator:
         if self.concurrency == 1 or len(chunks) <= 1:
@@ -270,20 +289,20 @@ class Client:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run_chunk(self, items, names, positions, output, on_error):
+    def _run_chunk(self, items, names, positions, outputs, on_error):
         t0 = time.perf_counter()
         info = self.info
         batch, kept, skipped = preprocess_batch(
             [items[p] for p in positions], info.image_size, info.crop_pct, fit=info.fit, on_error=on_error,
             positions=positions, names=[names[p] for p in positions] if names is not None else None)
         t1 = time.perf_counter()
-        got = np.zeros((0,), np.float32)
+        got = {o: np.zeros((0,), np.float32) for o in outputs}
         if len(batch):
             if self._infer_lock is not None:
                 with self._infer_lock:
-                    got = self._backend.infer(batch, (output,))[output]
+                    got = self._backend.infer(batch, outputs)
             else:
-                got = self._backend.infer(batch, (output,))[output]
+                got = self._backend.infer(batch, outputs)
         t2 = time.perf_counter()
         with self._stats_lock:
             self.stats.images += len(kept)

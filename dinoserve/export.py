@@ -4,8 +4,11 @@ The exported graph (see DESIGN.md, "ONNX and Triton contract"):
 
 - input ``images``: UINT8 ``[B, 3, H, W]``; the graph converts to float and normalises;
 - output ``embedding``: FP32 ``[B, D]``;
-- output ``attention`` (ViTs): FP32 ``[B, heads, H/p, W/p]``, the last block's CLS attention;
-- the batch dimension is dynamic, and so are a ViT's ``H`` and ``W`` (multiples of the patch);
+- output ``attention`` (ViTs): FP32 ``[B, heads, H/p, W/p]``, the last block's CLS attention
+  over the patches (register tokens left out);
+- output ``patch_tokens`` (``patch_tokens=True``; ViTs and ConvNeXts): FP32 ``[B, N, D]``;
+- the batch dimension is dynamic, and so are a ViT's ``H`` and ``W`` (multiples of the patch)
+  and a ConvNeXt's (32 px or more);
 - ``config.pbtxt`` is written by :mod:`dinoserve.repository` and carries the backbone's
   :class:`~dinoserve.card.ModelCard` (with the export's image size, crop and precision).
 
@@ -44,9 +47,11 @@ from dinoserve.attention import AttentionTap
 from dinoserve.card import ModelCard
 from dinoserve.errors import DinoserveError, ExportError, ModelFileError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
-from dinoserve.models import backbone_card, forward_with_attention, load_backbone
+from dinoserve.models import (backbone_card, backbone_outputs, forward_outputs, load_backbone, output_names,
+                              patch_token_error)
 from dinoserve.onnx_attention import use_onnx_attention
 from dinoserve.ort_session import open_session
+from dinoserve.registry import not_exportable
 from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
 
 __all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
@@ -91,15 +96,19 @@ class ExportWrapper(nn.Module):
     For ViTs an :class:`~dinoserve.attention.AttentionTap` (the one
     :func:`dinoserve.models.forward_with_attention` uses) stays installed on the last block,
     so the ``attention`` output is the tensor PyTorch code sees; the other blocks' attention
-    exports as one ONNX ``Attention`` operator (:mod:`dinoserve.onnx_attention`). Both change
-    the backbone, so pass a copy.
+    exports as one ONNX ``Attention`` operator (:mod:`dinoserve.onnx_attention`) where it is
+    a plain timm attention; DINOv3's RoPE attention keeps timm's forward, whose fused
+    attention the exporter turns into the same operator. The outputs are
+    :func:`dinoserve.models.backbone_outputs`, the function verification calls.
+    Both change the backbone, so pass a copy.
     """
 
-    def __init__(self, backbone: nn.Module, fp16: bool = False):
+    def __init__(self, backbone: nn.Module, fp16: bool = False, patch_tokens: bool = False):
         super().__init__()
         card = backbone_card(backbone)
         self.backbone = backbone.half() if fp16 else backbone
         self.fp16 = fp16
+        self.patch_tokens = patch_tokens
         self.register_buffer("mean", torch.tensor(card.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(card.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.tap = AttentionTap(backbone) if card.family == "vit" else None
@@ -111,10 +120,8 @@ class ExportWrapper(nn.Module):
         x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
         if self.fp16:
             x = x.half()
-        features = self.backbone(x).float()
-        if self.tap is None:
-            return features
-        return features, self.tap.cls_maps(images).float()
+        outputs = [o.float() for o in backbone_outputs(self.backbone, x, self.tap, self.patch_tokens)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -191,6 +198,7 @@ def export_onnx(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     int8_scheme: str | None = None,
+    patch_tokens: bool = False,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
 
@@ -224,6 +232,8 @@ def export_onnx(
         int8_scheme: ``u8s7`` (default: 7-bit weights, right on every CPU), ``u8u8`` or
             ``u8s8`` (full-range weights, right only on CPUs with VNNI or AMX-INT8; serving
             refuses it elsewhere); recorded in the card (:mod:`dinoserve.cpu`).
+        patch_tokens: add the ``patch_tokens`` output, float32 ``[B, N, D]``: the final-normed
+            patch tokens in row-major order (a ViT's CLS and register tokens left out).
 
     Raises:
         ExportError: bad arguments, an unwritable repository, an export or a verification
@@ -246,11 +256,15 @@ def export_onnx(
                               f"({quantize.PORTABLE}, the default, is right on every CPU)")
         calibration = calibration if calibration is not None else _training_data_of(weights)
     if model is None:
+        named = arch or (str(weights)[len("timm:"):].split(".")[0] if str(weights).startswith("timm:") else "")
+        if not_exportable(named):  # before reading gigabytes of weights
+            raise ExportError(f"{named}: {not_exportable(named)}")
         model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
     built = backbone_card(model)
+    if patch_tokens and patch_token_error(built):
+        raise ExportError(f"--patch-tokens: {patch_token_error(built)}")
     size = int(image_size or built.image_size)
-    if built.family == "vit" and size % built.patch_size:
-        raise ExportError(f"--image-size {size} is not a multiple of the patch size {built.patch_size} of {built.arch}")
+    _check_size(built, size)
     # What the model is and what clients must do to feed it: the card config.pbtxt carries.
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     scheme = (int8_scheme or quantize.PORTABLE) if int8 else ""
@@ -268,12 +282,13 @@ def export_onnx(
         staged_model = stage / name
         onnx_path = staged_model / str(version) / ONNX_FILENAME
         onnx_path.parent.mkdir(parents=True)
-        _torch_export(model, card, onnx_path, fp16=fp16, size=size)
-        diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images)
+        _torch_export(model, card, onnx_path, fp16=fp16, size=size, patch_tokens=patch_tokens)
+        diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images, patch_tokens)
         if int8:
             quality = _quantize_and_gate(onnx_path, card.family, calib, calib_from, min_cosine, min_agreement,
                                          scheme)
-        write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16)
+        write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
+                           patch_tokens=patch_tokens)
         fsync_path(onnx_path)
         _commit(staged_model, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
@@ -338,6 +353,22 @@ def _check_args(name: str, device: str, trt_fp16: bool, max_batch: int, image_si
         raise ExportError("pass exactly one of weights (--weights) or model")
 
 
+#: The smallest input a ConvNeXt takes: its four stages downsample 32 times.
+CONVNEXT_MIN_SIZE = 32
+
+
+def _check_size(card: ModelCard, size: int) -> None:
+    """One line naming the sizes ``card``'s architecture takes when ``size`` is not one."""
+    p = card.patch_size
+    if card.family == "vit" and size % p:
+        lower, upper = size - size % p, size - size % p + p
+        near = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ExportError(f"--image-size {size}: {card.arch} takes multiples of its patch size {p} (e.g. {near})")
+    if card.family == "convnext" and size < CONVNEXT_MIN_SIZE:
+        raise ExportError(f"--image-size {size}: {card.arch} takes sizes of {CONVNEXT_MIN_SIZE} px or more "
+                          f"(its stages downsample 32 times)")
+
+
 def _check_writable(repo: Path) -> None:
     """Fail before any work when the repository (or the folder it would go in) is not writable."""
     probe = repo if repo.exists() else repo.parent
@@ -377,19 +408,24 @@ def _staging(repo: Path) -> Iterator[Path]:
                     break
 
 
-def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, size: int) -> None:
+def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, size: int,
+                  patch_tokens: bool = False) -> None:
     # Traced on the CPU whatever the model's device: the graph itself is device-free.
-    wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), fp16=fp16).eval()
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # batch 2: 1 would be specialised
+    wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), fp16=fp16, patch_tokens=patch_tokens).eval()
+    # Batch 2 and a patch grid of at least 2 x 2: the exporter specialises any axis of size 1.
+    side = max(size, 2 * card.patch_size)
+    example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
+    outputs = output_names(card, patch_tokens)
     if card.family == "vit":
         p = card.patch_size
         hp, wp = torch.export.Dim("h_patches", min=1, max=4096), torch.export.Dim("w_patches", min=1, max=4096)
         dynamic = {"images": {0: batch, 2: p * hp, 3: p * wp}}
-        outputs = ["embedding", "attention"]
+    elif card.family == "convnext":  # convolutions and a global pool: any size from 32 px
+        h, w = (torch.export.Dim(n, min=CONVNEXT_MIN_SIZE, max=16384) for n in ("height", "width"))
+        dynamic = {"images": {0: batch, 2: h, 3: w}}
     else:
         dynamic = {"images": {0: batch}}
-        outputs = ["embedding"]
     try:
         # The exporter prints progress lines and warns about onnxscript internals; the CLI
         # reports what matters.
@@ -410,23 +446,21 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
 
 
 @torch.no_grad()
-def _reference(model: nn.Module, card: ModelCard, batch: np.ndarray) -> list[np.ndarray]:
+def _reference(model: nn.Module, card: ModelCard, batch: np.ndarray, patch_tokens: bool = False) -> list[np.ndarray]:
     # The reference is the exact float32 model on the CPU: on a GPU, cuDNN's default TF32
     # convolutions alone differ from float32 by ~1e-4.
     model = copy.deepcopy(model).cpu().float().eval()
     x = torch.from_numpy(normalize(batch, card.mean, card.std))
-    if card.family == "vit":
-        features, attention = forward_with_attention(model, x)
-        return [features.numpy(), attention.numpy()]
-    return [model(x).numpy()]
+    return [t.numpy() for t in forward_outputs(model, x, patch_tokens).values()]
 
 
 def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarray, tol: float,
-            device: str, crop_pct: float, verify_images: Any) -> tuple[float, tuple[tuple[int, int], ...]]:
+            device: str, crop_pct: float, verify_images: Any,
+            patch_tokens: bool = False) -> tuple[float, tuple[tuple[int, int], ...]]:
     """Run onnxruntime and PyTorch on the same uint8 batch; raise above tolerance.
 
-    ViTs are also checked at a second, non-square size, so the dynamic spatial axes are
-    proven to work, not just declared.
+    ViTs and ConvNeXts are also checked at a second, non-square size, so the dynamic spatial
+    axes are proven to work, not just declared.
     """
     try:
         # "gpu" uses CUDA when this onnxruntime build has it and the CPU otherwise.
@@ -434,19 +468,20 @@ def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarra
     except ModelFileError as e:
         raise ExportError(f"onnxruntime cannot load the exported graph of {card.arch}: {e}") from e
     batches = [batch]
-    if card.family == "vit":
+    if card.family in ("vit", "convnext"):
         p = card.patch_size
         big = _verify_inputs(verify_images, batch.shape[2] + 2 * p, crop_pct)
         batches.append(np.ascontiguousarray(big[:3, :, : batch.shape[2] + p, :]))  # non-square
     worst = 0.0
     sizes = []
+    names = output_names(card, patch_tokens)
     for b in batches:
-        ref = _reference(model, card, b)
+        ref = _reference(model, card, b, patch_tokens)
         try:
-            got = session.run(None, {"images": b})
+            got = session.run(names, {"images": b})
         except Exception as e:
             raise ExportError(f"onnxruntime failed on a {tuple(b.shape)} batch of {card.arch}: {e}") from e
-        for name, r, g in zip(("embedding", "attention"), ref, got):
+        for name, r, g in zip(names, ref, got):
             if g.shape != r.shape:
                 raise ExportError(f"ONNX output {name!r} has shape {g.shape}, PyTorch {r.shape}")
             diff = float(np.max(np.abs(g.astype(np.float64) - r)))

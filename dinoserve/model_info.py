@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from dinoserve.card import ModelCard
-from dinoserve.repository import ATTENTION, EMBEDDING, output_dim
+from dinoserve.repository import ATTENTION, EMBEDDING, PATCH_TOKENS, output_dim
 
-__all__ = ["ModelInfo", "from_repository_config", "from_triton_json", "EMBEDDING", "ATTENTION"]
+__all__ = ["ModelInfo", "from_repository_config", "from_triton_json", "EMBEDDING", "ATTENTION", "PATCH_TOKENS"]
 
 _CARD_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelCard))
 
@@ -47,6 +47,10 @@ class ModelInfo:
     @property
     def has_attention(self) -> bool:
         return ATTENTION in self.outputs
+
+    @property
+    def has_patch_tokens(self) -> bool:
+        return PATCH_TOKENS in self.outputs
 
     def preprocessing(self) -> dict:
         """The preprocessing that produced an embedding (stored in index metadata)."""

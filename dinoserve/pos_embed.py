@@ -20,27 +20,38 @@ __all__ = ["ReferencePosEmbedViT", "reference_pos_embed", "traceable_reference_p
 
 class ReferencePosEmbedViT:
     """Mixin for a timm ``VisionTransformer``: its ``_pos_embed`` uses
-    :func:`reference_pos_embed` (see the module docstring)."""
+    :func:`reference_pos_embed` (see the module docstring).
+
+    DINOv2 with registers is a timm ``no_embed_class`` model: its table holds the patches only
+    (timm folded the CLS position into the CLS token), and the CLS and register tokens go in
+    front of the patches after the table is added, as in facebookresearch/dinov2.
+    """
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x = x.view(B, -1, C)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        return self.pos_drop(x + reference_pos_embed(self.pos_embed, H, W))
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, getattr(self, "reg_token", None)) if t is not None]
+        if getattr(self, "no_embed_class", False):
+            x = x + reference_pos_embed(self.pos_embed, H, W, num_prefix=0)
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+        else:
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+            x = x + reference_pos_embed(self.pos_embed, H, W, num_prefix=self.num_prefix_tokens)
+        return self.pos_drop(x)
 
 
-def reference_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The reference ``interpolate_pos_encoding`` for a ``h x w`` patch grid (CLS first)."""
+def reference_pos_embed(pos_embed: torch.Tensor, h: int, w: int, num_prefix: int = 1) -> torch.Tensor:
+    """The reference ``interpolate_pos_encoding`` for a ``h x w`` patch grid: the first
+    ``num_prefix`` entries (CLS) are kept, the patch table resampled."""
     if torch.compiler.is_exporting():
         # The Python branch and scale factors below would be baked into an exported graph
         # at the example size; the matrix form keeps the patch grid dynamic.
-        return traceable_reference_pos_embed(pos_embed, h, w)
-    n = pos_embed.shape[1] - 1
+        return traceable_reference_pos_embed(pos_embed, h, w, num_prefix)
+    n = pos_embed.shape[1] - num_prefix
     if h * w == n and h == w:
         return pos_embed
     side = math.sqrt(n)
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    cls_pos, patch_pos = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     dim = pos_embed.shape[-1]
     grid = patch_pos.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
@@ -73,17 +84,17 @@ def _bicubic_matrix(out: int, side: int, same: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def traceable_reference_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def traceable_reference_pos_embed(pos_embed: torch.Tensor, h: int, w: int, num_prefix: int = 1) -> torch.Tensor:
     """:func:`reference_pos_embed` as tensor operations only, for ONNX export with a dynamic
     patch grid: the separable bicubic resize is two small matrix products. Equal to the
     eager formula up to float rounding (it is closer to a float64 resize than PyTorch's
     float32 kernel), and exactly the table itself at the trained grid."""
-    n = pos_embed.shape[1] - 1
+    n = pos_embed.shape[1] - num_prefix
     side = math.isqrt(n)
     dim = pos_embed.shape[-1]
     same = torch.scalar_tensor(h == side, dtype=torch.bool) & torch.scalar_tensor(w == side, dtype=torch.bool)
-    grid = pos_embed[0, 1:].reshape(side, side, dim)
+    grid = pos_embed[0, num_prefix:].reshape(side, side, dim)
     mh = _bicubic_matrix(h, side, same).to(pos_embed.dtype)
     mw = _bicubic_matrix(w, side, same).to(pos_embed.dtype)
     patches = torch.einsum("hi,ijd,wj->hwd", mh, grid, mw)
-    return torch.cat([pos_embed[:, :1], patches.reshape(1, -1, dim)], dim=1)
+    return torch.cat([pos_embed[:, :num_prefix], patches.reshape(1, -1, dim)], dim=1)

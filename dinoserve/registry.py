@@ -1,4 +1,5 @@
-"""Which backbones dinoserve builds: the official DINO aliases and timm's ResNets and ViTs.
+"""Which backbones dinoserve builds: the official DINO aliases, timm's ResNets and ViTs
+(DINO, DINOv2 with and without registers, DINOv3 with RoPE) and DINOv3's ConvNeXts.
 
 An alias (``dino_vits16`` ... ``dino_resnet50``, the official hub names) is a timm
 architecture plus the weights that belong to it. :func:`list_models` is the one listing
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from dinoserve.card import FAMILIES, family_of
 from dinoserve.errors import UnknownModelError
 
-__all__ = ["AliasConfig", "ALIASES", "family_of_name", "list_models", "resolve_name"]
+__all__ = ["AliasConfig", "ALIASES", "family_of_name", "generation_of", "is_dinov3_vit", "list_models",
+           "not_exportable", "resolve_name"]
 
 _FB = "https://dl.fbaipublicfiles.com/dino"
 
@@ -57,18 +59,72 @@ ALIASES: dict[str, AliasConfig] = {
 }
 
 
+#: Architectures too large for one ONNX file (protobuf caps a file at 2 GB and export writes
+#: the weights inside it): timm name fragment -> parameters, for the reason shown.
+_TOO_LARGE = {"_giant_": "1.1B", "_huge_plus_": "0.84B", "_7b_": "6.7B"}
+
+
+def is_dinov3_vit(arch: str) -> bool:
+    """True for timm's DINOv3 ViTs (``vit_*_dinov3``, ``vit_*_dinov3_qkvb``)."""
+    return arch.startswith("vit") and (arch.endswith("_dinov3") or arch.endswith("_dinov3_qkvb"))
+
+
+def generation_of(arch: str) -> str:
+    """The DINO generation an architecture name belongs to, in words: ``"DINOv3 ViT"``,
+    ``"DINOv3 ConvNeXt"``, ``"DINOv2 ViT"``, ``"DINO ViT"``, ``"ResNet"`` or ``""``."""
+    alias = ALIASES.get(arch)
+    arch = alias.arch if alias else arch
+    family = family_of(arch)
+    if family == "convnext":
+        return "DINOv3 ConvNeXt"
+    if family == "resnet":
+        return "ResNet"
+    if family != "vit":
+        return ""
+    if is_dinov3_vit(arch):
+        return "DINOv3 ViT"
+    return "DINOv2 ViT" if arch.endswith("_dinov2") else "DINO ViT"
+
+
+def not_exportable(name: str) -> str:
+    """Why ``name`` cannot be exported on this kind of machine; ``""`` when it can."""
+    for part, params in _TOO_LARGE.items():
+        if part in name:
+            return (f"not exportable here: {params} parameters are over ONNX's 2 GB single-file limit "
+                    f"(external-data export is not built) and this machine's memory")
+    return ""
+
+
+def _dino_tags(name: str) -> list[str]:
+    """timm's DINO weight tags of an architecture (``convnext_tiny.dinov3_lvd1689m``), so a
+    search for "dino" also finds the ConvNeXts whose names do not say it."""
+    import timm
+
+    return [t for t in timm.list_pretrained(f"{name}.*") if "dino" in t.split(".", 1)[-1]]
+
+
+def _dino_convnexts() -> list[str]:
+    import timm
+
+    return sorted({t.split(".")[0] for t in timm.list_pretrained("convnext*") if ".dinov3" in t})
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Aliases and every timm ``resnet*``/``vit*`` architecture matching ``pattern``.
+    """Aliases, timm ``resnet*``/``vit*`` architectures and DINOv3's ConvNeXts matching
+    ``pattern``.
 
     ``pattern`` is a shell wildcard (``'vit_small*'``); a plain word without ``*``, ``?``
-    or ``[`` matches anywhere in the name (``dino`` lists every alias).
+    or ``[`` matches anywhere in the name or its DINO weight tag (``dino`` lists every alias,
+    DINOv2 and DINOv3 model).
     """
     import timm
 
     if not any(c in pattern for c in "*?["):
         pattern = f"*{pattern}*"
-    names = list(ALIASES) + [n for family in FAMILIES for n in timm.list_models(f"{family}*")]
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    names = list(ALIASES) + [n for family in ("vit", "resnet") for n in timm.list_models(f"{family}*")]
+    names += _dino_convnexts()
+    return [n for n in names if fnmatch.fnmatch(n, pattern)
+            or (family_of(n) == "convnext" and any(fnmatch.fnmatch(t, pattern) for t in _dino_tags(n)))]
 
 
 def family_of_name(name: str) -> str:
@@ -94,7 +150,7 @@ def resolve_name(name: str) -> tuple[AliasConfig | None, str, str]:
         close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise UnknownModelError(
-            f"unknown model {name!r}: use a DINO alias ({', '.join(ALIASES)}) or a timm resnet*/vit* "
-            f"architecture (see `dinoserve models`).{hint}"
+            f"unknown model {name!r}: use a DINO alias ({', '.join(ALIASES)}), a timm resnet*/vit* "
+            f"architecture or a DINOv3 ConvNeXt ({', '.join(_dino_convnexts())}); see `dinoserve models`.{hint}"
         )
     return alias, arch, family

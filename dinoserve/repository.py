@@ -61,7 +61,7 @@ ONNX_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
 
 #: The graph's tensors (see DESIGN.md, "ONNX and Triton contract").
-INPUT, EMBEDDING, ATTENTION = "images", "embedding", "attention"
+INPUT, EMBEDDING, ATTENTION, PATCH_TOKENS = "images", "embedding", "attention", "patch_tokens"
 
 #: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.
 RUNNER_DEVICE, RUNNER_THREADS, RUNNER_RUNTIME = "runner_device", "runner_intra_op_threads", "runner_runtime"
@@ -131,6 +131,11 @@ class ModelConfig:
     def has_attention(self) -> bool:
         """True when the model has an ``attention`` output (ViTs)."""
         return any(o.name == ATTENTION for o in self.outputs)
+
+    @property
+    def has_patch_tokens(self) -> bool:
+        """True when the model was exported with a ``patch_tokens`` output."""
+        return any(o.name == PATCH_TOKENS for o in self.outputs)
 
     def input(self, name: str) -> TensorConfig:
         return _by_name(self.inputs, name, self.name, "input")
@@ -293,18 +298,22 @@ def config_dict(
     device: str = "cpu",
     trt_fp16: bool = False,
     queue_delay_us: int = 500,
+    patch_tokens: bool = False,
 ) -> dict[str, Any]:
     """The ``config.pbtxt`` of an exported backbone, as the dict :func:`format_pbtxt` writes.
 
-    Dims exclude the batch; a ViT's height and width are dynamic (-1), a ResNet's are
-    ``card.image_size``. ``device`` picks the instance kind (``cpu``/``gpu``); ``trt_fp16``
-    adds Triton's TensorRT FP16 accelerator. The card goes into ``parameters``.
+    Dims exclude the batch; a ViT's and a ConvNeXt's height and width are dynamic (-1), a
+    ResNet's are ``card.image_size``. ``device`` picks the instance kind (``cpu``/``gpu``);
+    ``trt_fp16`` adds Triton's TensorRT FP16 accelerator; ``patch_tokens`` declares the
+    ``patch_tokens`` output ``[N, D]``. The card goes into ``parameters``.
     """
     vit = card.family == "vit"
-    hw = [-1, -1] if vit else [card.image_size, card.image_size]
+    hw = [-1, -1] if card.family in ("vit", "convnext") else [card.image_size, card.image_size]
     outputs = [{"name": EMBEDDING, "data_type": Word("TYPE_FP32"), "dims": [card.embed_dim]}]
     if vit:
         outputs.append({"name": ATTENTION, "data_type": Word("TYPE_FP32"), "dims": [card.num_heads, -1, -1]})
+    if patch_tokens:
+        outputs.append({"name": PATCH_TOKENS, "data_type": Word("TYPE_FP32"), "dims": [-1, card.embed_dim]})
     config: dict[str, Any] = {
         "name": name,
         "backend": "onnxruntime",

@@ -17,7 +17,8 @@ Weight sources (``source``), detected in this order:
   ``torch.save`` file: a dinoserve training checkpoint (``meta`` + ``teacher``/``student``),
   a facebookresearch/dino full checkpoint (``teacher``/``student`` with ``module.``/
   ``backbone.`` prefixes and an ``argparse.Namespace`` in ``args``), or a backbone-only
-  state dict such as the released ``*_pretrain.pth``.
+  state dict such as the released ``*_pretrain.pth`` (DINO, DINOv2 and DINOv3 layouts; the
+  last two are renamed to timm's by :mod:`dinoserve.official_layouts`).
 
 Files are read with ``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` only.
 An empty, truncated or foreign file is an :class:`~dinoserve.errors.UnreadableWeightsError`
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinoserve.arch_detect import detect_dino_arch, register_count, weights_generation
 from dinoserve.errors import (
     IncompatibleWeightsError,
     UnreadableWeightsError,
@@ -52,7 +54,8 @@ from dinoserve.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from dinoserve.registry import ALIASES
+from dinoserve.official_layouts import to_timm_layout
+from dinoserve.registry import ALIASES, generation_of
 
 __all__ = [
     "Weights",
@@ -101,7 +104,11 @@ class Weights:
         sd = self.state_dict
         if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
             return None
-        return math.isqrt(sd["pos_embed"].shape[1] - 1) * int(sd["patch_embed.proj.weight"].shape[-1])
+        # The table holds a CLS entry, except in timm's register models (no_embed_class):
+        # a square count means patches only.
+        n = int(sd["pos_embed"].shape[1])
+        side = math.isqrt(n) if math.isqrt(n) ** 2 == n else math.isqrt(n - 1)
+        return side * int(sd["patch_embed.proj.weight"].shape[-1])
 
 
 def read_weights(source: str | os.PathLike, checkpoint_key: str = "teacher") -> Weights:
@@ -378,6 +385,7 @@ def extract_backbone_state_dict(obj: dict[str, Any], checkpoint_key: str = "teac
     sd = _strip_prefix(sd, "_orig_mod.")
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    sd, _ = to_timm_layout(sd, source)  # facebookresearch/dinov2 and dinov3 names -> timm's
     return sd, fmt
 
 
@@ -394,6 +402,9 @@ def _detect_architecture(meta: dict[str, Any] | None, sd: dict[str, torch.Tensor
         if meta.get("family") == "resnet" and meta.get("image_size"):
             kwargs.setdefault("img_size", int(meta["image_size"]))
         return meta["arch"], kwargs, ""
+    dino = detect_dino_arch(sd)
+    if dino is not None:
+        return dino[0], dino[1], ""
     if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
         dim, _, p, _ = sd["patch_embed.proj.weight"].shape
         size = _VIT_SIZES.get(dim)
@@ -424,11 +435,35 @@ def _detect_architecture(meta: dict[str, Any] | None, sd: dict[str, torch.Tensor
 # --------------------------------------------------------------------------------------
 
 
+_NEWER_GENERATIONS = {"DINOv2 ViT", "DINOv3 ViT", "DINOv3 ConvNeXt"}
+
+
+def _check_generation(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Refuse, naming both, weights of one DINO generation given to an architecture of another,
+    and a register count that differs: clearer than the list of keys that do not fit."""
+    have, want = weights_generation(sd), weights_generation(own)
+    # DINO ViT vs ResNet keeps the key listing below (it names what the file looks like).
+    if have and want and have != want and {have, want} & _NEWER_GENERATIONS:
+        found = _detect_architecture(None, sd)[0]
+        use = f"use --arch {found} or omit --arch" if found else "pass the --arch it was trained as"
+        raise IncompatibleWeightsError(
+            f"{source}: weights do not fit {arch}: these are {have} weights, and {arch} is a "
+            f"{generation_of(arch) or want}; {use}")
+    regs, model_regs = register_count(sd), register_count(own)
+    if regs != model_regs:
+        found = _detect_architecture(None, sd)[0]
+        use = f"use --arch {found}" if found else f"use an architecture with {regs} register tokens"
+        raise IncompatibleWeightsError(
+            f"{source}: weights do not fit {arch}: the weights hold {regs} register tokens, {arch} has "
+            f"{model_regs}; {use}")
+
+
 def load_state_dict_strict(model: nn.Module, weights: Weights, arch: str) -> None:
     """Copy ``weights`` into ``model`` (the ``arch`` backbone); every key must match in name
     and shape, else :class:`~dinoserve.errors.IncompatibleWeightsError` lists the ones that
     do not and names the architecture the file looks like."""
     sd, own = weights.state_dict, model.state_dict()
+    _check_generation(sd, own, weights.source, arch)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     mis_shaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

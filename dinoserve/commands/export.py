@@ -45,12 +45,15 @@ import click
 @click.option("--fit", type=click.Choice(["crop", "pad"]), default=None,
               help="How clients fit images into the input: crop (shorter side, centre crop) or pad (white "
                    "border trimmed, padded on white) [default: what the model was trained with, else crop].")
+@click.option("--patch-tokens", is_flag=True,
+              help="Add the `patch_tokens` output [B, N, D]: final-normed patch features (ViT CLS and register "
+                   "tokens left out; a ConvNeXt's last feature map), for dense features.")
 def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, calibration, int8_scheme, min_cosine,
-           min_agreement, device, trt_fp16, verify_images, tolerance, checkpoint_key, crop_pct, fit):
+           min_agreement, device, trt_fp16, verify_images, tolerance, checkpoint_key, crop_pct, fit, patch_tokens):
     """Export a DINO backbone as the next version of REPO/NAME and verify it.
 
     The ONNX graph takes uint8 images [B, 3, H, W], normalises inside, and returns
-    `embedding` (and `attention` for ViTs). onnxruntime is checked against PyTorch on
+    `embedding` (and `attention` for ViTs; `patch_tokens` with --patch-tokens). onnxruntime is checked against PyTorch on
     real images; on failure the repository is left exactly as it was. Prints one JSON object.
 
     With --int8 the verified graph is quantised (static QDQ) on the calibration images and
@@ -62,6 +65,8 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
       dinoserve export --onnx --weights dino_vits16 --name dino_vits16
       dinoserve export --onnx --weights runs/exp/checkpoint.pth --name mine --image-size 112
       dinoserve export --onnx --weights runs/exp/checkpoint.pth --name mine_int8 --int8 --calibration photos/
+      dinoserve export --onnx -w dinov2_s_reg4.safetensors --arch vit_small_patch14_reg4_dinov2 \\
+          --name dinov2 --image-size 224 --patch-tokens
     """
     if not onnx_:
         raise click.UsageError("choose the export format: --onnx (the only one so far)")
@@ -71,7 +76,7 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
                       fp16=fp16, device=device, trt_fp16=trt_fp16, verify_images=verify_images,
                       tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct, fit=fit, int8=int8,
                       calibration=calibration, min_cosine=min_cosine, min_agreement=min_agreement,
-                      int8_scheme=int8_scheme)
+                      int8_scheme=int8_scheme, patch_tokens=patch_tokens)
     click.echo(f"verified: max abs difference onnxruntime vs PyTorch {res.max_abs_diff:.3g} "
                f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
     if res.int8:
@@ -81,6 +86,7 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
         "arch": res.card.arch, "family": res.card.family, "embed_dim": res.card.embed_dim,
         "image_size": res.image_size, "fit": res.card.fit, "max_abs_diff": res.max_abs_diff,
         "sizes_checked": [list(s) for s in res.sizes_checked], "precision": res.card.precision,
+        "patch_tokens": patch_tokens,
         **({"int8_scheme": res.card.int8_scheme, "int8_gate": res.int8.to_dict(), "calibration": res.calibration}
            if res.int8 else {}),
     }))

@@ -11,9 +11,10 @@ import click
 @click.argument("pattern", default="*")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per model instead of a table.")
 def models(pattern: str, as_json: bool) -> None:
-    """List DINO aliases and timm resnet*/vit* architectures matching PATTERN.
+    """List DINO aliases, timm resnet*/vit* architectures and DINOv3 ConvNeXts matching PATTERN.
 
-    A plain word matches anywhere in the name; *, ? and [...] are shell wildcards.
+    A plain word matches anywhere in the name (or a ConvNeXt's DINO weight tag); *, ? and
+    [...] are shell wildcards. Models too large to export here say why.
 
     \b
     Examples:
@@ -21,11 +22,16 @@ def models(pattern: str, as_json: bool) -> None:
       dinoserve models 'vit_small*'
     """
     from dinoserve.models import ALIASES, list_models
+    from dinoserve.registry import generation_of, not_exportable
 
     for name in list_models(pattern):
         alias = ALIASES.get(name)
+        why_not = not_exportable(name)
         if as_json:
-            row = {"name": name, "alias": alias is not None}
+            row = {"name": name, "alias": alias is not None, "generation": generation_of(name),
+                   "exportable": not why_not}
+            if why_not:
+                row["reason"] = why_not
             if alias:
                 row.update(arch=alias.arch, weights=alias.weights, knn_top1=alias.knn_top1,
                            linear_top1=alias.linear_top1)
@@ -33,5 +39,7 @@ def models(pattern: str, as_json: bool) -> None:
         elif alias:
             click.echo(f"{name:<16} {alias.arch:<24} k-NN {alias.knn_top1:.1f} / linear "
                        f"{alias.linear_top1:.1f}  {alias.weights}")
+        elif why_not:
+            click.echo(f"{name:<36} {why_not}")
         else:
             click.echo(name)
