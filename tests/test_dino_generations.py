@@ -440,3 +440,25 @@ def test_app_patch_features_pca_through_a_real_gradio_server(exported, image_fol
     step = img.shape[0] // side
     red = img[step // 2::step, step // 2::step, 0][:side, :side].reshape(-1).astype(np.float64)
     assert abs(np.corrcoef(red, proj)[0, 1]) > 0.99
+
+
+@pytest.mark.parametrize("name", ["dinov2_reg4", "dinov3"])
+def test_dino_training_starts_from_the_generation_and_keeps_registers_and_rope(tmp_path, image_folder, name):
+    """`dinoserve train --pretrained` from DINOv2-reg / DINOv3 weights: the networks are the
+    same architecture (registers, RoPE) and start from exactly those values."""
+    from dinoserve.models import read_checkpoint
+    from dinoserve.training import make_config, train
+
+    arch, kwargs, size, registers, position, patch = FAMILIES[name]
+    weights = _weights_file(tmp_path, name)
+    out = tmp_path / "run"
+    train(make_config(arch=arch, pretrained=str(weights), depth=kwargs["depth"], global_crop_size=size,
+                      local_crop_size=patch, local_crops=2, out_dim=64, hidden_dim=32, bottleneck_dim=16,
+                      batch_size=4, epochs=1, max_steps=1, lr=0.0, momentum_teacher=1.0, drop_path_rate=0.0,
+                      progress=False, precision="fp32", data=str(image_folder), out=str(out)))
+    teacher = load_backbone(str(out / "checkpoint.pth"))
+    card = backbone_card(teacher)
+    assert (card.arch, card.num_registers, card.position, card.patch_size) == (arch, registers, position, patch)
+    saved = read_checkpoint(out / "checkpoint.pth")["teacher"]
+    for k, v in _tiny(name).state_dict().items():  # lr 0, momentum 1: still the pretrained values
+        torch.testing.assert_close(saved[f"backbone.{k}"], v, rtol=0, atol=0)
