@@ -179,6 +179,8 @@ def package(name: str) -> Path | None:
         "name": name, "file": str(target.relative_to(REPO)), "file_sha256": file_sha256(target),
         "recipe": RECIPES[name], "epochs_this_segment": facts["epoch"], "steps_this_segment": facts["step"],
         "planned_epochs": int(facts["args"]["epochs"]), "segment": _origin(segments)["how"],
+        "segment_started_from": _origin(segments).get("pretrained"),
+        "segment_started_utc": _origin(segments)["started_utc"],
         "earlier_segments": _earlier(out),
         "cpu_hours_this_segment": round(_train_seconds(rows) / 3600, 2),
         "knn": [{k: r[k] for k in ("epoch", "top1", "top1_se", "loo_top1", "loo_top1_se") if k in r}
@@ -208,7 +210,8 @@ def _earlier(out: Path) -> list[dict]:
         return []
     prev = json.loads(f.read_text())
     return [*prev.get("earlier_segments", []),
-            {k: prev[k] for k in ("segment", "epochs_this_segment", "cpu_hours_this_segment", "knn")}]
+            {k: prev.get(k) for k in ("segment", "segment_started_from", "epochs_this_segment",
+                                      "cpu_hours_this_segment", "knn")}]
 
 
 def _train_seconds(rows: list[dict]) -> float:
