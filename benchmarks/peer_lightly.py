@@ -328,10 +328,33 @@ def save(results: dict[str, Any], measured: bool = True) -> None:
     plot(results)
 
 
+def previous_results(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON that ``--append`` adds to; refused when it measured something else."""
+    path = RESULTS / f"{NAME}.json"
+    if not path.is_file():
+        raise SystemExit(f"--append: {path} does not exist yet; run once without --append")
+    results = json.loads(path.read_text())
+    theirs = (results.get("epochs"), results.get("limit_images"))
+    if theirs != (args.epochs, args.limit_images):
+        raise SystemExit(f"--append: {path} holds --epochs {theirs[0]} --limit-images {theirs[1]}, this run "
+                         f"--epochs {args.epochs} --limit-images {args.limit_images}; use the same or drop --append")
+    seen = {(t, r["seed"]) for t, runs in results["runs"].items() for r in runs}
+    again = sorted(f"{t} seed {s}" for t in args.trainers for s in range(args.first_seed, args.first_seed + args.seeds)
+                   if (t, s) in seen)
+    if again:
+        raise SystemExit(f"--append: {path} already has {', '.join(again)}; pick another --first-seed")
+    results["seeds"] = results.get("seeds", 0) + args.seeds
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2, help="epochs per trainer; both schedules span them")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds per trainer (0, 1, ...)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per trainer (first-seed, first-seed + 1, ...)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--append", action="store_true",
+                    help="add these runs to results/peer_lightly.json (same --epochs and --limit-images) instead of "
+                         "starting it afresh: more seeds in a later session")
     ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     ap.add_argument("--limit-images", type=int, default=None,
                     help="train on only the first N images (smoke runs; the JSON says so)")
@@ -344,6 +367,7 @@ def main() -> None:
         return
     if "lightly" in args.trainers:
         require_lightly()
+    previous = previous_results(args) if args.append else None  # refused before any decoding
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
@@ -353,7 +377,7 @@ def main() -> None:
     knn_set = prepare_knn_set(OPENCLIPART_CSV, KNN_SIZE)
     with tempfile.TemporaryDirectory() as tmp:
         data = training_list(args.limit_images, Path(tmp))
-        results: dict[str, Any] = {
+        results: dict[str, Any] = previous if previous is not None else {
             "smoke": args.limit_images is not None, "limit_images": args.limit_images, "epochs": args.epochs,
             "seeds": args.seeds, "torch_threads": torch.get_num_threads(),
             "shared": {"data": f"{OPENCLIPART_CSV.name} splits {'+'.join(SPLITS)}", "store_px": 96, "fit": "crop",
@@ -363,12 +387,13 @@ def main() -> None:
             "runs": {t: [] for t in args.trainers},
         }
         stamp = int(time.time())
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for trainer in args.trainers:
                 cfg = dinoserve_config(data, args.out / f"{stamp}-seed{seed}", args.epochs, seed)
                 results["dinoserve_config"] = cfg.to_dict()
                 run = run_lightly(cfg, seed, knn_set) if trainer == "lightly" else run_dinoserve(cfg, seed)
-                results["runs"][trainer].append(run)
+                run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
+                results["runs"].setdefault(trainer, []).append(run)
                 save(results)  # after every run, so a stopped benchmark keeps what it measured
     for g in results["gaps"]:
         log.info("seed %d epoch %d %s: dinoserve - lightly = %+.2f (SE %.2f)%s", g["seed"], g["epoch"], g["protocol"],
