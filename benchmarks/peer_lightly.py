@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -81,6 +81,9 @@ NOTES = [
     "gaps: dinoserve minus lightly; se is the two standard errors added in quadrature (conservative: "
     "both are scored on the same queries); a gap counts only beyond 2 se",
 ]
+
+if TYPE_CHECKING:
+    from dinoserve.training import TrainConfig
 
 log = logging.getLogger(NAME)
 
@@ -116,7 +119,7 @@ def training_list(limit: int | None, workdir: Path) -> Path:
     return target
 
 
-def dinoserve_config(data: Path, out: Path, epochs: int, seed: int):
+def dinoserve_config(data: Path, out: Path, epochs: int, seed: int) -> "TrainConfig":
     """Our trainer's config; its crop options also drive lightly's crops."""
     from dinoserve.training import make_config
 
@@ -169,9 +172,8 @@ def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import CosineWarmupScheduler
 
-    from dinoserve.training.data import ResumableSampler, TensorBatches
+    from dinoserve.training.data import ResumableSampler, TensorBatches, find_images
     from dinoserve.training.engine import store_size
-    from dinoserve.training.data import find_images
     from dinoserve.training.knn import evaluate_knn_protocols
     from dinoserve.training.store import open_store
     from dinoserve.training.tensor_augment import BatchMultiCrop
@@ -357,7 +359,8 @@ def main() -> None:
                          "starting it afresh: more seeds in a later session")
     ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
     ap.add_argument("--limit-images", type=int, default=None,
-                    help="train on only the first N images (smoke runs; the JSON says so)")
+                    help="train on only the first N images of the list (smoke runs; the JSON says so). The list is "
+                         "sorted by folder, so they come from a few topics only; the k-NN set stays whole")
     ap.add_argument("--out", type=Path, default=Path("runs/peer_lightly"), help="where our trainer's runs go")
     ap.add_argument("--replot", action="store_true",
                     help="redraw results/peer_lightly.png (and refresh gaps and notes) from the JSON; trains nothing")
