@@ -296,10 +296,12 @@ def plot(results: dict[str, Any]) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, (p, title) in zip(axes, (("split", "fixed split (knn_train -> knn_val)"), ("loo", "leave-one-out"))):
         for i, (trainer, runs) in enumerate(results["runs"].items()):
-            for run in runs:
-                xs = [e["epoch"] + (i - 0.5) * 0.06 for e in run["epochs"]]  # nudged so the bars don't overlap
+            for j, run in enumerate(runs):
+                # nudged per trainer and seed so the bars don't overlap; seeds differ by line style
+                xs = [e["epoch"] + (i - 0.5) * 0.08 + j * 0.03 for e in run["epochs"]]
                 ax.errorbar(xs, [e[f"{p}_top1"] for e in run["epochs"]], yerr=[2 * e[f"{p}_se"] for e in run["epochs"]],
-                            marker="o", capsize=3, color=f"C{i}", label=f"{trainer} (seed {run['seed']})")
+                            marker="o", capsize=3, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4],
+                            label=f"{trainer} (seed {run['seed']})")
         raw = results.get("raw_pixels", {}).get(f"{p}_top1")
         if raw is not None:
             ax.axhline(raw, color="gray", ls="--", label=f"raw pixels ({raw:.1f} %)")
