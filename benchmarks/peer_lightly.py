@@ -1,0 +1,409 @@
+"""lightly's DINO recipe and ``dinoserve train`` side by side, on the same images, crops and evaluator.
+
+Issue 19 asks that our trainer stay at or above a peer at every epoch count measured. The
+peer is lightly's own small-data DINO recipe, used as a library (never copied): torchvision
+resnet18 without its fc, ``DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)``,
+``DINOLoss(output_dim=2048)`` with its default temperatures, SGD lr 0.06 x 64/256 = 0.015,
+momentum 0.9, weight decay 5e-4 on every parameter, a per-step cosine learning rate
+(``CosineWarmupScheduler``, no warmup), and a teacher that follows by EMA with a constant
+momentum 0.99 (``update_momentum``). The student sees all crops, the teacher the two global
+ones, each crop position forwarded on its own as lightly's examples do.
+
+Ours is ``dinoserve.training.train`` itself (preset ``cpu_small`` with 6 local crops), so the
+benchmark measures what users run. What is held equal, so that only the recipe (model, loss,
+optimiser) differs:
+
+* the images: knn_train + pool of ``data/openclipart_knn.csv``, one decoded store
+  (:func:`dinoserve.training.store.open_store`, 96 px, ``fit="crop"``);
+* the crops: the trainer's own :class:`~dinoserve.training.data.TensorBatches` over
+  :class:`~dinoserve.training.tensor_augment.BatchMultiCrop` (2 x 64 px global, 6 x 32 px
+  local) with the same seed, so both see the same images in the same order with the same
+  crop parameters;
+* batch 64, the epoch count, the seed, fp32 on a CPU without AMX (the precision is recorded);
+* the evaluator: the teacher backbone's features after every epoch, k-NN (k 20, T 0.07) at
+  64 px with :func:`~dinoserve.training.knn.evaluate_knn_protocols`, on the fixed split and
+  leave-one-out, each with its binomial standard error.
+
+Results go to ``results/peer_lightly.json`` (per trainer, seed and epoch: both protocols
+with their errors, loss, training and evaluation seconds, plus the machine and its CPU
+features) and ``results/peer_lightly.png`` (k-NN against epochs with 2-SE bars). A gap
+counts only when it is larger than twice the standard error of the difference::
+
+    pip install -e ".[bench]"
+    nice -n 5 .venv/bin/python benchmarks/peer_lightly.py --epochs 2
+    .venv/bin/python benchmarks/peer_lightly.py --epochs 1 --limit-images 256   # a smoke run
+    .venv/bin/python benchmarks/peer_lightly.py --replot   # redraw the PNG from the JSON
+
+lightly is a benchmark-only dependency (the ``bench`` extra); without it the script says so
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json  # noqa: E402
+
+NAME = "peer_lightly"
+TRAINERS = ("lightly", "dinoserve")
+SPLITS = ("knn_train", "pool")
+KNN_SIZE = 64  # the global crop size: both backbones are scored at the size they trained at
+INSTALL_HINT = 'lightly is not installed; it is a benchmark-only dependency: pip install -e ".[bench]"'
+
+#: lightly's DINO recipe for a ResNet-18 on small data (its Imagenette/CIFAR-10 benchmarks),
+#: at our batch of 64. Recorded in the JSON beside the numbers.
+LIGHTLY_RECIPE: dict[str, Any] = {
+    "backbone": "torchvision resnet18, fc removed (512-d)",
+    "head": "DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)",
+    "loss": "DINOLoss(output_dim=2048), default temperatures (teacher 0.04, student 0.1)",
+    "optimizer": "SGD", "lr": 0.06 * 64 / 256, "momentum": 0.9, "weight_decay": 5e-4,
+    "lr_schedule": "CosineWarmupScheduler per step, no warmup",
+    "teacher_momentum": 0.99,
+}
+
+#: What a reader of the JSON needs to read the seconds and the scores right.
+NOTES = [
+    "train_seconds: the epoch's steps, the first epoch's including kernel warm-up; knn_seconds: "
+    "feature extraction and both protocols; dinoserve's first knn_seconds also include the trainer "
+    "decoding the labelled set (the benchmark decodes its own copy once for lightly)",
+    "both trainers share 2 CPU cores with other jobs (load average in machine): compare epochs, not seconds",
+    "gaps: dinoserve minus lightly; se is the two standard errors added in quadrature (conservative: "
+    "both are scored on the same queries); a gap counts only beyond 2 se",
+]
+
+if TYPE_CHECKING:
+    from dinoserve.training import TrainConfig
+
+log = logging.getLogger(NAME)
+
+
+# --------------------------------------------------------------------------------------
+# What both trainers share
+# --------------------------------------------------------------------------------------
+
+
+def require_lightly() -> None:
+    """Exit with status 2 and the install line when lightly is missing (a usage problem,
+    not a bug, so no traceback)."""
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        raise SystemExit(2)
+
+
+def training_list(limit: int | None, workdir: Path) -> Path:
+    """The CSV both trainers read: the protocol's own file, or (smoke runs) a copy of its
+    first ``limit`` training rows with absolute paths, so an epoch is a few steps."""
+    if limit is None:
+        return OPENCLIPART_CSV
+    from dinoserve.training.data import find_images
+
+    paths = find_images(OPENCLIPART_CSV, SPLITS)[:limit]
+    target = workdir / f"first_{limit}.csv"
+    with target.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "category", "split"])
+        w.writerows([str(p), "", "pool"] for p in paths)
+    return target
+
+
+def dinoserve_config(data: Path, out: Path, epochs: int, seed: int) -> "TrainConfig":
+    """Our trainer's config; its crop options also drive lightly's crops."""
+    from dinoserve.training import make_config
+
+    split = SPLITS if data == OPENCLIPART_CSV else ("pool",)
+    return make_config("cpu_small", local_crops=6, data=str(data), split=split, out=str(out), epochs=epochs,
+                       seed=seed, knn_data=str(OPENCLIPART_CSV), knn_every=1, knn_image_size=KNN_SIZE,
+                       progress=False, fit_epochs_to_time=False)
+
+
+def knn_row(results: dict) -> dict[str, float]:
+    """Both protocols' top-1 and standard error, rounded for the JSON."""
+    split, loo = results["split"], results["loo"]
+    return {"split_top1": round(split.top1, 2), "split_se": round(split.top1_se, 2),
+            "loo_top1": round(loo.top1, 2), "loo_se": round(loo.top1_se, 2)}
+
+
+# --------------------------------------------------------------------------------------
+# lightly's recipe, driven by our crops
+# --------------------------------------------------------------------------------------
+
+
+def lightly_models(seed: int):
+    """Student and teacher (backbone, head) pairs as lightly builds them."""
+    import copy
+
+    import torch
+    import torchvision
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad
+    from torch import nn
+
+    torch.manual_seed(seed)
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()  # [B, 512] pooled features, what the k-NN evaluator takes
+    head = DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)
+    # lightly's examples deepcopy the head; with torch 2.14 its weight_norm tensor refuses
+    # deepcopy, so the teacher head is built again and given the student's values
+    teacher_backbone, teacher_head = copy.deepcopy(backbone), DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)
+    teacher_head.load_state_dict(head.state_dict())
+    deactivate_requires_grad(teacher_backbone)
+    deactivate_requires_grad(teacher_head)
+    return backbone, head, teacher_backbone, teacher_head
+
+
+def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
+    """Train lightly's recipe on the crops our trainer would make for ``cfg``; k-NN of the
+    teacher backbone after every epoch."""
+    import torch
+    from lightly.loss import DINOLoss
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import CosineWarmupScheduler
+
+    from dinoserve.training.data import ResumableSampler, TensorBatches, find_images
+    from dinoserve.training.engine import store_size
+    from dinoserve.training.knn import evaluate_knn_protocols
+    from dinoserve.training.store import open_store
+    from dinoserve.training.tensor_augment import BatchMultiCrop
+
+    store = open_store(find_images(cfg.data, cfg.split), store_size(cfg), fit=cfg.fit)  # the trainer's own store
+    sampler = ResumableSampler(range(len(store)), seed=cfg.seed)
+    augment = BatchMultiCrop(cfg.global_crop_size, cfg.global_crop_scale, cfg.local_crops, cfg.local_crop_size,
+                             cfg.local_crop_scale)
+    batches = TensorBatches(store.pixels, augment, sampler, cfg.batch_size, cfg.seed, 0, torch.device("cpu"))
+    steps_per_epoch = len(sampler) // cfg.batch_size
+
+    backbone, head, teacher_backbone, teacher_head = lightly_models(seed)
+    params = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=LIGHTLY_RECIPE["lr"], momentum=LIGHTLY_RECIPE["momentum"],
+                                weight_decay=LIGHTLY_RECIPE["weight_decay"])
+    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=0, max_epochs=cfg.epochs * steps_per_epoch)
+    criterion = DINOLoss(output_dim=2048)
+
+    epochs = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        backbone.train(), head.train(), teacher_backbone.train(), teacher_head.train()
+        for batch in batches.epoch(epoch):
+            loss_sum += lightly_step(batch.crops, epoch, backbone, head, teacher_backbone, teacher_head,
+                                     criterion, optimizer, update_momentum)
+            scheduler.step()
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = knn_row(evaluate_knn_protocols(teacher_backbone, knn_set))
+        epochs.append({"epoch": epoch + 1, **scores, "loss": round(loss_sum / steps_per_epoch, 4),
+                       "train_seconds": round(train_s, 1), "knn_seconds": round(time.perf_counter() - t1, 1)})
+        log.info("lightly seed %d epoch %d: %s", seed, epoch + 1, json.dumps(epochs[-1]))
+    return {"seed": seed, "precision": "fp32", "images": len(store), "steps_per_epoch": steps_per_epoch,
+            "epochs": epochs}
+
+
+def lightly_step(crops, epoch: int, backbone, head, teacher_backbone, teacher_head, criterion, optimizer,
+                 update_momentum) -> float:
+    """One step as lightly's DINO example takes it: EMA first, then the loss over every
+    (teacher global, student crop) pair of different views."""
+    import torch
+
+    m = LIGHTLY_RECIPE["teacher_momentum"]
+    update_momentum(backbone, teacher_backbone, m)
+    update_momentum(head, teacher_head, m)
+    with torch.no_grad():
+        teacher_out = [teacher_head(teacher_backbone(v)) for v in crops[:2]]
+    student_out = [head(backbone(v)) for v in crops]  # one view at a time: BatchNorm statistics per view
+    loss = criterion(teacher_out, student_out, epoch=epoch)  # also moves its center
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    head.cancel_last_layer_gradients(epoch)
+    optimizer.step()
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------
+# our trainer, as users run it
+# --------------------------------------------------------------------------------------
+
+
+def run_dinoserve(cfg, seed: int) -> dict[str, Any]:
+    """``dinoserve.training.train(cfg)``; the per-epoch numbers come from its log.jsonl."""
+    from dinoserve.training import train
+
+    result = train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    return {"seed": seed, "precision": result.precision, "images": next(r["images"] for r in rows if r["event"] == "start"),
+            "steps_per_epoch": next(r["steps_per_epoch"] for r in rows if r["event"] == "start"),
+            "epochs": epochs_from_log(rows)}
+
+
+def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per-epoch rows from the trainer's log: training time runs from the end of the
+    previous k-NN (or the start) to the epoch's end, evaluation time is the k-NN's own."""
+    mark = next(r["time"] for r in rows if r["event"] == "start")
+    losses = {r["epoch"]: r for r in rows if r["event"] == "epoch"}
+    out = []
+    for r in (r for r in rows if r["event"] == "knn"):
+        end = losses[r["epoch"]]
+        out.append({"epoch": r["epoch"] + 1, "split_top1": round(r["top1"], 2), "split_se": r["top1_se"],
+                    "loo_top1": round(r["loo_top1"], 2), "loo_se": r["loo_top1_se"], "loss": round(end["loss"], 4),
+                    "train_seconds": round(end["time"] - mark, 1), "knn_seconds": r["seconds"]})
+        mark = r["time"]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# comparison, JSON and picture
+# --------------------------------------------------------------------------------------
+
+
+def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """dinoserve minus lightly per seed, epoch and protocol, with the standard error of the
+    difference (the two errors added in quadrature: conservative, since both are scored on
+    the same queries) and whether the gap exceeds twice it."""
+    out = []
+    pairs = {(r["seed"], e["epoch"]): e for r in runs.get("lightly", []) for e in r["epochs"]}
+    for r in runs.get("dinoserve", []):
+        for e in r["epochs"]:
+            peer = pairs.get((r["seed"], e["epoch"]))
+            if peer is None:
+                continue
+            for p in ("split", "loo"):
+                gap = e[f"{p}_top1"] - peer[f"{p}_top1"]
+                se = math.hypot(e[f"{p}_se"], peer[f"{p}_se"])
+                out.append({"seed": r["seed"], "epoch": e["epoch"], "protocol": p, "dinoserve_minus_lightly": round(gap, 2),
+                            "se": round(se, 2), "beyond_2se": abs(gap) > 2 * se})
+    return out
+
+
+def plot(results: dict[str, Any]) -> Path:
+    """k-NN against epochs, one panel per protocol, bars of 2 standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, (p, title) in zip(axes, (("split", "fixed split (knn_train -> knn_val)"), ("loo", "leave-one-out"))):
+        for i, (trainer, runs) in enumerate(results["runs"].items()):
+            for j, run in enumerate(runs):
+                # nudged per trainer and seed so the bars don't overlap; seeds differ by line style
+                xs = [e["epoch"] + (i - 0.5) * 0.08 + j * 0.03 for e in run["epochs"]]
+                ax.errorbar(xs, [e[f"{p}_top1"] for e in run["epochs"]], yerr=[2 * e[f"{p}_se"] for e in run["epochs"]],
+                            marker="o", capsize=3, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4],
+                            label=f"{trainer} (seed {run['seed']})")
+        raw = results.get("raw_pixels", {}).get(f"{p}_top1")
+        if raw is not None:
+            ax.axhline(raw, color="gray", ls="--", label=f"raw pixels ({raw:.1f} %)")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(range(1, results["epochs"] + 1))
+        ax.set_xlim(0.5, results["epochs"] + 0.5)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"k-NN top-1 at {KNN_SIZE} px (%), bars 2 SE")
+    axes[0].legend(fontsize=8)
+    smoke = f"\nSMOKE RUN: only {results['limit_images']} training images, a few steps per epoch" if results["smoke"] else ""
+    fig.suptitle(f"DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch{smoke}")
+    fig.tight_layout()
+    path = plot_path(NAME)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(results: dict[str, Any], measured: bool = True) -> None:
+    """Gaps, notes, JSON and picture; ``measured=False`` (a redraw) keeps the machine
+    facts of the run that measured the numbers."""
+    results["gaps"] = gaps(results["runs"])
+    results["notes"] = NOTES
+    if measured:
+        results["machine"] = machine()
+    write_json(NAME, results)
+    plot(results)
+
+
+def previous_results(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON that ``--append`` adds to; refused when it measured something else."""
+    path = RESULTS / f"{NAME}.json"
+    if not path.is_file():
+        raise SystemExit(f"--append: {path} does not exist yet; run once without --append")
+    results = json.loads(path.read_text())
+    theirs = (results.get("epochs"), results.get("limit_images"))
+    if theirs != (args.epochs, args.limit_images):
+        raise SystemExit(f"--append: {path} holds --epochs {theirs[0]} --limit-images {theirs[1]}, this run "
+                         f"--epochs {args.epochs} --limit-images {args.limit_images}; use the same or drop --append")
+    seen = {(t, r["seed"]) for t, runs in results["runs"].items() for r in runs}
+    again = sorted(f"{t} seed {s}" for t in args.trainers for s in range(args.first_seed, args.first_seed + args.seeds)
+                   if (t, s) in seen)
+    if again:
+        raise SystemExit(f"--append: {path} already has {', '.join(again)}; pick another --first-seed")
+    results["seeds"] = results.get("seeds", 0) + args.seeds
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per trainer; both schedules span them")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per trainer (first-seed, first-seed + 1, ...)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--append", action="store_true",
+                    help="add these runs to results/peer_lightly.json (same --epochs and --limit-images) instead of "
+                         "starting it afresh: more seeds in a later session")
+    ap.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS))
+    ap.add_argument("--limit-images", type=int, default=None,
+                    help="train on only the first N images of the list (smoke runs; the JSON says so). The list is "
+                         "sorted by folder, so they come from a few topics only; the k-NN set stays whole")
+    ap.add_argument("--out", type=Path, default=Path("runs/peer_lightly"), help="where our trainer's runs go")
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw results/peer_lightly.png (and refresh gaps and notes) from the JSON; trains nothing")
+    args = ap.parse_args()
+    if args.replot:
+        save(json.loads((RESULTS / f"{NAME}.json").read_text()), measured=False)
+        return
+    if "lightly" in args.trainers:
+        require_lightly()
+    previous = previous_results(args) if args.append else None  # refused before any decoding
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+
+    from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
+
+    knn_set = prepare_knn_set(OPENCLIPART_CSV, KNN_SIZE)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = training_list(args.limit_images, Path(tmp))
+        results: dict[str, Any] = previous if previous is not None else {
+            "smoke": args.limit_images is not None, "limit_images": args.limit_images, "epochs": args.epochs,
+            "seeds": args.seeds, "torch_threads": torch.get_num_threads(),
+            "shared": {"data": f"{OPENCLIPART_CSV.name} splits {'+'.join(SPLITS)}", "store_px": 96, "fit": "crop",
+                       "crops": "2 x 64 px (scale 0.25-1) + 6 x 32 px (scale 0.05-0.25), BatchMultiCrop",
+                       "batch": 64, "knn": f"k 20, T 0.07, teacher backbone at {KNN_SIZE} px"},
+            "lightly_recipe": LIGHTLY_RECIPE, "raw_pixels": knn_row(evaluate_knn_protocols(None, knn_set)),
+            "runs": {t: [] for t in args.trainers},
+        }
+        stamp = int(time.time())
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for trainer in args.trainers:
+                cfg = dinoserve_config(data, args.out / f"{stamp}-seed{seed}", args.epochs, seed)
+                results["dinoserve_config"] = cfg.to_dict()
+                run = run_lightly(cfg, seed, knn_set) if trainer == "lightly" else run_dinoserve(cfg, seed)
+                run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
+                results["runs"].setdefault(trainer, []).append(run)
+                save(results)  # after every run, so a stopped benchmark keeps what it measured
+    for g in results["gaps"]:
+        log.info("seed %d epoch %d %s: dinoserve - lightly = %+.2f (SE %.2f)%s", g["seed"], g["epoch"], g["protocol"],
+                 g["dinoserve_minus_lightly"], g["se"], "  > 2 SE" if g["beyond_2se"] else "")
+
+
+if __name__ == "__main__":
+    main()
