@@ -1,6 +1,6 @@
 """Export a DINO backbone to ONNX into a Triton model repository, verified against PyTorch.
 
-The exported graph (see DESIGN.md, "ONNX and Triton contract"):
+The exported graph (see docs/DESIGN.md, "ONNX and Triton contract"):
 
 - input ``images``: UINT8 ``[B, 3, H, W]``; the graph converts to float and normalises;
 - output ``embedding``: FP32 ``[B, D]``;

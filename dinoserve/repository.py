@@ -1,6 +1,6 @@
 """A Triton model repository, both ways: layout, and each model's ``config.pbtxt``.
 
-Layout (see DESIGN.md)::
+Layout (see docs/DESIGN.md)::
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/<version>/model.onnx
@@ -60,7 +60,7 @@ __all__ = [
 ONNX_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
 
-#: The graph's tensors (see DESIGN.md, "ONNX and Triton contract").
+#: The graph's tensors (see docs/DESIGN.md, "ONNX and Triton contract").
 INPUT, EMBEDDING, ATTENTION, PATCH_TOKENS = "images", "embedding", "attention", "patch_tokens"
 
 #: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.

@@ -49,7 +49,7 @@ def tiny_vit() -> torch.nn.Module:
 
 
 def _save_dinoserve_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """The DESIGN.md checkpoint layout, enough for dinoserve.models.load_backbone."""
+    """The docs/DESIGN.md checkpoint layout, enough for dinoserve.models.load_backbone."""
     spec = model.dino_card
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     torch.save({"teacher": sd, "student": sd, "epoch": 1, "args": {},

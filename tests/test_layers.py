@@ -1,4 +1,4 @@
-"""The layering contract of DESIGN.md, held by tests.
+"""The layering contract of docs/DESIGN.md, held by tests.
 
 - The client path (``dinoserve.client``, ``dinoserve.index``, ``dinoserve.images`` and the
   model card) imports neither torch nor the training code, the app or the shell, so a
