@@ -262,7 +262,7 @@ def curve(name: str) -> None:
     points, epoch0, hours0 = [], 0, 0.0
     for seg in [*record["earlier_segments"], record]:
         for r in seg["knn"]:
-            points.append({"epoch": epoch0 + r["epoch"] + 1, "segment": seg["segment"], **r})
+            points.append({**r, "epoch": epoch0 + r["epoch"] + 1, "segment": seg["segment"]})  # 1-based, all segments
         epoch0 += seg["epochs_this_segment"]
         hours0 += seg["cpu_hours_this_segment"]
     path = write_json(f"long_run_{name}", {"name": name, "points": points, "epochs": epoch0, "cpu_hours": round(hours0, 2),
@@ -279,7 +279,7 @@ def curve(name: str) -> None:
                     marker="o", capsize=3, label=label)
     ax.set_xlabel("epoch (all segments)")
     ax.set_ylabel("k-NN top-1 % (bars: 2 standard errors)")
-    ax.set_title(f"{name}: {epoch0} epochs, {hours0:.1f} CPU hours")
+    ax.set_title(f"{name}: {epoch0} epochs, {hours0:.1f} hours of training on the CPU")
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"long_run_{name}.png", dpi=110)
