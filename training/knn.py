@@ -234,11 +234,15 @@ def knn_classify(
     scores = []
     for start in range(0, len(query_feats), chunk):
         q = F.normalize(query_feats[start:start + chunk].float(), dim=1)
-        sims, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes, dtype=sims.dtype)
-        votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
-        scores.append(votes)
+        scores.append(_votes(q @ bank.T, bank_labels, k, temperature, num_classes))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def _votes(sims: torch.Tensor, labels: torch.Tensor, k: int, temperature: float, num_classes: int) -> torch.Tensor:
+    """The DINO vote: each row's ``k`` most similar items add exp(sim / T) to their class."""
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(len(sims), num_classes, dtype=top.dtype)
+    return votes.scatter_add_(1, labels[idx], (top / temperature).exp())
 
 
 @torch.no_grad()
@@ -264,10 +268,7 @@ def knn_classify_leave_one_out(
         sims = x[start:start + chunk] @ x.T
         rows = torch.arange(len(sims))
         sims[rows, rows + start] = -float("inf")  # itself: never among its own neighbours
-        top, idx = sims.topk(k, dim=1)
-        votes = torch.zeros(len(sims), num_classes, dtype=top.dtype)
-        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
-        scores.append(votes)
+        scores.append(_votes(sims, labels, k, temperature, num_classes))
     return torch.cat(scores)
 
 

@@ -289,7 +289,6 @@ def _both(split: float, loo: float, n: dict) -> str:
 
     return (f"split {split:5.1f} ± {standard_error(split, n['n_split']):.1f} %, "
             f"leave-one-out {loo:5.1f} ± {standard_error(loo, n['n_loo']):.1f} %")
-    return raw
 
 
 def choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
