@@ -80,3 +80,32 @@ def scrape_metrics(metrics_url: str, model: str) -> dict[str, float]:
 def plot_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}.png"
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a training run's ``log.jsonl`` (none when it is not there yet); a last
+    line still being written is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def train_seconds(rows: list[dict[str, Any]]) -> float:
+    """Wall-clock seconds a run trained: from each invocation's ``start`` row to its last
+    row, summed over the invocations that resumes appended to one log."""
+    total, start, last = 0.0, None, None
+    for r in rows:
+        if r.get("event") == "start":
+            if start is not None and last is not None:
+                total += last - start
+            start = r["time"]
+        last = r.get("time", last)
+    if start is not None and last is not None:
+        total += last - start
+    return total

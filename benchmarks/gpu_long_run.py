@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._results import OPENCLIPART_CSV  # noqa: E402
+from benchmarks._results import OPENCLIPART_CSV, read_log  # noqa: E402
 
 #: What the teachers may take of the 64 MiB that comes back (a resnet18 in fp16 is 22 MB, so
 #: two of them and a vit_tiny fit; a third resnet18 was cut off in the transfer once).
@@ -186,10 +186,7 @@ def _option(opts: list[str], flag: str, default):
 
 
 def _knn_rows(log: Path) -> list[dict]:
-    if not log.is_file():
-        return []
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("event") == "knn"]
+    return [r for r in read_log(log) if r.get("event") == "knn"]
 
 
 def adopt(src: Path, target: Path) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._results import OPENCLIPART_CSV, REPO, RESULTS, machine, write_json  # noqa: E402
+from benchmarks._results import OPENCLIPART_CSV, REPO, RESULTS, machine, read_log, train_seconds, write_json  # noqa: E402
 
 #: The long runs this project keeps; each is ``dinoserve train`` options. Why each:
 RECIPES: dict[str, list[str]] = {
@@ -138,16 +138,7 @@ def supervise(name: str) -> None:
 
 
 def _log_rows(out: Path) -> list[dict]:
-    f = out / "log.jsonl"
-    if not f.is_file():
-        return []
-    rows = []
-    for line in f.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return rows
+    return read_log(out / "log.jsonl")
 
 
 def _knn_rows(out: Path) -> list[dict]:
@@ -182,7 +173,7 @@ def package(name: str) -> Path | None:
         "segment_started_from": _origin(segments).get("pretrained"),
         "segment_started_utc": _origin(segments)["started_utc"],
         "earlier_segments": _earlier(out),
-        "cpu_hours_this_segment": round(_train_seconds(rows) / 3600, 2),
+        "cpu_hours_this_segment": round(train_seconds(rows) / 3600, 2),
         "knn": [{k: r[k] for k in ("epoch", "top1", "top1_se", "loo_top1", "loo_top1_se") if k in r}
                 for r in rows if r.get("event") == "knn"],
         "machine": machine(),
@@ -214,20 +205,6 @@ def _earlier(out: Path) -> list[dict]:
                                       "cpu_hours_this_segment", "knn")}]
 
 
-def _train_seconds(rows: list[dict]) -> float:
-    """Wall-clock seconds the trainer ran, over every invocation in the log."""
-    total, start, last = 0.0, None, None
-    for r in rows:
-        if r.get("event") == "start":
-            if start is not None and last is not None:
-                total += last - start
-            start = r["time"]
-        last = r.get("time", last)
-    if start is not None and last is not None:
-        total += last - start
-    return total
-
-
 def status(name: str) -> None:
     out = run_dir(name)
     rows = _log_rows(out)
@@ -235,7 +212,7 @@ def status(name: str) -> None:
     print(f"{name}: {'running, pid ' + str(_pid(name)) if _pid(name) else 'not running'}; folder {out}")
     if epochs:
         print(f"  epoch {epochs[-1]['epoch'] + 1}, loss {epochs[-1]['loss']:.3f}, {epochs[-1]['img_per_s']} img/s, "
-              f"{_train_seconds(rows) / 3600:.2f} h")
+              f"{train_seconds(rows) / 3600:.2f} h")
     for r in _knn_rows(out):
         print(f"  k-NN after epoch {r['epoch'] + 1}: split {r['top1']:.1f} ± {r.get('top1_se', float('nan')):.1f}, "
               f"leave-one-out {r.get('loo_top1', float('nan')):.1f} ± {r.get('loo_top1_se', float('nan')):.1f}")

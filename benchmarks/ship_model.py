@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._results import OPENCLIPART_CSV, REPO, machine, write_json  # noqa: E402
+from benchmarks._results import OPENCLIPART_CSV, REPO, machine, train_seconds, write_json  # noqa: E402
 
 MAX_BYTES = 25 * 1024 * 1024
 
@@ -117,7 +117,7 @@ def main() -> None:
         "epochs": facts["epoch"], "steps": facts["steps"],
         "final_loss": ends[-1]["final_loss"] if ends else None,
         "invocations": sum(1 for r in log if r["event"] == "start"),  # the same command, resumed after a time limit
-        "train_minutes_total": round(sum((r["time"] - s["time"]) for s, r in _spans(log)) / 60, 1),
+        "train_minutes_total": round(train_seconds(log) / 60, 1),
         "device": log[0].get("device"), "precision": log[0].get("precision"),
         **measure(target, args.eval_sizes),
         "machine": machine(),
@@ -126,20 +126,6 @@ def main() -> None:
     target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     write_json("shipped_model", record)
     print(json.dumps({k: record[k] for k in ("file", "megabytes", "epochs", "knn_top1", "raw_pixels_top1")}))
-
-
-def _spans(log: list[dict]):
-    """(start, last row) of every invocation in a log that resumes may have appended to."""
-    spans, start, prev = [], None, None
-    for r in log:
-        if r["event"] == "start":
-            if start is not None:
-                spans.append((start, prev))
-            start = r
-        prev = r
-    if start is not None:
-        spans.append((start, prev))
-    return spans
 
 
 if __name__ == "__main__":
