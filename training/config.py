@@ -112,6 +112,24 @@ class TrainConfig:
 
 
 #: Why each preset differs from the defaults is said next to each value.
+#: Options that define the network (backbone, head, number of crops the loss expects): a
+#: resumed run always takes them from its checkpoint.
+NETWORK_OPTIONS = ("arch", "img_size", "patch_size", "depth", "out_dim", "hidden_dim", "bottleneck_dim",
+                   "head_layers", "use_bn_in_head", "norm_last_layer", "local_crops")
+
+#: Options that define the crops a network learned from: fine-tuning keeps them with the
+#: network, so the model sees what it was trained on.
+CROP_OPTIONS = ("global_crop_size", "global_crop_scale", "local_crop_size", "local_crop_scale", "store_size", "fit")
+
+#: Options a resumed run cannot change: the network, and the images, order and size of the
+#: batches that the checkpoint's position refers to. Anything else (stop limits, epochs,
+#: learning rate, clipping, precision, evaluation, logging) may change, which is how a run
+#: is continued, or rescued after a non-finite loss.
+FIXED_ON_RESUME = frozenset(NETWORK_OPTIONS) | {"data", "split", "data_root", "batch_size", "seed", "optimizer",
+                                               "global_crop_size", "local_crop_size", "store_size", "augment",
+                                               "fit"}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference ViT-S/16 recipe (main_dino.py defaults, 100 epochs, batch 64/GPU).
     "vit_s16": dict(arch="vit_small_patch16_224", img_size=224),
