@@ -253,6 +253,11 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     return cfg
 
 
+def batch_size_for(n_images: int, batch_size: int) -> int:
+    """``batch_size``, or for fewer than two batches of images a quarter of them (at least
+    2): a small folder then still gives several steps an epoch, not one or none."""
+    return batch_size if n_images >= 2 * batch_size else max(2, n_images // 4)
+
 def validate(cfg: TrainConfig) -> None:
     """Reject values that cannot work, naming the option and a fix."""
     positive = ["epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "global_crop_size",

@@ -29,7 +29,8 @@ from dinoserve.training import distributed as D
 from dinoserve.training.augment import MultiCropAugment
 from dinoserve.training.bookkeeping import Bookkeeper, checkpoint_meta
 from dinoserve.training.config import TrainConfig, apply_overrides, make_config, validate
-from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches, find_images
+from dinoserve.filelist import find_images
+from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches
 from dinoserve.training.loss import DINOLoss, teacher_entropy
 from dinoserve.training.networks import Networks, build_networks
 from dinoserve.training.optim import (build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups,
