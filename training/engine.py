@@ -130,7 +130,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
         torch.manual_seed(cfg.seed + info.rank)
     _log_start(run, book, store, plan, resumed=resume is not None)
 
-    if cfg.fit_epochs_to_time and cfg.time_limit and resume is None:
+    if cfg.plan_to_time_limit and cfg.time_limit and resume is None:
         # plan to the time limit: time the first steps, then refit every schedule to the speed
         first = islice(batches.epoch(0), min(REPLAN_AFTER_STEPS, steps_per_epoch))
         first_step = train_one_epoch(run, plan, book, first, epoch=0)

@@ -1,7 +1,7 @@
 """The plan of a run: how many epochs, and the learning rate, weight decay and teacher
 momentum of every step, fixed before the loop starts.
 
-One change is allowed, at one point: with ``--fit-epochs-to-time``, after the first
+One change is allowed, at one point: with ``--plan-to-time-limit``, after the first
 :data:`REPLAN_AFTER_STEPS` steps the epoch count becomes what the measured speed fits in
 the time limit (:func:`replan`), so the schedules anneal before the time runs out.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from dinoserve.training.config import TrainConfig
 from dinoserve.training.schedules import cosine_schedule
 
-#: Steps trained before ``--fit-epochs-to-time`` plans the run; the first is not timed
+#: Steps trained before ``--plan-to-time-limit`` plans the run; the first is not timed
 #: because it warms up the kernels.
 REPLAN_AFTER_STEPS = 6
 

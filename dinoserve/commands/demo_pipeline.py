@@ -154,10 +154,10 @@ def _train(run: DemoRun) -> bool:
     if cfg.from_scratch:
         echo(f"[1/5] train: from scratch on {_where(d)} for at most {cfg.minutes:g} min")
         arch = {"arch": cfg.arch} if cfg.arch else {}
-        tcfg = make_config("cpu_small", **base, **arch,
+        train_cfg = make_config("cpu_small", **base, **arch,
                            batch_size=batch_size_for(n_images, make_config("cpu_small").batch_size))
-        run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or tcfg.global_crop_size)]
-        return _run_training(run, tcfg)
+        run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or train_cfg.global_crop_size)]
+        return _run_training(run, train_cfg)
     record = shipped_record(cfg.shipped)
     size = cfg.image_size or int(record["image_size"])
     fit = record["train_args"].get("fit", "crop")
@@ -170,26 +170,26 @@ def _train(run: DemoRun) -> bool:
          f"(k-NN {record['knn_top1']:.1f} % on openclipart) on {_where(d)} for at most {cfg.minutes:g} min")
     args = record["train_args"]
     kept = {k: args[k] for k in (*NETWORK_OPTIONS, *CROP_OPTIONS) if k in args}  # the network and its crops
-    tcfg = make_config("finetune", **base, **kept, pretrained=cfg.shipped,
+    train_cfg = make_config("finetune", **base, **kept, pretrained=cfg.shipped,
                        batch_size=batch_size_for(n_images, make_config("finetune").batch_size))
     run.candidates = [shipped, Candidate("fine-tuned", checkpoint, None, size, fit=fit)]
-    return _run_training(run, tcfg)
+    return _run_training(run, train_cfg)
 
 
 def _where(d: DemoData) -> str:
     return d.train_source + (f" (splits {', '.join(d.train_splits)})" if d.train_splits else "")
 
 
-def _run_training(run: DemoRun, tcfg: Any) -> bool:
-    """Train as ``tcfg`` says unless the same run is done already; True when reused."""
-    key = fingerprint(tcfg.to_dict())
-    ckpt = Path(tcfg.out) / "checkpoint.pth"
+def _run_training(run: DemoRun, train_cfg: Any) -> bool:
+    """Train as ``train_cfg`` says unless the same run is done already; True when reused."""
+    key = fingerprint(train_cfg.to_dict())
+    ckpt = Path(train_cfg.out) / "checkpoint.pth"
     if (entry := run.cache.done("train", key)) and ckpt.is_file():
         run.echo(f"      reusing {ckpt} (loss {entry['final_loss']:.3f}; --fresh retrains)")
         return True
     if ckpt.exists():  # an older run with other settings: this one replaces it
         shutil.rmtree(ckpt.parent)
-    result = train(tcfg)
+    result = train(train_cfg)
     run.echo(f"      loss {result.final_loss:.3f} after {result.steps} steps in {result.epochs_done} epoch(s), "
              f"{result.images_per_second:.0f} img/s, {result.skipped['count']} unreadable images left out")
     run.cache.record("train", key, checkpoint=result.checkpoint, final_loss=result.final_loss)
