@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dinoserve.errors import DataError
+from dinoserve.images import IMAGE_EXTENSIONS, walk_images
 
 __all__ = ["FileEntry", "DEFAULT_ROOTS", "read_file_list", "default_root", "splits_of"]
 
@@ -147,3 +148,31 @@ def read_file_list(
             f"(first: {entries[0].path}); {_hint(csv_path, explicit)}"
         )
     return entries
+
+
+def find_images(source: str | os.PathLike, splits: Iterable[str] | None = None,
+                root: str | os.PathLike | None = None) -> list[Path]:
+    """The image paths of ``source``: a folder (recursive, sorted, the one folder rule of
+    :func:`~dinoserve.images.walk_images`) or a CSV file list (rows of ``splits`` only, when
+    given). Training, the index, int8 calibration and the demo all read their data this way.
+
+    Raises:
+        DataError: ``source`` is missing, a file other than a CSV, a folder given ``splits``,
+            or holds no images.
+    """
+    path = Path(source).expanduser()
+    splits = list(splits) if splits else None
+    if not path.exists():
+        raise DataError(f"{path}: no such folder or file list; pass an image folder or a .csv file list")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"{path}: a file that is not a .csv file list; pass a folder of images or a CSV")
+        paths = [e.path for e in read_file_list(path, splits=splits, root=root)]
+        where = f"{path} (splits {', '.join(splits)})" if splits else str(path)
+    else:
+        if splits:
+            raise DataError(f"--split applies to CSV file lists only, but {path} is a folder")
+        paths, where = walk_images(path), str(path)
+    if not paths:
+        raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return paths

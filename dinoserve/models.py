@@ -77,9 +77,6 @@ __all__ = [
     "ReferencePosEmbedViT",
     "reference_pos_embed",
     "traceable_reference_pos_embed",
-    # earlier names of the card
-    "BackboneSpec",
-    "backbone_spec",
 ]
 
 def create_backbone(
@@ -301,7 +298,3 @@ def forward_with_attention(model: nn.Module, x: torch.Tensor) -> tuple[torch.Ten
 
 _FAMILY_WORDS = {"resnet": "ResNet", "convnext": "ConvNeXt", "vit": "ViT"}
 
-
-# Earlier names of the card, kept so that code written against them still runs.
-BackboneSpec = ModelCard
-backbone_spec = backbone_card

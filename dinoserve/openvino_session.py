@@ -2,7 +2,7 @@
 
 ``benchmarks/serving_throughput.py`` measured OpenVINO against onnxruntime on this
 project's exports: 1.36x for ResNet-50 fp32 and 2.87x for its int8 (QDQ) graph, but
-1.21x / 0.89x for ViT-S/16 (issue 13). So it is offered as a choice
+1.21x / 0.89x for ViT-S/16 (benchmarks/results/serving_throughput.json). So it is offered as a choice
 (``Client(runtime="openvino")``, ``dinoserve serve --runtime openvino``), never the default.
 
 :class:`OpenVINOSession` has the part of ``onnxruntime.InferenceSession`` that the client

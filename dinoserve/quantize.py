@@ -42,7 +42,8 @@ import numpy as np
 
 from dinoserve.cpu import INT8_SCHEMES, PORTABLE, cpu_features, cpu_name
 from dinoserve.errors import DataError, DinoserveError, ExportError
-from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch, walk_images
+from dinoserve.filelist import find_images
+from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch
 
 __all__ = ["PORTABLE", "INT8_SCHEMES", "Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
            "weight_products", "neighbour_agreement", "row_cosines", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
@@ -86,12 +87,11 @@ def calibration_paths(source: str | os.PathLike, limit: int = DEFAULT_CALIBRATIO
             paths = list(EmbeddingIndex.load(src, verify=False).paths)
         except DinoserveError as e:
             raise DataError(f"calibration data {src}: not a readable index ({e}); {fix}") from None
-    elif src.is_dir():
-        paths = [str(p) for p in walk_images(src)]
-    elif src.suffix.lower() == ".csv":
-        from dinoserve.filelist import read_file_list
-
-        paths = [str(e.path) for e in read_file_list(src) if e.path.is_file()]
+    elif src.is_dir() or src.suffix.lower() == ".csv":
+        try:
+            paths = [str(p) for p in find_images(src) if p.is_file()]
+        except DataError as e:
+            raise DataError(f"calibration data {e}; {fix}") from None
     else:
         raise DataError(f"calibration data {src}: not a folder, a .csv file list or a .index; {fix}")
     if not paths:

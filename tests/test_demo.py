@@ -91,7 +91,7 @@ def test_demo_fine_tunes_the_base_model_compares_and_reuses(tmp_path, shapes, ba
 
 
 def test_demo_serves_the_shipped_model_when_fine_tuning_makes_it_worse():
-    from dinoserve.commands.demo_pipeline import Candidate, choose
+    from dinoserve.shipped import Candidate, choose
 
     shipped, tuned = Candidate("shipped", "s.safetensors", None, 48, 61.0), Candidate("fine-tuned", "c.pth", None, 48, 58.5)
     served, why = choose([shipped, tuned])
@@ -120,10 +120,12 @@ def test_demo_names_a_missing_or_damaged_base_model_and_the_way_out(tmp_path, sh
 
 
 def test_the_shipped_model_is_the_default_and_is_whole():
-    from dinoserve.commands.demo_pipeline import SHIPPED_WEIGHTS, DemoConfig, shipped_record
     from dinoserve.models import backbone_card, load_backbone
+    from dinoserve.shipped import SHIPPED_WEIGHTS, shipped_record
 
-    assert DemoConfig().shipped == str(SHIPPED_WEIGHTS) and SHIPPED_WEIGHTS.parent == REPO / "weights"
+    assert SHIPPED_WEIGHTS.parent == REPO / "weights"
+    help_text = "".join(CliRunner().invoke(cli, ["demo", "--help"]).output.split())  # click breaks long words
+    assert f"default:theshippedweights/{SHIPPED_WEIGHTS.name}" in help_text
     if not SHIPPED_WEIGHTS.is_file():
         pytest.skip(f"{SHIPPED_WEIGHTS} is not in this checkout")
     record = shipped_record(SHIPPED_WEIGHTS)

@@ -447,7 +447,7 @@ def test_index_same_model_name_with_other_weights_says_rebuild_not_model(built, 
 
 def test_index_training_and_knn_list_the_same_files_of_a_folder(vit, tmp_path):
     """One folder rule: hidden files, symlinked duplicates and linked folders alike everywhere."""
-    from dinoserve.training.data import find_images
+    from dinoserve.filelist import find_images
     from dinoserve.training.knn import labelled_items
 
     data = tmp_path / "data"

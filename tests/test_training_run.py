@@ -298,10 +298,10 @@ def test_resume_removes_the_temp_file_of_a_run_killed_while_saving(twelve, tmp_p
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
-def test_fit_epochs_to_time_plans_the_schedules_from_measured_speed(twelve, tmp_path):
+def test_plan_to_time_limit_plans_the_schedules_from_measured_speed(twelve, tmp_path):
     out = tmp_path / "run"
     result = train(make_config(**{**TINY, "epochs": 1, "warmup_epochs": 1}, data=str(twelve), out=str(out),
-                               time_limit=0.5, fit_epochs_to_time=True))  # 3 steps fit even at load 12
+                               time_limit=0.5, plan_to_time_limit=True))  # 3 steps fit even at load 12
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     plans = [r for r in rows if r["event"] == "plan"]
     assert len(plans) == 1 and plans[0]["step"] == 3 and plans[0]["epochs"] >= 1  # the 1-epoch plan's last step

@@ -14,7 +14,8 @@ from dinoserve.errors import ConfigError
 from dinoserve.training.augment import MultiCropAugment
 from dinoserve.training.checkpoint import save_atomic
 from dinoserve.training.config import PRESETS, TrainConfig, make_config
-from dinoserve.training.data import ResumableSampler, StoreCrops, collate_crops, find_images
+from dinoserve.filelist import find_images
+from dinoserve.training.data import ResumableSampler, StoreCrops, collate_crops
 from dinoserve.training.head import DINOHead, MultiCropWrapper
 from dinoserve.training.loss import DINOLoss, teacher_entropy
 from dinoserve.training.optim import cancel_last_layer_grads, clip_gradients, param_groups

@@ -24,7 +24,7 @@ _EXPORTS = {
     "apply_overrides": "dinoserve.training.config",
     "make_config": "dinoserve.training.config",
     "TrainResult": "dinoserve.training.engine",
-    "config_from_checkpoint": "dinoserve.training.engine",
+    "config_from_checkpoint": "dinoserve.training.resume",
     "train": "dinoserve.training.engine",
 }
 

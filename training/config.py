@@ -21,7 +21,8 @@ from dinoserve.errors import ConfigError
 from dinoserve.registry import family_of_name
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its CLI help (and ``choices``) in the field's metadata."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -32,79 +33,79 @@ class TrainConfig:
     """All options of a DINO training run (defaults: the reference ViT-S/16 recipe)."""
 
     # --- data ------------------------------------------------------------------------
-    data: Optional[str] = _f(None, "Image folder (searched recursively) or CSV file list (path,category,split).")
-    split: Optional[tuple] = _f(None, "CSV only: keep rows whose split is one of these (repeat or comma list), e.g. knn_train,pool.")
-    data_root: Optional[str] = _f(None, "CSV only: folder that relative paths are resolved against (default: the file list's own default).")
-    out: str = _f("runs/dino", "Output folder: checkpoint.pth and log.jsonl.")
-    augment: str = _f("tensor", "tensor: multi-crop as batched tensor ops on the training device; pil: the PIL reference pipeline in DataLoader workers.", choices=("tensor", "pil"))
-    num_workers: int = _f(4, "DataLoader worker processes of --augment pil (0 = in the main process).")
-    store_size: Optional[int] = _f(None, "Side in pixels of the decoded-image store every crop is cut from (each image decoded once and fitted by --fit; default 1.5 x the global crop size).")
-    fit: str = _f("crop", "How each image is fitted into the square store and the k-NN/served input: crop (shorter side, centre square; photos) or pad (white border trimmed, longer side, padded on white; clip art, icons, product shots). Recorded in the model card, so export, the client and the index use it too.", choices=("crop", "pad"))
-    store_dir: Optional[str] = _f(None, "Folder of decoded-image stores, shared by runs (default ~/.cache/dinoserve/stores); a store whose source images changed is rebuilt.")
+    data: Optional[str] = _option(None, "Image folder (searched recursively) or CSV file list (path,category,split).")
+    split: Optional[tuple] = _option(None, "CSV only: keep rows whose split is one of these (repeat or comma list), e.g. knn_train,pool.")
+    data_root: Optional[str] = _option(None, "CSV only: folder that relative paths are resolved against (default: the file list's own default).")
+    out: str = _option("runs/dino", "Output folder: checkpoint.pth and log.jsonl.")
+    augment: str = _option("tensor", "tensor: multi-crop as batched tensor ops on the training device; pil: the PIL reference pipeline in DataLoader workers.", choices=("tensor", "pil"))
+    num_workers: int = _option(4, "DataLoader worker processes of --augment pil (0 = in the main process).")
+    store_size: Optional[int] = _option(None, "Side in pixels of the decoded-image store every crop is cut from (each image decoded once and fitted by --fit; default 1.5 x the global crop size).")
+    fit: str = _option("crop", "How each image is fitted into the square store and the k-NN/served input: crop (shorter side, centre square; photos) or pad (white border trimmed, longer side, padded on white; clip art, icons, product shots). Recorded in the model card, so export, the client and the index use it too.", choices=("crop", "pad"))
+    store_dir: Optional[str] = _option(None, "Folder of decoded-image stores, shared by runs (default ~/.cache/dinoserve/stores); a store whose source images changed is rebuilt.")
 
     # --- model -----------------------------------------------------------------------
-    arch: str = _f("vit_small_patch16_224", "timm architecture (vit_* or resnet*) or DINO alias (dino_vits16 ...).")
-    pretrained: Optional[str] = _f(None, "Start student and teacher backbones from this weight source (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
-    img_size: Optional[int] = _f(None, "ViT only: position-embedding grid size in pixels (default: the global crop size, or with --pretrained the size of those weights).")
-    patch_size: Optional[int] = _f(None, "ViT only: override the patch size of the architecture (e.g. 8 for small images).")
-    depth: Optional[int] = _f(None, "ViT only: override the number of blocks (tiny test models).")
-    reference_init: bool = _f(True, "From scratch, initialise as the reference does: ResNet blocks' last BatchNorm gamma 1 (timm: 0), ViT cls token trunc_normal(0.02) (timm: 1e-6).")
-    drop_path_rate: float = _f(0.1, "Stochastic depth rate of the student (the teacher uses 0).")
-    out_dim: int = _f(65536, "K, the number of prototypes (head output dimension).")
-    hidden_dim: int = _f(2048, "Hidden width of the projection head MLP.")
-    bottleneck_dim: int = _f(256, "Bottleneck width before the weight-normalised last layer.")
-    head_layers: int = _f(3, "Number of linear layers in the head MLP.")
-    use_bn_in_head: bool = _f(False, "BatchNorm in the head MLP.")
-    norm_last_layer: bool = _f(True, "Fix the last layer's weight norm g to 1 (more stable; False can be better for ViT-S).")
+    arch: str = _option("vit_small_patch16_224", "timm architecture (vit_* or resnet*) or DINO alias (dino_vits16 ...).")
+    pretrained: Optional[str] = _option(None, "Start student and teacher backbones from this weight source (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
+    img_size: Optional[int] = _option(None, "ViT only: position-embedding grid size in pixels (default: the global crop size, or with --pretrained the size of those weights).")
+    patch_size: Optional[int] = _option(None, "ViT only: override the patch size of the architecture (e.g. 8 for small images).")
+    depth: Optional[int] = _option(None, "ViT only: override the number of blocks (tiny test models).")
+    reference_init: bool = _option(True, "From scratch, initialise as the reference does: ResNet blocks' last BatchNorm gamma 1 (timm: 0), ViT cls token trunc_normal(0.02) (timm: 1e-6).")
+    drop_path_rate: float = _option(0.1, "Stochastic depth rate of the student (the teacher uses 0).")
+    out_dim: int = _option(65536, "K, the number of prototypes (head output dimension).")
+    hidden_dim: int = _option(2048, "Hidden width of the projection head MLP.")
+    bottleneck_dim: int = _option(256, "Bottleneck width before the weight-normalised last layer.")
+    head_layers: int = _option(3, "Number of linear layers in the head MLP.")
+    use_bn_in_head: bool = _option(False, "BatchNorm in the head MLP.")
+    norm_last_layer: bool = _option(True, "Fix the last layer's weight norm g to 1 (more stable; False can be better for ViT-S).")
 
     # --- multi-crop ------------------------------------------------------------------
-    global_crop_size: int = _f(224, "Side of the two global crops in pixels.")
-    global_crop_scale: tuple = _f((0.4, 1.0), "Area range of global crops, as fractions of the image.")
-    local_crops: int = _f(8, "Number of small local crops per image (0 disables multi-crop).")
-    local_crop_size: int = _f(96, "Side of the local crops in pixels.")
-    local_crop_scale: tuple = _f((0.05, 0.4), "Area range of local crops, as fractions of the image.")
+    global_crop_size: int = _option(224, "Side of the two global crops in pixels.")
+    global_crop_scale: tuple = _option((0.4, 1.0), "Area range of global crops, as fractions of the image.")
+    local_crops: int = _option(8, "Number of small local crops per image (0 disables multi-crop).")
+    local_crop_size: int = _option(96, "Side of the local crops in pixels.")
+    local_crop_scale: tuple = _option((0.05, 0.4), "Area range of local crops, as fractions of the image.")
 
     # --- optimisation ----------------------------------------------------------------
-    epochs: int = _f(100, "Number of epochs.")
-    batch_size: int = _f(64, "Images per process per step (total batch = this x processes).")
-    optimizer: str = _f("adamw", "adamw, sgd or lars.", choices=("adamw", "sgd", "lars"))
-    lr: float = _f(5e-4, "Peak learning rate for a total batch of 256 (scaled linearly by total batch / 256).")
-    min_lr: float = _f(1e-6, "Learning rate at the end of the cosine schedule.")
-    warmup_epochs: float = _f(10, "Epochs of linear learning-rate warmup from 0.")
-    weight_decay: float = _f(0.04, "Weight decay at the start (weights with ndim > 1, not biases or norms).")
-    weight_decay_end: float = _f(0.4, "Weight decay at the end of the cosine schedule.")
-    clip_grad: float = _f(3.0, "Per-parameter gradient norm clip (0 = off).")
-    freeze_last_layer: int = _f(1, "Epochs during which the head's last layer gets no updates.")
+    epochs: int = _option(100, "Number of epochs.")
+    batch_size: int = _option(64, "Images per process per step (total batch = this x processes).")
+    optimizer: str = _option("adamw", "adamw, sgd or lars.", choices=("adamw", "sgd", "lars"))
+    lr: float = _option(5e-4, "Peak learning rate for a total batch of 256 (scaled linearly by total batch / 256).")
+    min_lr: float = _option(1e-6, "Learning rate at the end of the cosine schedule.")
+    warmup_epochs: float = _option(10, "Epochs of linear learning-rate warmup from 0.")
+    weight_decay: float = _option(0.04, "Weight decay at the start (weights with ndim > 1, not biases or norms).")
+    weight_decay_end: float = _option(0.4, "Weight decay at the end of the cosine schedule.")
+    clip_grad: float = _option(3.0, "Per-parameter gradient norm clip (0 = off).")
+    freeze_last_layer: int = _option(1, "Epochs during which the head's last layer gets no updates.")
 
     # --- teacher and loss -------------------------------------------------------------
-    teacher_update: str = _f("ema", "ema: momentum teacher; epoch: teacher = student of the previous epoch; copy: teacher = student every step (fails, per the paper).", choices=("ema", "epoch", "copy"))
-    momentum_teacher: float = _f(0.996, "EMA momentum at the start, raised to 1 by a cosine per step (0.9995 for small batches).")
-    momentum_constant: bool = _f(False, "Keep the EMA momentum at --momentum-teacher for the whole run instead of raising it to 1.")
-    teacher_temp: float = _f(0.04, "Teacher softmax temperature after warmup.")
-    warmup_teacher_temp: float = _f(0.04, "Teacher temperature at the start of its warmup.")
-    warmup_teacher_temp_epochs: int = _f(0, "Epochs of linear teacher-temperature warmup.")
-    student_temp: float = _f(0.1, "Student softmax temperature.")
-    center_momentum: float = _f(0.9, "EMA momentum of the teacher-output center.")
+    teacher_update: str = _option("ema", "ema: momentum teacher; epoch: teacher = student of the previous epoch; copy: teacher = student every step (fails, per the paper).", choices=("ema", "epoch", "copy"))
+    momentum_teacher: float = _option(0.996, "EMA momentum at the start, raised to 1 by a cosine per step (0.9995 for small batches).")
+    momentum_constant: bool = _option(False, "Keep the EMA momentum at --momentum-teacher for the whole run instead of raising it to 1.")
+    teacher_temp: float = _option(0.04, "Teacher softmax temperature after warmup.")
+    warmup_teacher_temp: float = _option(0.04, "Teacher temperature at the start of its warmup.")
+    warmup_teacher_temp_epochs: int = _option(0, "Epochs of linear teacher-temperature warmup.")
+    student_temp: float = _option(0.1, "Student softmax temperature.")
+    center_momentum: float = _option(0.9, "EMA momentum of the teacher-output center.")
 
     # --- run -------------------------------------------------------------------------
-    precision: str = _f("auto", "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 only with AMX, where it is faster, else fp32), fp32, bf16 or fp16 (CUDA, with a grad scaler).", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
-    seed: int = _f(0, "Random seed (each process adds its rank).")
-    resume: bool = _f(False, "Continue from <out>/checkpoint.pth exactly where it stopped (same step, schedules, center, optimizer, sampler position).")
-    save_every: int = _f(0, "Also write the checkpoint every N steps (0 = only at epoch ends).")
-    log_every: int = _f(10, "Write a log.jsonl line every N steps.")
-    max_steps: Optional[int] = _f(None, "Stop cleanly (checkpoint written) after this many steps in total; schedules still span --epochs, and --resume continues.")
-    time_limit: Optional[float] = _f(None, "Stop cleanly (checkpoint written) after this many minutes; --resume continues.")
-    fit_epochs_to_time: bool = _f(False, "With --time-limit: after the first steps, set --epochs to what the measured speed fits in the limit, so the schedules end when the time does.")
-    progress: bool = _f(True, "Show a progress bar (main process only).")
+    precision: str = _option("auto", "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 only with AMX, where it is faster, else fp32), fp32, bf16 or fp16 (CUDA, with a grad scaler).", choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = _option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    seed: int = _option(0, "Random seed (each process adds its rank).")
+    resume: bool = _option(False, "Continue from <out>/checkpoint.pth exactly where it stopped (same step, schedules, center, optimizer, sampler position).")
+    save_every: int = _option(0, "Also write the checkpoint every N steps (0 = only at epoch ends).")
+    log_every: int = _option(10, "Write a log.jsonl line every N steps.")
+    max_steps: Optional[int] = _option(None, "Stop cleanly (checkpoint written) after this many steps in total; schedules still span --epochs, and --resume continues.")
+    time_limit: Optional[float] = _option(None, "Stop cleanly (checkpoint written) after this many minutes; --resume continues.")
+    plan_to_time_limit: bool = _option(False, "With --time-limit: after the first steps, plan --epochs (and every schedule) to what the measured speed fits in the limit, so the learning rate anneals before the time runs out.")
+    progress: bool = _option(True, "Show a progress bar (main process only).")
 
     # --- evaluation ------------------------------------------------------------------
-    knn_data: Optional[str] = _f(None, "Labelled set for k-NN evaluation: CSV with knn_train/knn_val splits, or a folder with train/ and val/ class folders.")
-    knn_every: int = _f(1, "Run k-NN every N epochs (and after the last).")
-    knn_k: int = _f(20, "k of the k-NN classifier.")
-    knn_temperature: float = _f(0.07, "Temperature of the k-NN vote weights exp(sim / T).")
-    knn_image_size: Optional[int] = _f(None, "Evaluation image size for k-NN (default: the backbone's image size, i.e. the global crop size unless --img-size/--pretrained set it).")
-    knn_data_root: Optional[str] = _f(None, "Root for relative paths in a k-NN CSV.")
+    knn_data: Optional[str] = _option(None, "Labelled set for k-NN evaluation: CSV with knn_train/knn_val splits, or a folder with train/ and val/ class folders.")
+    knn_every: int = _option(1, "Run k-NN every N epochs (and after the last).")
+    knn_k: int = _option(20, "k of the k-NN classifier.")
+    knn_temperature: float = _option(0.07, "Temperature of the k-NN vote weights exp(sim / T).")
+    knn_image_size: Optional[int] = _option(None, "Evaluation image size for k-NN (default: the backbone's image size, i.e. the global crop size unless --img-size/--pretrained set it).")
+    knn_data_root: Optional[str] = _option(None, "Root for relative paths in a k-NN CSV.")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (lists for tuples) for checkpoints and logs."""
@@ -112,6 +113,24 @@ class TrainConfig:
 
 
 #: Why each preset differs from the defaults is said next to each value.
+#: Options that define the network (backbone, head, number of crops the loss expects): a
+#: resumed run always takes them from its checkpoint.
+NETWORK_OPTIONS = ("arch", "img_size", "patch_size", "depth", "out_dim", "hidden_dim", "bottleneck_dim",
+                   "head_layers", "use_bn_in_head", "norm_last_layer", "local_crops")
+
+#: Options that define the crops a network learned from: fine-tuning keeps them with the
+#: network, so the model sees what it was trained on.
+CROP_OPTIONS = ("global_crop_size", "global_crop_scale", "local_crop_size", "local_crop_scale", "store_size", "fit")
+
+#: Options a resumed run cannot change: the network, and the images, order and size of the
+#: batches that the checkpoint's position refers to. Anything else (stop limits, epochs,
+#: learning rate, clipping, precision, evaluation, logging) may change, which is how a run
+#: is continued, or rescued after a non-finite loss.
+FIXED_ON_RESUME = frozenset(NETWORK_OPTIONS) | {"data", "split", "data_root", "batch_size", "seed", "optimizer",
+                                               "global_crop_size", "local_crop_size", "store_size", "augment",
+                                               "fit"}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference ViT-S/16 recipe (main_dino.py defaults, 100 epochs, batch 64/GPU).
     "vit_s16": dict(arch="vit_small_patch16_224", img_size=224),
@@ -145,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # with --time-limit (the demo's minutes) the epochs come from the measured speed, so
         # the cosine ends when the time does; freezing the last layer for an epoch would
         # freeze it for the whole of a one-epoch run
-        fit_epochs_to_time=True, freeze_last_layer=0,
+        plan_to_time_limit=True, freeze_last_layer=0,
         # precision stays "auto": bf16 on CPUs with AMX, fp32 elsewhere (see precision.py)
     ),
     # Adapting pretrained weights (the shipped model) to a new folder in minutes: the
@@ -156,7 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": dict(
         optimizer="adamw", lr=2.5e-4, min_lr=1e-6, warmup_epochs=0.2, weight_decay=0.04, weight_decay_end=0.04,
         momentum_teacher=0.996, drop_path_rate=0.0, freeze_last_layer=0, epochs=1, batch_size=64,
-        teacher_temp=0.04, warmup_teacher_temp=0.04, fit_epochs_to_time=True, num_workers=2,
+        teacher_temp=0.04, warmup_teacher_temp=0.04, plan_to_time_limit=True, num_workers=2,
     ),
 }
 
@@ -234,6 +253,11 @@ def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     validate(cfg)
     return cfg
 
+
+def batch_size_for(n_images: int, batch_size: int) -> int:
+    """``batch_size``, or for fewer than two batches of images a quarter of them (at least
+    2): a small folder then still gives several steps an epoch, not one or none."""
+    return batch_size if n_images >= 2 * batch_size else max(2, n_images // 4)
 
 def validate(cfg: TrainConfig) -> None:
     """Reject values that cannot work, naming the option and a fix."""

@@ -1,9 +1,8 @@
-"""Training data: find the images, batch their crops, resume mid-epoch.
+"""Training data: batch the crops, resume mid-epoch.
 
-- :func:`find_images` takes a folder (searched recursively) or a CSV file list (read by
-  :func:`dinoserve.filelist.read_file_list`, filtered by split). The images are decoded
-  once into an :class:`~dinoserve.training.store.ImageStore` (unreadable ones are skipped
-  and reported there, once), so no epoch decodes a file.
+- The images (:func:`dinoserve.filelist.find_images`: a folder or a CSV file list) are
+  decoded once into an :class:`~dinoserve.training.store.ImageStore` (unreadable ones are
+  skipped and reported there, once), so no epoch decodes a file.
 - Two sources of batches crop from the store, with one interface (``epoch(e, start)``):
   :class:`TensorBatches` (batched tensor ops on the training device, the default) and
   :class:`PilBatches` (the PIL reference pipeline in DataLoader workers).
@@ -13,48 +12,15 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dinoserve.errors import DataError
-from dinoserve.images import IMAGE_EXTENSIONS, walk_images
-
-
-def find_images(data: str | os.PathLike, splits: Sequence[str] | None = None,
-                root: str | os.PathLike | None = None) -> list[Path]:
-    """The image paths of a folder (recursive, sorted, duplicates through symlinks removed)
-    or of a CSV file list (rows of ``splits`` only, when given)."""
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: no such folder or file list; pass an image folder or a .csv file list")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"{path}: a file that is not a .csv file list; pass a folder of images or a CSV")
-        from dinoserve.filelist import read_file_list
-
-        paths = [e.path for e in read_file_list(path, splits=list(splits) if splits else None, root=root)]
-        where = f"{path} (splits {', '.join(splits)})" if splits else str(path)
-    else:
-        if splits:
-            raise DataError(f"--split applies to CSV file lists only, but {path} is a folder")
-        paths = _walk(path)
-        where = str(path)
-    if not paths:
-        raise DataError(f"{where}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return paths
-
-
-def _walk(folder: Path) -> list[Path]:
-    # The one folder rule (hidden entries, symlinks, duplicates, order) lives in dinoserve.images.
-    return walk_images(folder)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """``train(cfg)``: a DINO run from top to bottom.
 
-Phases, in order (each marked by a banner comment): config and resume, distributed
-set-up, data, models, loss/optimizer/precision, schedules, restore, loop, teardown. The
-loop calls :func:`train_one_epoch`, whose body is one step after another: schedules,
-forward, loss, backward, step, teacher update, log. What every step needs and never changes
-within a run lives in one :class:`Run`.
+``_train`` builds the run (data, networks, loss, optimizer, plan), then loops over the
+epochs; :func:`train_one_epoch` is the reference's loop over batches, and
+:func:`dino_step` the method itself: teacher on the global crops, student on all, the
+DINO loss, backward, optimizer step, centre and teacher updates. Everything around the
+steps (clocks, logs, progress bar, checkpoints, stop checks) is the
+:class:`~dinoserve.training.bookkeeping.Bookkeeper`'s.
 
 The same function runs on one CPU, one GPU, or under ``torchrun`` (see distributed.py).
 """
@@ -13,43 +14,37 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from dinoserve.errors import ConfigError, DataError, NonFiniteLossError, TrainingError
-from dinoserve.models import Weights, backbone_card, create_backbone, load_weights, read_weights
-from dinoserve.registry import family_of_name
+from dinoserve.errors import ConfigError, DataError, NonFiniteLossError
+from dinoserve.models import backbone_card, read_weights
 from dinoserve.training import distributed as D
 from dinoserve.training.augment import MultiCropAugment
-from dinoserve.training.checkpoint import (CHECKPOINT_NAME, load_for_resume, remove_stale_temp_files, rng_state,
-                                           save_atomic, set_rng_state)
-from dinoserve.training.config import PRESETS, TrainConfig, coerce_option, apply_overrides, make_config, validate
-from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches, find_images
-from dinoserve.training.head import DINOHead, MultiCropWrapper
-from dinoserve.training.init import match_reference_init
+from dinoserve.training.bookkeeping import Bookkeeper, checkpoint_meta
+from dinoserve.training.config import TrainConfig, apply_overrides, make_config, validate
+from dinoserve.filelist import find_images
+from dinoserve.training.data import Batch, PilBatches, ResumableSampler, StoreCrops, TensorBatches
 from dinoserve.training.loss import DINOLoss, teacher_entropy
-from dinoserve.training.monitor import CollapseMonitor, JsonlLog, Throughput
-from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
+from dinoserve.training.networks import Networks, build_networks
+from dinoserve.training.optim import (build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups,
+                                      set_lr_and_weight_decay)
+from dinoserve.training.plan import REPLAN_AFTER_STEPS, Plan, replan, schedules
 from dinoserve.training.precision import autocast, grad_scaler, resolve_precision
-from dinoserve.training.schedules import cosine_schedule
+from dinoserve.training.resume import checkpoint_to_continue
 from dinoserve.training.store import ImageStore, open_store
 from dinoserve.training.teacher import update_after_step, update_at_epoch_start
 from dinoserve.training.tensor_augment import BatchMultiCrop
 
-logger = logging.getLogger("dinoserve.training")
+__all__ = ["Run", "TrainResult", "dino_step", "make_run", "train", "train_one_epoch"]
 
-#: Options that define the network; on --resume they always come from the checkpoint.
-ARCH_KEYS = ("arch", "img_size", "patch_size", "depth", "out_dim", "hidden_dim", "bottleneck_dim",
-             "head_layers", "use_bn_in_head", "norm_last_layer", "local_crops")
+logger = logging.getLogger("dinoserve.training")
 
 
 @dataclass
@@ -73,88 +68,30 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """Everything a step needs that does not change during a run, and the step counter."""
+    """What every step uses, fixed for the whole run (the objects keep their own state)."""
 
     cfg: TrainConfig
     info: D.DistInfo
-    student: MultiCropWrapper
-    teacher: MultiCropWrapper
-    ddp_student: nn.Module
+    nets: Networks
     dino_loss: DINOLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     precision: str
-    lr: np.ndarray  # per-step schedules of the whole run
-    wd: np.ndarray
-    momentum: np.ndarray
-    steps_per_epoch: int
-    log: JsonlLog
-    ckpt_path: Path
-    t_start: float
-    card: Any = None  # the teacher backbone's model card, written into checkpoint meta
-    step: int = 0
-    collapse: CollapseMonitor = None  # type: ignore[assignment]
-    speed: Throughput = field(default_factory=Throughput)
-    images_seen: int = 0
-    data_wait: float = 0.0
-    replan_at: int | None = None  # the step after which --fit-epochs-to-time sets the epochs
-    t_first_step: float | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.info.device
 
 
-@dataclass
-class EpochOutcome:
-    mean_loss: float
-    last_loss: float | None
-    steps_done: int  # within the epoch, counting steps done before a resume
-    stopped: bool
-
-
-#: Options a resumed run cannot change: they define the network, the images and the order
-#: and size of the batches that the checkpoint's position refers to. Anything else (stop
-#: limits, epochs, learning rate, clipping, precision, evaluation, logging) may change,
-#: which is how a run is continued or rescued after a non-finite loss.
-FIXED_ON_RESUME = frozenset(ARCH_KEYS) | {"data", "split", "data_root", "batch_size", "seed", "optimizer",
-                                         "global_crop_size", "local_crop_size", "store_size", "augment", "fit"}
-
-
-def config_from_checkpoint(out_dir: str, preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """The config saved in ``<out_dir>/checkpoint.pth`` (less its ``max_steps`` and
-    ``time_limit``) with ``overrides`` applied and ``resume=True``: what
-    ``dinoserve train --resume`` uses.
-
-    ``preset`` and ``overrides`` may repeat the original command line: values equal to the
-    run's own are accepted; options of :data:`FIXED_ON_RESUME` that differ are refused,
-    each named with both values.
-    """
-    saved = load_for_resume(out_dir)["args"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    implied = {**(PRESETS[preset] if preset else {}), **overrides}
-    conflicts = []
-    for key, value in implied.items():
-        k = key.replace("-", "_")
-        if k in names and k in saved and k in FIXED_ON_RESUME:
-            ours, theirs = coerce_option(k, value), coerce_option(k, saved[k])
-            if ours != theirs:
-                conflicts.append(f"--{k.replace('_', '-')} {_show(ours)} (the run has {_show(theirs)})")
-    if conflicts:
-        raise ConfigError(f"--resume: {out_dir} was trained with other options: {'; '.join(conflicts)}. Drop them "
-                          f"to continue that run, or start a new one with another --out")
-    # stop limits belong to one invocation: a resumed run goes on to --epochs unless told
-    keep = names - {"max_steps", "time_limit"}
-    cfg = apply_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in keep})
-    cfg = apply_overrides(cfg, {**overrides, "resume": True, "out": str(out_dir)})
-    validate(cfg)
-    return cfg
-
-
-def _show(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+def make_run(cfg: TrainConfig, info: D.DistInfo, pretrained=None, initialise: bool = True) -> Run:
+    """Networks, DINO loss, optimizer and precision for ``cfg`` on ``info.device``
+    (``initialise``: a new run, see :func:`~dinoserve.training.networks.build_networks`)."""
+    nets = build_networks(cfg, info, pretrained, initialise)
+    dino_loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, teacher_temp=cfg.teacher_temp,
+                         warmup_teacher_temp=cfg.warmup_teacher_temp,
+                         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
+                         student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(info.device)
+    precision = resolve_precision(cfg.precision, info.device)
+    return Run(cfg, info, nets, dino_loss, build_optimizer(cfg.optimizer, param_groups(nets.student)),
+               grad_scaler(precision, info.device), precision)
 
 
 def train(cfg: TrainConfig | None = None, **overrides: Any) -> TrainResult:
@@ -179,227 +116,98 @@ def train(cfg: TrainConfig | None = None, **overrides: Any) -> TrainResult:
 
 def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     t_start = time.monotonic()
-    device, main = info.device, info.is_main
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT_NAME
-
-    # ----------------------------------------------------------------------------------
-    # config and resume: architecture keys come from the checkpoint, the rest from cfg
-    # ----------------------------------------------------------------------------------
-    if main:
-        remove_stale_temp_files(ckpt_path)  # a run killed while saving left one behind
-    resume = load_for_resume(out) if cfg.resume else None
+    cfg, resume = checkpoint_to_continue(cfg, info.is_main)
+    store = _open_store(cfg, info.is_main)
+    batches, steps_per_epoch = _batches(cfg, store, info)
+    pretrained = read_weights(cfg.pretrained) if cfg.pretrained else None  # sizes, and values for a new run
+    run = make_run(cfg, info, pretrained, initialise=resume is None)
+    plan = schedules(cfg, cfg.epochs, steps_per_epoch, info.world_size)
+    book = Bookkeeper(cfg, info, t_start)
     if resume is not None:
-        saved = resume["args"]
-        changed = {k: saved[k] for k in ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)}
-        if changed:
-            logger.warning("resume: keeping the checkpoint's architecture options %s", changed)
-            cfg = apply_overrides(cfg, changed)
-    elif ckpt_path.exists():
-        raise TrainingError(f"{ckpt_path} already exists: pass --resume to continue that run or choose another --out")
-
-    # ----------------------------------------------------------------------------------
-    # data: every image decoded once into the store; crops on the device (or PIL workers)
-    # ----------------------------------------------------------------------------------
-    store = _open_store(cfg, main)
-    sampler = ResumableSampler(range(len(store)), info.world_size, info.rank, seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"{cfg.data}: {len(store)} readable images give each of {info.world_size} process(es) "
-                        f"{sampler.num_samples}, fewer than one batch of {cfg.batch_size}; lower --batch-size")
-    batches = _batches(cfg, store, sampler, info)
-
-    # ----------------------------------------------------------------------------------
-    # models: student and teacher, same init on every rank; teacher gets no gradients
-    # ----------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    pretrained = read_weights(cfg.pretrained) if cfg.pretrained else None  # read once: sizes and values
-    bb_kwargs = _backbone_kwargs(cfg, pretrained)
-    student_bb = create_backbone(cfg.arch, drop_path_rate=cfg.drop_path_rate, **bb_kwargs)
-    teacher_bb = create_backbone(cfg.arch, drop_path_rate=0.0, **bb_kwargs)
-    if resume is None and pretrained is not None:
-        load_weights(student_bb, pretrained)
-        logger.info("student and teacher start from %s (%s)", pretrained.source, pretrained.format)
-    elif resume is None and cfg.reference_init:  # a resumed run loads every value from its checkpoint
-        match_reference_init(student_bb)
-    card = backbone_card(teacher_bb).replace(fit=cfg.fit)  # served images are fitted as trained
-    if card.family == "resnet":  # resolution is not architectural: record what we train at
-        card = card.replace(image_size=cfg.global_crop_size)
-    teacher_bb.dino_card = student_bb.dino_card = card
-    head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_layers, hidden_dim=cfg.hidden_dim,
-                   bottleneck_dim=cfg.bottleneck_dim)
-    student = MultiCropWrapper(student_bb, DINOHead(card.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer, **head_kw))
-    teacher = MultiCropWrapper(teacher_bb, DINOHead(card.embed_dim, cfg.out_dim, **head_kw))
-    if card.family == "resnet" and info.enabled and device.type == "cuda":
-        # gloo has no SyncBatchNorm kernels, so CPU runs keep per-process statistics
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    if pretrained is not None and resume is None and pretrained.head_state_dict:
-        _load_head(student.head, pretrained)
-    student.to(device)
-    teacher.to(device)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    ddp_student = (DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-                   if info.enabled else student)
-
-    # ----------------------------------------------------------------------------------
-    # loss, optimizer, precision
-    # ----------------------------------------------------------------------------------
-    dino_loss = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, teacher_temp=cfg.teacher_temp,
-                         warmup_teacher_temp=cfg.warmup_teacher_temp,
-                         warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, epochs=cfg.epochs,
-                         student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(device)
-    optimizer = build_optimizer(cfg.optimizer, param_groups(student))
-    precision = resolve_precision(cfg.precision, device)
-
-    # ----------------------------------------------------------------------------------
-    # schedules, one value per step of the whole run
-    # ----------------------------------------------------------------------------------
-    total_batch = cfg.batch_size * info.world_size
-    run = Run(cfg=cfg, info=info, student=student, teacher=teacher, ddp_student=ddp_student, dino_loss=dino_loss,
-              optimizer=optimizer, scaler=grad_scaler(precision, device), precision=precision,
-              lr=cosine_schedule(cfg.lr * total_batch / 256, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
-              wd=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
-              momentum=_momentum_schedule(cfg, steps_per_epoch), steps_per_epoch=steps_per_epoch,
-              log=JsonlLog(out / "log.jsonl" if main else None), ckpt_path=ckpt_path, t_start=t_start,
-              card=card, collapse=CollapseMonitor(cfg.out_dim))
-
-    # ----------------------------------------------------------------------------------
-    # restore (resume) or seed; per-rank RNG so drop path differs between ranks
-    # ----------------------------------------------------------------------------------
-    start_epoch, start_in_epoch = 0, 0
-    if resume is not None:
-        start_epoch, start_in_epoch = _restore(run, resume)
-    else:
+        start_epoch, first_step = book.restore(run, plan, resume)
+    else:  # per-process streams, so drop path differs between processes
+        start_epoch, first_step = 0, 0
         torch.manual_seed(cfg.seed + info.rank)
-    skipped = _skip_summary(store)
-    run.log.write("start", args=cfg.to_dict(), world_size=info.world_size, device=str(device), precision=precision,
-                  images=len(store), steps_per_epoch=steps_per_epoch, resumed_at_step=run.step if resume else None,
-                  meta=_meta(card, cfg), skipped=skipped)
-    for path, reason in store.skipped:
-        run.log.write("skip", path=path, reason=reason)
-    if main:
-        logger.info("training %s on %d images: %d steps/epoch x %d epochs, total batch %d, %s on %s, %s crops",
-                    cfg.arch, len(store), steps_per_epoch, cfg.epochs, total_batch, precision, device, cfg.augment)
+    _log_start(run, book, store, plan, resumed=resume is not None)
 
-    # ----------------------------------------------------------------------------------
-    # loop
-    # ----------------------------------------------------------------------------------
+    if cfg.plan_to_time_limit and cfg.time_limit and resume is None:
+        # plan to the time limit: time the first steps, then refit every schedule to the speed
+        first = islice(batches.epoch(0), min(REPLAN_AFTER_STEPS, steps_per_epoch))
+        first_step = train_one_epoch(run, plan, book, first, epoch=0)
+        if not book.progress.stopped:
+            per_step = book.seconds_per_step()
+            plan = replan(cfg, plan, book.progress.step, per_step, book.seconds_left(), info.world_size)
+            _log_plan(book, plan, per_step)
+
     epoch_losses: list[float] = []
-    knn_results: list[dict[str, Any]] = []
-    knn_cache: dict[str, Any] = {}
-    last_loss: float | None = None
-    epochs_saved = start_epoch
-    stopped = False
+    knn_rows: list[dict[str, Any]] = []
+    knn_set: dict[str, Any] = {}  # the labelled images, decoded at the first evaluation
+    epochs_done = start_epoch
     t_loop = time.perf_counter()
-    if cfg.fit_epochs_to_time and cfg.time_limit and resume is None:
-        run.replan_at = min(REPLAN_AFTER_STEPS, cfg.epochs * steps_per_epoch)  # before a short plan ends
-    epoch = start_epoch - 1
-    while epoch + 1 < run.cfg.epochs:  # --fit-epochs-to-time may change the count after a few steps
-        epoch += 1
-        cfg = run.cfg
-        in_epoch = start_in_epoch if epoch == start_epoch else 0
-        if not in_epoch:
-            update_at_epoch_start(cfg.teacher_update, teacher, student)
-        outcome = train_one_epoch(run, batches.epoch(epoch, in_epoch), epoch, in_epoch)
-        last_loss = outcome.last_loss if outcome.last_loss is not None else last_loss
-        done = outcome.steps_done >= steps_per_epoch
-        epochs_saved = epoch + 1 if done else epoch
-        _save(run, epochs_saved, 0 if done else outcome.steps_done)
-        if done:
-            epoch_losses.append(outcome.mean_loss)
-            run.log.write("epoch", epoch=epoch, step=run.step, loss=outcome.mean_loss, img_per_s=round(run.speed.rate, 2))
-            if cfg.knn_data and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                knn_results.append(_knn(cfg, teacher.backbone, device, epoch, run.step, run.log, main, knn_cache))
-        if outcome.stopped:
-            stopped = True
-            why = "--max-steps" if cfg.max_steps is not None and run.step >= cfg.max_steps else "--time-limit"
-            if main:
-                logger.info("%s reached after %d steps (epoch %d of %d); checkpoint saved, --resume continues",
-                            why, run.step, epoch + 1, cfg.epochs)
+    for epoch in range(start_epoch, plan.epochs):
+        if not book.progress.stopped:
+            first_step = train_one_epoch(run, plan, book, batches.epoch(epoch, first_step), epoch, first_step)
+        finished = first_step == plan.steps_per_epoch
+        epochs_done = epoch + 1 if finished else epoch
+        book.save(run, plan, epochs_done, 0 if finished else first_step)
+        if finished:
+            epoch_losses.append(book.end_epoch(epoch))
+            if cfg.knn_data and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == plan.epochs):
+                knn_rows.append(_knn(cfg, run.nets.teacher.backbone, info, epoch, book, knn_set))
+        if book.progress.stopped:
+            _say_stopped(cfg, book, epoch, plan)
             break
+        first_step = 0
 
-    # ----------------------------------------------------------------------------------
-    # teardown
-    # ----------------------------------------------------------------------------------
-    elapsed = time.perf_counter() - t_loop
+    p, elapsed = book.progress, time.perf_counter() - t_loop
     result = TrainResult(
-        checkpoint=str(ckpt_path), out_dir=str(out), epochs_done=epochs_saved,
-        steps=run.step, final_loss=last_loss, epoch_losses=epoch_losses,
-        images_per_second=round(run.images_seen / elapsed, 2) if elapsed > 0 else 0.0,
-        precision=precision, skipped=skipped, knn=knn_results, stopped_early=stopped,
-        data_wait_share=round(run.data_wait / elapsed, 4) if elapsed > 0 else None,
-    )
-    run.log.write("end", **result.to_dict())
-    run.log.close()
+        checkpoint=str(book.checkpoint), out_dir=cfg.out, epochs_done=epochs_done, steps=p.step,
+        final_loss=p.last_loss, epoch_losses=epoch_losses,
+        images_per_second=round(p.images_seen / elapsed, 2) if elapsed > 0 else 0.0,
+        precision=run.precision, skipped=_skip_summary(store), knn=knn_rows, stopped_early=p.stopped,
+        data_wait_share=round(p.data_wait / elapsed, 4) if elapsed > 0 else None)
+    book.log.write("end", **result.to_dict())
+    book.log.close()
     return result
 
 
-def train_one_epoch(run: Run, batches: Iterator[Batch], epoch: int, in_epoch: int) -> EpochOutcome:
-    """Train on ``batches`` (the rest of epoch ``epoch``, which starts at batch ``in_epoch``)."""
-    cfg, main = run.cfg, run.info.is_main
-    run.student.train()
-    run.teacher.train()
-    run.speed.reset()
-    loss_sum, loss_n, last_loss, stopped = 0.0, 0, None, False
-    bar = _progress(cfg, main, epoch, run.steps_per_epoch, in_epoch)
-    t_wait = time.perf_counter()
-    for batch in batches:
-        run.data_wait += time.perf_counter() - t_wait
-        it = epoch * run.steps_per_epoch + in_epoch
-        for i, g in enumerate(run.optimizer.param_groups):
-            g["lr"] = float(run.lr[it])
-            if i == 0:  # the regularised group
-                g["weight_decay"] = float(run.wd[it])
-        stats = _step(run, batch, epoch, it)
-        last_loss = stats["loss"]
-        loss_sum, loss_n = loss_sum + last_loss, loss_n + 1
-        n_images = len(batch) * run.info.world_size
-        run.speed.add(n_images)
-        run.images_seen += n_images
-        run.step += 1
-        in_epoch += 1
-        if run.step == 1:
-            run.t_first_step = time.perf_counter()
-        if run.step == run.replan_at:
-            _fit_epochs_to_time(run)
-            cfg = run.cfg
-        if main and (run.step % cfg.log_every == 0 or in_epoch == run.steps_per_epoch):
-            _log_step(run, epoch, it, stats)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{run.lr[it]:.2e}", H_t=f"{stats['teacher_entropy']:.2f}",
-                            img_s=f"{run.speed.rate:.1f}", refresh=False)
-        if cfg.save_every and run.step % cfg.save_every == 0 and in_epoch < run.steps_per_epoch:
-            _save(run, epoch, in_epoch)
-        if _should_stop(cfg, run.step, run.t_start):
-            stopped = True
+def train_one_epoch(run: Run, plan: Plan, book: Bookkeeper, batches: Iterable[Batch], epoch: int,
+                    first_step: int = 0) -> int:
+    """Train on ``batches``, the rest of ``epoch`` from its batch ``first_step``; return how
+    many of the epoch's batches are done (``plan.steps_per_epoch``: the epoch is finished)."""
+    run.nets.student.train()
+    run.nets.teacher.train()
+    if first_step == 0:
+        update_at_epoch_start(run.cfg.teacher_update, run.nets.teacher, run.nets.student)
+    book.start_epoch(plan, epoch, first_step)
+    done = first_step
+    for batch in book.timed(batches):
+        k = plan.position(epoch, done)
+        set_lr_and_weight_decay(run.optimizer, float(plan.lr[k]), float(plan.weight_decay[k]))
+        stats = dino_step(run, batch.crops, epoch, float(plan.momentum[k]))
+        done += 1
+        if book.after_step(run, plan, epoch, done, stats, len(batch)):
             break
-        t_wait = time.perf_counter()
-    if bar is not None:
-        bar.close()
-    sums = D.all_reduce(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64))
-    mean_loss = float(sums[0] / sums[1]) if sums[1] else float("nan")
-    return EpochOutcome(mean_loss=mean_loss, last_loss=last_loss, steps_done=in_epoch, stopped=stopped)
+    return done
 
 
-def _step(run: Run, batch: Batch, epoch: int, it: int) -> dict[str, float]:
-    """One optimisation step; returns loss and teacher statistics as floats."""
-    crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
-    with autocast(run.precision, run.device):
+def dino_step(run: Run, crops: list[torch.Tensor], epoch: int, momentum: float) -> dict[str, float]:
+    """One DINO step on a batch's multi-crop views (the first two global); returns the loss
+    (mean over processes) and the teacher's entropies as floats."""
+    nets, device = run.nets, run.info.device
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    with autocast(run.precision, device):
         with torch.no_grad():
-            teacher_out = run.teacher(crops[:2])  # the teacher sees only the global crops
-        student_out = run.ddp_student(crops)
+            teacher_out = nets.teacher(crops[:2])  # the teacher sees only the global crops
+        student_out = nets.ddp_student(crops)
     loss = run.dino_loss(student_out, teacher_out, epoch)
-    # all ranks stop together on a non-finite loss; the mean is what we log
+    # all processes stop together on a non-finite loss; the mean is what we log
     stats = D.all_reduce(torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()]).cpu())
     if stats[1] > 0:
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {run.step} (epoch {epoch}); stopped. The last good checkpoint "
-            f"{run.ckpt_path} is kept. Try a lower --lr, --precision fp32, a smaller --clip-grad or "
-            f"--norm-last-layer, then --resume or start again.")
+            f"loss is {loss.item()} in epoch {epoch}; stopped. The last good checkpoint in {run.cfg.out} is kept. "
+            f"Try a lower --lr, --precision fp32, a smaller --clip-grad or --norm-last-layer, then --resume or "
+            f"start again.")
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -407,100 +215,52 @@ def _step(run: Run, batch: Batch, epoch: int, it: int) -> dict[str, float]:
     else:
         loss.backward()
     if run.cfg.clip_grad:
-        clip_gradients(run.student, run.cfg.clip_grad)
-    cancel_last_layer_grads(run.student, epoch, run.cfg.freeze_last_layer)
+        clip_gradients(nets.student, run.cfg.clip_grad)
+    cancel_last_layer_grads(nets.student, epoch, run.cfg.freeze_last_layer)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:
         run.optimizer.step()
     run.dino_loss.update_center(teacher_out)  # after the loss, as the method prescribes
-    update_after_step(run.cfg.teacher_update, run.teacher, run.student, float(run.momentum[it]))
+    update_after_step(run.cfg.teacher_update, nets.teacher, nets.student, momentum)
     with torch.no_grad():
         h, h_mean = teacher_entropy(run.dino_loss.teacher_probs(teacher_out, epoch))
     return {"loss": float(stats[0]) / run.info.world_size, "teacher_entropy": h, "teacher_mean_entropy": h_mean}
 
 
-#: Steps timed before --fit-epochs-to-time plans the run (the first step, which warms up
-#: the kernels, is not timed).
-REPLAN_AFTER_STEPS = 6
+def _log_start(run: Run, book: Bookkeeper, store: ImageStore, plan: Plan, resumed: bool) -> None:
+    cfg, info = run.cfg, run.info
+    book.log.write("start", args=cfg.to_dict(), world_size=info.world_size, device=str(info.device),
+                   precision=run.precision, images=len(store), steps_per_epoch=plan.steps_per_epoch,
+                   resumed_at_step=book.progress.step if resumed else None, meta=checkpoint_meta(run.nets.card, cfg),
+                   skipped=_skip_summary(store))
+    for path, reason in store.skipped:
+        book.log.write("skip", path=path, reason=reason)
+    if info.is_main:
+        logger.info("training %s on %d images: %d steps/epoch x %d epochs, total batch %d, %s on %s, %s crops",
+                    cfg.arch, len(store), plan.steps_per_epoch, plan.epochs, cfg.batch_size * info.world_size,
+                    run.precision, info.device, cfg.augment)
 
 
-def _fit_epochs_to_time(run: Run) -> None:
-    """Set the epoch count (and so every schedule) to what the speed measured so far fits
-    in the rest of --time-limit, so the learning rate anneals before the time runs out."""
-    cfg = run.cfg
-    now = time.perf_counter()
-    per_step = (now - run.t_first_step) / max(run.step - 1, 1)
-    left = cfg.time_limit * 60 - (time.monotonic() - run.t_start)
-    # 5 % of the time is kept for checkpoints and evaluation
-    total = run.step + max(0.0, 0.95 * left) / per_step
-    epochs = max(1, int(round(total / run.steps_per_epoch)))
-    epochs = int(D.all_reduce(torch.tensor(float(epochs)), "min").item())  # every rank plans the same run
-    run.cfg = apply_overrides(cfg, {"epochs": epochs})
-    total_batch = cfg.batch_size * run.info.world_size
-    run.lr = cosine_schedule(cfg.lr * total_batch / 256, cfg.min_lr, epochs, run.steps_per_epoch, cfg.warmup_epochs)
-    run.wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, epochs, run.steps_per_epoch)
-    run.momentum = _momentum_schedule(run.cfg, run.steps_per_epoch)
-    run.log.write("plan", step=run.step, seconds_per_step=round(per_step, 3), epochs=epochs,
-                  planned_steps=epochs * run.steps_per_epoch)
-    if run.info.is_main:
+def _log_plan(book: Bookkeeper, plan: Plan, per_step: float) -> None:
+    book.log.write("plan", step=book.progress.step, seconds_per_step=round(per_step, 3), epochs=plan.epochs,
+                   planned_steps=plan.epochs * plan.steps_per_epoch)
+    if book.info.is_main:
         logger.info("%.2f s per step: %d epoch(s) of %d steps fit the %.3g-minute limit; schedules planned for that",
-                    per_step, epochs, run.steps_per_epoch, cfg.time_limit)
+                    per_step, plan.epochs, plan.steps_per_epoch, book.cfg.time_limit)
 
 
-def _log_step(run: Run, epoch: int, it: int, stats: dict[str, float]) -> None:
-    row = dict(step=run.step, epoch=epoch, lr=float(run.lr[it]), wd=float(run.wd[it]), momentum=float(run.momentum[it]),
-               teacher_temp=run.dino_loss.teacher_temp(epoch), img_per_s=round(run.speed.rate, 2), **stats)
-    if run.scaler is not None:
-        row["grad_scale"] = float(run.scaler.get_scale())  # falling fast: fp16 overflow
-    run.log.write("step", **row)
-    if epoch >= max(1, math.ceil(run.cfg.warmup_epochs)):
-        warning = run.collapse.check(row["loss"], row["teacher_mean_entropy"])
-        if warning:
-            logger.warning(warning)
-            run.log.write("warning", step=run.step, message=warning)
+def _say_stopped(cfg: TrainConfig, book: Bookkeeper, epoch: int, plan: Plan) -> None:
+    if book.info.is_main:
+        why = "--max-steps" if cfg.max_steps is not None and book.progress.step >= cfg.max_steps else "--time-limit"
+        logger.info("%s reached after %d steps (epoch %d of %d); checkpoint saved, --resume continues",
+                    why, book.progress.step, epoch + 1, plan.epochs)
 
 
-def _save(run: Run, epochs_done: int, epoch_step: int) -> None:
-    """The checkpoint, in the dino layout plus ``meta`` and ``progress`` (main process)."""
-    rngs = [rng_state(run.device)]
-    if run.info.enabled:
-        rngs = [None] * run.info.world_size
-        dist.all_gather_object(rngs, rng_state(run.device))
-    if not run.info.is_main:
-        return
-    state = {
-        "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "epoch": epochs_done, "args": run.cfg.to_dict(),
-        "dino_loss": {"center": run.dino_loss.center.detach().cpu()},
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "meta": _meta(run.card, run.cfg),
-        "progress": {"step": run.step, "epoch_step": epoch_step, "steps_per_epoch": run.steps_per_epoch,
-                     "world_size": run.info.world_size, "rng": rngs},
-    }
-    save_atomic(state, run.ckpt_path)
-
-
-def _restore(run: Run, resume: dict[str, Any]) -> tuple[int, int]:
-    """Load a checkpoint into ``run``; return (epoch, batch within it) to start at."""
-    run.student.load_state_dict(resume["student"])
-    run.teacher.load_state_dict(resume["teacher"])
-    run.optimizer.load_state_dict(resume["optimizer"])
-    run.dino_loss.center.copy_(resume["dino_loss"]["center"].to(run.device))
-    if run.scaler is not None and resume.get("scaler"):
-        run.scaler.load_state_dict(resume["scaler"])
-    prog = resume["progress"]
-    start_epoch, start_in_epoch, run.step = int(resume["epoch"]), int(prog["epoch_step"]), int(prog["step"])
-    if prog.get("steps_per_epoch") != run.steps_per_epoch and start_in_epoch:
-        raise TrainingError(f"--resume: the checkpoint stopped mid-epoch with {prog.get('steps_per_epoch')} steps per "
-                            f"epoch, but this run has {run.steps_per_epoch}; keep --batch-size and the process count")
-    rngs = prog.get("rng", [])
-    if len(rngs) == run.info.world_size:
-        set_rng_state(rngs[run.info.rank], run.device)
-    else:
-        torch.manual_seed(run.cfg.seed + run.info.rank + 1_000_003 * run.step)
-    return start_epoch, start_in_epoch
+def _skip_summary(store: ImageStore, keep: int = 10) -> dict[str, Any]:
+    return {"count": len(store.skipped), "files": len(store.skipped),
+            "examples": [{"path": p, "reason": r} for p, r in store.skipped[:keep]]}
 
 
 def _open_store(cfg: TrainConfig, main: bool) -> ImageStore:
@@ -530,82 +290,27 @@ def store_size(cfg: TrainConfig) -> int:
     return cfg.store_size or int(round(cfg.global_crop_size * 1.5))
 
 
-def _batches(cfg: TrainConfig, store: ImageStore, sampler: ResumableSampler, info: D.DistInfo):
+def _batches(cfg: TrainConfig, store: ImageStore, info: D.DistInfo) -> tuple[Any, int]:
+    """This process's batch source (``.epoch(epoch, first_batch)``) and the steps per epoch."""
+    sampler = ResumableSampler(range(len(store)), info.world_size, info.rank, seed=cfg.seed)
+    steps_per_epoch = sampler.num_samples // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg.data}: {len(store)} readable images give each of {info.world_size} process(es) "
+                        f"{sampler.num_samples}, fewer than one batch of {cfg.batch_size}; lower --batch-size")
     crop_args = (cfg.global_crop_size, cfg.global_crop_scale, cfg.local_crops, cfg.local_crop_size, cfg.local_crop_scale)
     if cfg.augment == "tensor":
         return TensorBatches(store.pixels, BatchMultiCrop(*crop_args), sampler, cfg.batch_size, cfg.seed, info.rank,
-                             info.device)
+                             info.device), steps_per_epoch
     return PilBatches(StoreCrops(store.pixels, MultiCropAugment(*crop_args), seed=cfg.seed), sampler, cfg.batch_size,
-                      cfg.num_workers, cfg.seed, info.device.type == "cuda")
+                      cfg.num_workers, cfg.seed, info.device.type == "cuda"), steps_per_epoch
 
 
-def _skip_summary(store: ImageStore, keep: int = 10) -> dict[str, Any]:
-    return {"count": len(store.skipped), "files": len(store.skipped),
-            "examples": [{"path": p, "reason": r} for p, r in store.skipped[:keep]]}
-
-
-def _momentum_schedule(cfg: TrainConfig, steps_per_epoch: int) -> np.ndarray:
-    """Teacher momentum per step: a cosine from ``momentum_teacher`` to 1 (the reference),
-    or constant with ``--momentum-constant`` (short runs, where the cosine freezes the
-    teacher long before the student has learned)."""
-    if cfg.momentum_constant:
-        return np.full(cfg.epochs * steps_per_epoch, cfg.momentum_teacher)
-    return cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
-
-
-def _load_head(head: DINOHead, pretrained: Weights) -> None:
-    """Start the head from the one stored with the pretrained backbone when it has this
-    run's shape (same K, widths, BatchNorm); otherwise keep a fresh head and say so."""
-    own = head.state_dict()
-    theirs = pretrained.head_state_dict
-    if set(own) == set(theirs) and all(own[k].shape == theirs[k].shape for k in own):
-        head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in theirs.items()})
-        logger.info("the head starts from %s too", pretrained.source)
-    else:
-        logger.info("%s holds a head of another shape; the head starts fresh", pretrained.source)
-
-
-def _backbone_kwargs(cfg: TrainConfig, pretrained: Weights | None) -> dict[str, Any]:
-    vit_only = {"patch_size": cfg.patch_size, "depth": cfg.depth, "img_size": cfg.img_size}
-    if family_of_name(cfg.arch) != "vit":
-        return {}  # validate() has refused ViT options for other architectures
-    if vit_only["img_size"] is None:
-        # position embeddings at the training size, or at the size the weights were made for
-        vit_only["img_size"] = pretrained.image_size if pretrained is not None else cfg.global_crop_size
-    return vit_only
-
-
-def _meta(card, cfg: TrainConfig) -> dict[str, Any]:
-    """Checkpoint ``meta``: the teacher backbone's model card, plus head and crop settings."""
-    return {**card.to_dict(), "out_dim": cfg.out_dim, "hidden_dim": cfg.hidden_dim,
-            "bottleneck_dim": cfg.bottleneck_dim, "head_layers": cfg.head_layers,
-            "use_bn_in_head": cfg.use_bn_in_head, "norm_last_layer": cfg.norm_last_layer,
-            "global_crop_size": cfg.global_crop_size, "local_crop_size": cfg.local_crop_size,
-            "local_crops": cfg.local_crops, "format": "dinoserve-train-1"}
-
-
-def _progress(cfg: TrainConfig, main: bool, epoch: int, total: int, initial: int):
-    if not (main and cfg.progress):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=True)
-
-
-def _should_stop(cfg: TrainConfig, step: int, t_start: float) -> bool:
-    stop = cfg.max_steps is not None and step >= cfg.max_steps
-    if cfg.time_limit is not None:
-        late = torch.tensor(float(time.monotonic() - t_start > cfg.time_limit * 60))
-        stop = stop or bool(D.all_reduce(late, "max").item())  # every rank stops at the same step
-    return stop
-
-
-def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int, step: int, log: JsonlLog,
-         main: bool, cache: dict) -> dict[str, Any]:
-    """k-NN accuracy of the teacher backbone on the main process (the labelled set is
-    decoded once and kept in ``cache``); other processes wait."""
-    row: dict[str, Any] = {"epoch": epoch, "step": step}
-    if main:
+def _knn(cfg: TrainConfig, backbone: nn.Module, info: D.DistInfo, epoch: int, book: Bookkeeper,
+         cache: dict[str, Any]) -> dict[str, Any]:
+    """k-NN accuracy of the teacher backbone on both protocols, on the main process (the
+    labelled set is decoded once and kept in ``cache``); other processes wait."""
+    row: dict[str, Any] = {"epoch": epoch, "step": book.progress.step}
+    if info.is_main:
         from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
         t0 = time.perf_counter()
@@ -615,7 +320,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
         backbone.eval()
         try:
             r = evaluate_knn_protocols(backbone, cache["set"], k=cfg.knn_k, temperature=cfg.knn_temperature,
-                                       device=device)
+                                       device=info.device)
         finally:
             backbone.train()
         # top1 is the fixed split (comparable with every earlier log); loo the low-noise protocol
@@ -623,7 +328,7 @@ def _knn(cfg: TrainConfig, backbone: nn.Module, device: torch.device, epoch: int
         row.update(top1=float(split.top1), top5=float(split.top5), top1_se=round(split.top1_se, 2),
                    loo_top1=float(loo.top1), loo_top1_se=round(loo.top1_se, 2),
                    seconds=round(time.perf_counter() - t0, 1))
-        log.write("knn", **row)
+        book.log.write("knn", **row)
         logger.info("k-NN after epoch %d: top-1 %.2f top-5 %.2f", epoch + 1, row["top1"], row["top5"])
     D.barrier()
     return row

@@ -3,6 +3,7 @@
 - :func:`param_groups`: group 0 holds the regularised weights (ndim > 1, not biases), group
   1 the rest with weight decay 0; the weight-decay schedule writes group 0 only.
 - :func:`build_optimizer`: AdamW, SGD (momentum 0.9) or LARS.
+- :func:`set_lr_and_weight_decay`: a step's values of the two schedules.
 - :func:`clip_gradients`: each parameter's gradient norm clipped on its own.
 - :func:`cancel_last_layer_grads`: the head's last layer is frozen for the first epoch(s).
 """
@@ -66,6 +67,15 @@ def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     if name == "lars":
         return LARS(groups)
     raise ValueError(f"optimizer {name!r} is not one of adamw, sgd, lars")
+
+
+def set_lr_and_weight_decay(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's rates: ``lr`` for every group, ``weight_decay`` for the first, the
+    regularised one (:func:`param_groups`: biases and norms are not decayed)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:
+            group["weight_decay"] = weight_decay
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ import click
               help="Skip training and serve these weights (checkpoint, .pth, .safetensors, timm:<tag>, alias).")
 @click.option("--arch", default=None, help="Architecture for --weights that do not say it, or for --from-scratch.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Evaluation/serving image size (default: the shipped model's, 96 for --from-scratch).")
+              help="Evaluation/serving image size (default: the model card's: the shipped model's, the training "
+                   "crop for --from-scratch, the card of --weights).")
 @click.option("--fresh", is_flag=True, help="Redo every step instead of reusing finished ones.")
 @click.option("--no-app", is_flag=True, help="Print k-NN and example searches, then exit instead of opening the app.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="App address (loopback unless you mean it).")

@@ -99,7 +99,7 @@ def attention(weights: str, arch: str | None, checkpoint_key: str, data: str, sp
     from dinoserve.errors import DataError
     from dinoserve.models import backbone_card, create_backbone, load_backbone
     from dinoserve.training.attention_eval import attention_jaccard, load_masked_set
-    from dinoserve.training.data import find_images
+    from dinoserve.filelist import find_images
     from dinoserve.training.init import match_reference_init
 
     model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)

@@ -92,7 +92,8 @@ def train(preset: str | None, quiet: bool, **options: typing.Any) -> None:
         cfg = make_config(preset, **given)
         if cfg.data is not None and not Path(cfg.data).expanduser().exists():  # say so before torch loads
             raise DataError(f"{cfg.data}: no such folder or file list; pass an image folder or a .csv file list")
-    from dinoserve.training.engine import config_from_checkpoint, train as run
+    from dinoserve.training.engine import train as run
+    from dinoserve.training.resume import config_from_checkpoint
 
     if given.get("resume"):
         # the original command line plus --resume is fine: only options that differ from
