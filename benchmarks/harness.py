@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 OPENCLIPART_CSV = REPO / "data" / "openclipart_knn.csv"
@@ -89,8 +91,6 @@ def median_seconds_in_turns(calls: dict[str, Callable[[int], object]], rounds: i
 
 def percentiles(latencies_s: list[float]) -> dict[str, float]:
     """p50, p95 and p99 of latencies given in seconds, in milliseconds."""
-    import numpy as np
-
     ms = np.asarray(latencies_s) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99))}

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import cpu_features, machine, write_json
 from benchmarks.client_throughput import export, make_jpegs
+from benchmarks.harness import cpu_features, machine, write_json
 
 
 def rates(repo: Path, name: str, paths: list[str], batch: int) -> dict:
