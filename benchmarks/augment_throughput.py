@@ -11,7 +11,7 @@ Two measurements, interleaved in one run so machine load hits both alike:
 
 Writes ``results/augment_throughput.json`` with the CPU's features::
 
-    .venv/bin/python benchmarks/augment_throughput.py --steps 20
+    .venv/bin/python -m benchmarks.augment_throughput --steps 20
 """
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, machine, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, machine, median_seconds_in_turns, write_json
 
 NAME = "augment_throughput"
 
@@ -44,16 +39,14 @@ def augment_rates(pixels, batch: int, repeats: int) -> dict:
     images = torch.from_numpy(pixels[:batch].copy())
     pil_images = [Image.fromarray(p.transpose(1, 2, 0)) for p in pixels[:batch]]
     tensor_aug(images, torch.Generator().manual_seed(0))  # warm-up
-    tensor_times, pil_times = [], []
-    for r in range(repeats):
-        t = time.perf_counter()
-        tensor_aug(images, torch.Generator().manual_seed(r))
-        tensor_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
+
+    def pil_batch(r: int) -> None:
         for i, img in enumerate(pil_images):
             pil_aug(img, random.Random(r * batch + i))
-        pil_times.append(time.perf_counter() - t)
-    tensor_rate, pil_rate = batch / statistics.median(tensor_times), batch / statistics.median(pil_times)
+
+    median_s = median_seconds_in_turns({"tensor": lambda r: tensor_aug(images, torch.Generator().manual_seed(r)),
+                                        "pil": pil_batch}, repeats, warmup=0)
+    tensor_rate, pil_rate = batch / median_s["tensor"], batch / median_s["pil"]
     return {"batch": batch, "tensor_img_per_s": round(tensor_rate, 1), "pil_img_per_s_one_process": round(pil_rate, 1),
             "ratio_tensor_to_pil": round(tensor_rate / pil_rate, 2)}
 

@@ -8,8 +8,8 @@ init: speed does not depend on the weights), a folder of generated 640x480 JPEGs
 - ``Client.embed(paths)`` end to end: in-process (concurrency 1 and 2) and through a real
   tritonserver over HTTP and gRPC (concurrency 1 and 4), all with the same batch size.
 
-    .venv/bin/python benchmarks/client_throughput.py
-    .venv/bin/python benchmarks/client_throughput.py --arch resnet50 --images 64
+    .venv/bin/python -m benchmarks.client_throughput
+    .venv/bin/python -m benchmarks.client_throughput --arch resnet50 --images 64
 
 Writes benchmarks/results/client_throughput.json and .png.
 """
@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _results import machine, plot_path, write_json  # noqa: E402
+from benchmarks.harness import machine, plot_path, write_json
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:

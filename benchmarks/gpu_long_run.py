@@ -7,7 +7,7 @@ back at most eight files of 16 MiB. So the run is prepared in three steps:
    thumbnails, fitted exactly as the decoded-image store fits them, and the labelled k-NN
    images as a ``train/<class>/`` + ``val/<class>/`` folder, into one folder that travels::
 
-       python benchmarks/gpu_long_run.py pack gpu_data --size 96
+       python -m benchmarks.gpu_long_run pack gpu_data --size 96
 
    96 px keeps the folder (about 32 MiB) and the repository inside the 64 MiB that travels;
    the k-NN bank images are symbolic links into the training images.
@@ -18,7 +18,7 @@ back at most eight files of 16 MiB. So the run is prepared in three steps:
    cosine ends inside ``--minutes``, k-NN on the thumbnails every ``--knn-every`` epochs.
    Each teacher backbone comes back as fp16 safetensors halves, with the logs::
 
-       python benchmarks/gpu_long_run.py run --data gpu_data --out $OUT --minutes 6
+       python -m benchmarks.gpu_long_run run --data gpu_data --out $OUT --minutes 6
 
 3. ``adopt`` (here): join the halves into one ``.safetensors`` per recipe under ``runs/gpu``
    with the run's model card, ready for ``benchmarks/long_run.py`` to measure and ship.
@@ -38,12 +38,10 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, read_log  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, RESULTS, read_log, write_json
 
 #: What the teachers may take of the 64 MiB that comes back (a resnet18 in fp16 is 22 MB, so
-#: two of them and a vit_tiny fit; a third resnet18 was cut off in the transfer once).
+#: two of them and a vit_tiny fit; a third resnet18 does not).
 RETURN_BYTES = 60 * 2**20
 
 #: Each recipe: ``dinoserve train`` options (besides data, output, time and k-NN). Why each:
@@ -114,9 +112,9 @@ def run(data: Path, out: Path, minutes: float, knn_every: int, batch: int, recip
 
     ``epochs`` fixes every schedule (the time limit then only stops a run that is slower
     than planned). Without it each run plans its epochs from its first steps, which
-    misplans when the runs start at different moments: on 2026-12-04 the first one timed
-    its steps alone, planned 129 epochs and was stopped after 43 (results/gpu_long_run.json
-    has the measured speeds to plan with)."""
+    misplans when the runs start at different moments: a run that times its steps alone
+    plans for a GPU it will share, and the time limit stops it long before its planned
+    epochs (results/gpu_long_run.json has the measured speeds to plan with)."""
     plan = ["--epochs", str(epochs), "--no-fit-epochs-to-time"] if epochs else ["--fit-epochs-to-time",
                                                                               "--epochs", "1000"]
     runs = Path("/tmp/gpu_long_run")
@@ -213,8 +211,6 @@ def adopt(src: Path, target: Path) -> None:
 def _record_runs(src: Path, target: Path, names: list[str]) -> None:
     """Each run's plan, speed and thumbnail k-NN into results/gpu_long_run.json (runs of
     earlier calls kept, the same name replaced)."""
-    from benchmarks._results import RESULTS, write_json
-
     path = RESULTS / "gpu_long_run.json"
     report = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     device = json.loads((src / "summary.json").read_text())

@@ -1,10 +1,10 @@
 """GPU serving, side by side in one run: PyTorch eager, onnxruntime CUDA, TensorRT fp16, Triton.
 
-PREPARED, NOT YET RUN: written in a session without a GPU (issue 13). Needs an NVIDIA GPU
-and an environment from ``pip install -e ".[gpu,export,dev]"`` (onnxruntime-gpu, never next to
+Not run yet (it was prepared without a GPU): expect small fixes on first use. Needs an NVIDIA
+GPU and an environment from ``pip install -e ".[gpu,export,dev]"`` (onnxruntime-gpu, never next to
 onnxruntime). Run it as one short script, for example::
 
-    .venv/bin/python benchmarks/gpu_serving.py --seconds 5            # ViT-S/16 and ResNet-50
+    .venv/bin/python -m benchmarks.gpu_serving --seconds 5            # ViT-S/16 and ResNet-50
 
 For each architecture (random init, seed 0, 224 px; the graphs and kernels do not depend on
 the weights) it exports fp32 and fp16 ONNX with :func:`dinoserve.export.export_onnx`
@@ -26,32 +26,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _results import machine, write_json  # noqa: E402
+from benchmarks.harness import machine, percentiles, timed, timed_concurrently, write_json
 
 NAME = "gpu_serving"
 
 
-def timed(call, seconds: float, images: int) -> dict:
+def measure(call, seconds: float, images: int) -> dict:
+    """Images/s and latency percentiles of ``call()`` back to back for ``seconds``."""
     call()
     call()  # warm-up (cuDNN autotuning, TensorRT engine load)
-    lat, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        t = time.perf_counter()
-        call()
-        lat.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    ms = np.asarray(lat) * 1e3
-    return {"img_per_s": len(lat) * images / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)), "requests": len(lat)}
+    lat, wall = timed(call, seconds)
+    return {"img_per_s": len(lat) * images / wall, **percentiles(lat), "requests": len(lat)}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,35 +56,17 @@ def triton_rows(repo: Path, image: np.ndarray, seconds: float, concurrencies: li
     rows = []
     with TritonServer(repo, models=["fp32"], device="gpu", startup_timeout=600) as server:
         provider = server.runner_providers().get("fp32", "")
+
+        def make_call():
+            client = tg.InferenceServerClient(server.grpc_url.split("://", 1)[1])
+            inp = tg.InferInput("images", list(image.shape), "UINT8")
+            inp.set_data_from_numpy(image)
+            return lambda: client.infer("fp32", [inp])
+
         for c in concurrencies:
-            lat: list[list[float]] = [[] for _ in range(c)]
-            stop = time.perf_counter() + 3600
-            barrier = threading.Barrier(c + 1)
-
-            def worker(i: int) -> None:
-                client = tg.InferenceServerClient(server.grpc_url.split("://", 1)[1])
-                inp = tg.InferInput("images", list(image.shape), "UINT8")
-                inp.set_data_from_numpy(image)
-                client.infer("fp32", [inp])
-                barrier.wait()
-                while time.perf_counter() < stop:
-                    t = time.perf_counter()
-                    client.infer("fp32", [inp])
-                    lat[i].append(time.perf_counter() - t)
-
-            threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(c)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            t0 = time.perf_counter()
-            stop = t0 + seconds
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            ms = np.asarray([x for xs in lat for x in xs]) * 1e3
+            lat, wall = timed_concurrently(make_call, c, seconds)
             rows.append({"backend": "triton_grpc", "concurrency": c, "provider": provider,
-                         "img_per_s": len(ms) / wall, "p50_ms": float(np.percentile(ms, 50)),
-                         "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99))})
+                         "img_per_s": len(lat) / wall, **percentiles(lat)})
     return rows
 
 
@@ -131,12 +102,12 @@ def bench_arch(arch: str, args, work: Path) -> dict:
             cuda_model(x)
         torch.cuda.synchronize()
 
-    rows.append({"backend": "pytorch_eager_fp32", "provider": "torch cuda", **timed(eager, args.seconds, args.batch),
+    rows.append({"backend": "pytorch_eager_fp32", "provider": "torch cuda", **measure(eager, args.seconds, args.batch),
                  "cosine_to_eager_fp32": 1.0})
     with torch.no_grad(), torch.autocast("cuda", torch.float16):
         half = cuda_model(x).float().cpu().numpy()
     rows.append({"backend": "pytorch_eager_fp16_autocast", "provider": "torch cuda",
-                 **timed(eager_fp16, args.seconds, args.batch), "cosine_to_eager_fp32": cosine(half, reference)})
+                 **measure(eager_fp16, args.seconds, args.batch), "cosine_to_eager_fp32": cosine(half, reference)})
     for label, path, device, trt16 in (("ort_cuda_fp32", fp32.onnx_path, "cuda", False),
                                        ("ort_cuda_fp16_graph", fp16.onnx_path, "cuda", False),
                                        ("ort_tensorrt_fp16", fp32.onnx_path, "tensorrt", True)):
@@ -147,7 +118,7 @@ def bench_arch(arch: str, args, work: Path) -> dict:
             continue
         out = session.run(["embedding"], {"images": batch})[0]
         rows.append({"backend": label, "provider": session_provider(session),
-                     **timed(lambda: session.run(["embedding"], {"images": batch}), args.seconds, args.batch),
+                     **measure(lambda: session.run(["embedding"], {"images": batch}), args.seconds, args.batch),
                      "cosine_to_eager_fp32": cosine(out, reference)})
     if not args.no_triton:
         rows.extend(triton_rows(repo, batch[:1], args.seconds, [int(c) for c in args.concurrency.split(",")]))
@@ -180,7 +151,7 @@ def main() -> None:
     results = [bench_arch(a, args, work) for a in args.archs.split(",")]
     data = {"what": "GPU serving: eager vs onnxruntime CUDA vs TensorRT fp16 vs Triton (gRPC, 1 image/request)",
             "gpu": torch.cuda.get_device_name(0), "results": results, "machine": machine(),
-            "command": "python benchmarks/gpu_serving.py " + " ".join(sys.argv[1:])}
+            "command": "python -m benchmarks.gpu_serving " + " ".join(sys.argv[1:])}
     print("wrote", write_json(NAME, data))
 
 

@@ -6,7 +6,7 @@ protocol on thumbnails of knn_train (bank) / knn_val (queries) at 64 and 96 px. 
 k-NN tracks the full-resolution protocol closely (47.2 vs 47.8 % for one model), so the
 ranking carries over; the best model's teacher comes back for the full protocol.
 
-    python benchmarks/gpu_sweep.py --data TRAIN_DIR --knn KNN_DIR --out OUT [--seconds 36]
+    python -m benchmarks.gpu_sweep --data TRAIN_DIR --knn KNN_DIR --out OUT [--seconds 36]
 
 OUT/gpu_sweep.json (rewritten after every recipe), OUT/best_a|b.safetensors.
 """
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gpu_train import save_teacher_halves  # noqa: E402
-from dinoserve.models import load_backbone  # noqa: E402
-from dinoserve.training import make_config, train  # noqa: E402
-from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set  # noqa: E402
+from benchmarks.gpu_train import save_teacher_halves
+from dinoserve.models import load_backbone
+from dinoserve.training import make_config, train
+from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set
 
 FAST = dict(out_dim=1024, lr=1e-3, norm_last_layer=False, warmup_epochs=1)
 RECIPES = {

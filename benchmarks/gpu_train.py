@@ -9,8 +9,8 @@ AMP), so the numbers are what a user gets, not a kernel microbenchmark:
    fp16 safetensors (split in two files to fit the transfer limit) for k-NN evaluation on
    the CPU machine with the full-resolution protocol:
 
-    python benchmarks/gpu_train.py --data IMAGES --out OUT [--minutes 4]
-    python benchmarks/gpu_train.py --merge OUT   # on the CPU machine: halves -> one file
+    python -m benchmarks.gpu_train --data IMAGES --out OUT [--minutes 4]
+    python -m benchmarks.gpu_train --merge OUT   # on the CPU machine: halves -> one file
 
 Output: OUT/gpu_train.json, OUT/train_log.jsonl, OUT/teacher_a.safetensors, OUT/teacher_b.safetensors.
 """
@@ -21,16 +21,13 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dinoserve.training import make_config, train  # noqa: E402
+from dinoserve.training import make_config, train
 
 #: The recipe of the time-boxed run: cpu_small with crops and budget a GPU can afford.
 GPU_RECIPE = dict(arch="resnet18", global_crop_size=96, local_crop_size=48, local_crops=6,

@@ -8,11 +8,11 @@ speed and are not recorded.
 
 Three steps, one work folder:
 
-    .venv/bin/python benchmarks/int8_portable.py prepare --work /tmp/int8w
-    .venv/bin/python benchmarks/int8_portable.py measure --work /tmp/int8w --tag native --speed
-    qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/int8_portable.py measure --work /tmp/int8w \\
+    .venv/bin/python -m benchmarks.int8_portable prepare --work /tmp/int8w
+    .venv/bin/python -m benchmarks.int8_portable measure --work /tmp/int8w --tag native --speed
+    qemu-x86_64 -cpu Haswell .venv/bin/python -m benchmarks.int8_portable measure --work /tmp/int8w \\
         --tag avx2_qemu_haswell --reference native
-    .venv/bin/python benchmarks/int8_portable.py report --work /tmp/int8w
+    .venv/bin/python -m benchmarks.int8_portable report --work /tmp/int8w
 
 ``prepare`` exports fp32 graphs (the shipped resnet18 at 64 px; a random-init ViT-S/16 at
 112 px, no hub here) and quantises each with every scheme of :mod:`dinoserve.cpu` on
@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, REPO, machine, plot_path, write_json  # noqa: E402
-from dinoserve.cpu import INT8_SCHEMES, cpu_features, cpu_name, int8_problem  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, median_seconds_in_turns, plot_path, write_json
+from dinoserve.cpu import INT8_SCHEMES, cpu_features, cpu_name, int8_problem
 
 NAME = "int8_portable"
 SHIPPED = REPO / "weights" / "dinoserve_resnet18_openclipart.safetensors"
@@ -120,15 +117,9 @@ def _speed(graphs: dict[str, Path], calib: np.ndarray, rounds: int, batch: int) 
     neighbour slows every graph of a round alike), and each int8 scheme's ratio to fp32."""
     sessions = {g: _session(p, threads=1) for g, p in graphs.items()}
     x = calib[:batch]
-    for s in sessions.values():  # warm-up: first runs allocate and pack weights
-        s.run(["embedding"], {"images": x})
-    times: dict[str, list[float]] = {g: [] for g in sessions}
-    for _ in range(rounds):
-        for g, s in sessions.items():
-            t = time.perf_counter()
-            s.run(["embedding"], {"images": x})
-            times[g].append(time.perf_counter() - t)
-    med = {g: float(np.median(v)) for g, v in times.items()}
+    # the warm-up round lets the first runs allocate and pack weights
+    med = median_seconds_in_turns({g: lambda _round, s=s: s.run(["embedding"], {"images": x})
+                                   for g, s in sessions.items()}, rounds, warmup=1)
     return {"batch": batch, "threads": 1, "rounds": rounds, "median_s_per_batch": {g: round(v, 4) for g, v in med.items()},
             "speedup_vs_fp32": {g: round(med["fp32"] / v, 2) for g, v in med.items() if g != "fp32"}}
 

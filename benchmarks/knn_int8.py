@@ -11,7 +11,7 @@ Why several calibration samples: one query is 0.29 points of the 343, and which 
 flip depends on the sample the ranges were calibrated on; one sample alone read as a 0.58
 drop here where ten averaged 0.15.
 
-    .venv/bin/python benchmarks/knn_int8.py [--weights W] [--image-size 64] [--calibration-images 256] [--seeds 10]
+    .venv/bin/python -m benchmarks.knn_int8 [--weights W] [--image-size 64] [--calibration-images 256] [--seeds 10]
 
 Writes ``benchmarks/results/knn_int8.json``.
 """
@@ -28,15 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, REPO, machine, write_json  # noqa: E402
-from dinoserve.export import export_onnx  # noqa: E402
-from dinoserve.filelist import read_file_list  # noqa: E402
-from dinoserve.models import load_backbone  # noqa: E402
-from dinoserve.ort_session import open_session  # noqa: E402
-from dinoserve.quantize import row_cosines  # noqa: E402
-from dinoserve.training.knn import knn_scores, prepare_knn_set  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, write_json
+from dinoserve.export import export_onnx
+from dinoserve.filelist import read_file_list
+from dinoserve.models import load_backbone
+from dinoserve.ort_session import open_session
+from dinoserve.quantize import row_cosines
+from dinoserve.training.knn import knn_scores, prepare_knn_set
 
 NAME = "knn_int8"
 SHIPPED = REPO / "weights" / "dinoserve_resnet18_openclipart.safetensors"
@@ -89,7 +87,7 @@ def main() -> None:
         "fp32_knn": fp32_knn.to_dict(), "int8_runs": runs,
         "top1_drop_points": {"mean": float(drops.mean()), "median": float(np.median(drops)), "max": float(drops.max()),
                              "min": float(drops.min()), "one_query_points": 100.0 / fp32_knn.to_dict()["n_query"]},
-        "machine": machine(), "command": "python benchmarks/knn_int8.py " + " ".join(sys.argv[1:]),
+        "machine": machine(), "command": "python -m benchmarks.knn_int8 " + " ".join(sys.argv[1:]),
     }
     print("top-1 drop over calibration samples:", {k: round(v, 3) for k, v in data["top1_drop_points"].items()})
     print("wrote", write_json(NAME, data))

@@ -14,8 +14,8 @@ Stages, each adding to ``results/knn_openclipart.json``:
 
 Needs ``apt-get install -y openclipart-png``. Run it niced, e.g.::
 
-    nice -n 10 .venv/bin/python benchmarks/knn_openclipart.py baselines
-    nice -n 10 .venv/bin/python benchmarks/knn_openclipart.py train --minutes 30 --segment 5
+    nice -n 10 .venv/bin/python -m benchmarks.knn_openclipart baselines
+    nice -n 10 .venv/bin/python -m benchmarks.knn_openclipart train --minutes 30 --segment 5
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json  # noqa: E402
-from dinoserve.images import load_image  # noqa: E402
-from dinoserve.models import create_backbone, load_backbone  # noqa: E402
-from dinoserve.filelist import read_file_list  # noqa: E402
-from dinoserve.training.knn import KnnSet, evaluate_knn_set, knn_scores, labelled_items, prepare_knn_set, raw_pixel_features  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json
+from dinoserve.images import load_image
+from dinoserve.models import create_backbone, load_backbone
+from dinoserve.filelist import read_file_list
+from dinoserve.training.knn import KnnSet, evaluate_knn_set, knn_scores, labelled_items, prepare_knn_set, raw_pixel_features
 
 NAME = "knn_openclipart"
 EVAL_SIZE = 112  # the protocol's evaluation size (data README)

@@ -7,7 +7,7 @@ architecture as the mean and spread over ``--seeds`` initialisations (the refere
 init, as a from-scratch run starts). A model beats another only by more than twice the
 larger standard error.
 
-    python benchmarks/knn_protocol.py --sizes 64 96 --seeds 5 \\
+    python -m benchmarks.knn_protocol --sizes 64 96 --seeds 5 \\
         shipped=weights/dinoserve_resnet18_openclipart.safetensors gpu=runs/gpu/r18_sgd_64/teacher.safetensors
 
 Writes ``results/knn_protocol.json`` (or ``--name``).
@@ -18,12 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, machine, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, machine, write_json
 
 
 def _row(results: dict) -> dict:

@@ -4,11 +4,11 @@ Small data needs hundreds of epochs (lightly's resnet18: 87 % k-NN on Imagenette
 and two CPU cores give a few epochs an hour, so one run spans many sessions. This script
 keeps such a run going:
 
-    python benchmarks/long_run.py start     # start, or resume, in the background; returns at once
-    python benchmarks/long_run.py status    # running?, epoch, k-NN so far
-    python benchmarks/long_run.py package   # the current teacher -> weights/progress/<name>.*
-    python benchmarks/long_run.py stop      # end the trainer, then package
-    python benchmarks/long_run.py curve     # results/long_run_<name>.json + .png: k-NN vs epochs and CPU hours
+    python -m benchmarks.long_run start     # start, or resume, in the background; returns at once
+    python -m benchmarks.long_run status    # running?, epoch, k-NN so far
+    python -m benchmarks.long_run package   # the current teacher -> weights/progress/<name>.*
+    python -m benchmarks.long_run stop      # end the trainer, then package
+    python -m benchmarks.long_run curve     # results/long_run_<name>.json + .png: k-NN vs epochs and CPU hours
 
 - The checkpoint lives outside the repository (``$DINOSERVE_RUNS`` or
   ``~/.cache/dinoserve/runs/<name>``); ``start`` resumes it bit-exactly when it is there.
@@ -36,9 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, REPO, RESULTS, machine, read_log, train_seconds, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, REPO, RESULTS, machine, read_log, train_seconds, write_json
 
 #: The long runs this project keeps; each is ``dinoserve train`` options. Why each:
 RECIPES: dict[str, list[str]] = {
@@ -100,8 +98,8 @@ def start(name: str, init: str | None) -> None:
     with open(out / "segments.jsonl", "a") as f:
         f.write(json.dumps(segment) + "\n")
     log = open(out / "supervisor.out", "a")
-    proc = subprocess.Popen([sys.executable, __file__, "_supervise", name], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.long_run", "_supervise", name], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     (out / "supervisor.pid").write_text(str(proc.pid))
     starts = sum(1 for r in _log_rows(out) if r.get("event") == "start")
     for _ in range(300):  # a damaged checkpoint or a changed option fails in seconds: say it here

@@ -1,8 +1,8 @@
 """lightly's DINO recipe and ``dinoserve train`` side by side, on the same images, crops and evaluator.
 
-Issue 19 asks that our trainer stay at or above a peer at every epoch count measured. The
-peer is lightly's own small-data DINO recipe, used as a library (never copied): torchvision
-resnet18 without its fc, ``DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)``,
+Our trainer should stay at or above a peer at every epoch count measured. The peer is
+lightly's own small-data DINO recipe, used as a library (never copied): torchvision resnet18
+without its fc, ``DINOProjectionHead(512, 2048, 256, 2048, batch_norm=True)``,
 ``DINOLoss(output_dim=2048)`` with its default temperatures, SGD lr 0.06 x 64/256 = 0.015,
 momentum 0.9, weight decay 5e-4 on every parameter, a per-step cosine learning rate
 (``CosineWarmupScheduler``, no warmup), and a teacher that follows by EMA with a constant
@@ -30,9 +30,9 @@ features) and ``results/peer_lightly.png`` (k-NN against epochs with 2-SE bars).
 counts only when it is larger than twice the standard error of the difference::
 
     pip install -e ".[bench]"
-    nice -n 5 .venv/bin/python benchmarks/peer_lightly.py --epochs 2
-    .venv/bin/python benchmarks/peer_lightly.py --epochs 1 --limit-images 256   # a smoke run
-    .venv/bin/python benchmarks/peer_lightly.py --replot   # redraw the PNG from the JSON
+    nice -n 5 .venv/bin/python -m benchmarks.peer_lightly --epochs 2
+    .venv/bin/python -m benchmarks.peer_lightly --epochs 1 --limit-images 256   # a smoke run
+    .venv/bin/python -m benchmarks.peer_lightly --replot   # redraw the PNG from the JSON
 
 lightly is a benchmark-only dependency (the ``bench`` extra); without it the script says so
 and exits with status 2.
@@ -51,9 +51,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json
 
 NAME = "peer_lightly"
 TRAINERS = ("lightly", "dinoserve")

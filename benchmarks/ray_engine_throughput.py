@@ -12,8 +12,8 @@ depend on the weights) and a folder of generated 640x480 JPEGs:
 - the plan: decode cores and inference replicas that embed ``--plan-images`` images within
   each deadline, from the two rates.
 
-    .venv/bin/python benchmarks/ray_engine_throughput.py
-    .venv/bin/python benchmarks/ray_engine_throughput.py --arch vit_small_patch16_224 --images 64
+    .venv/bin/python -m benchmarks.ray_engine_throughput
+    .venv/bin/python -m benchmarks.ray_engine_throughput --arch vit_small_patch16_224 --images 64
 
 Writes benchmarks/results/ray_engine_throughput.json.
 """
@@ -25,16 +25,12 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _results import cpu_features, machine, write_json  # noqa: E402
-from client_throughput import export, make_jpegs  # noqa: E402
+from benchmarks.client_throughput import export, make_jpegs
+from benchmarks.harness import cpu_features, machine, write_json
 
 
 def rates(repo: Path, name: str, paths: list[str], batch: int) -> dict:

@@ -3,7 +3,7 @@
 Serves the app on the demo's index and model, uploads a query image through the page and
 saves what the browser renders: the search gallery, and for ViT models the attention tab.
 
-    python benchmarks/readme_pictures.py --index demo-run/demo.index --repo model_repository \
+    python -m benchmarks.readme_pictures --index demo-run/demo.index --repo model_repository \
         --model dino_demo --query QUERY.png [--attention-query Q2.png] --out docs/
 
 Needs Debian's chromium and the playwright package (both installed by the test command).
@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dinoserve import app  # noqa: E402
-from dinoserve.client import Client  # noqa: E402
+from benchmarks.harness import free_port
+from dinoserve import app
+from dinoserve.client import Client
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ and its CPU features) and ``results/recipe_curves.png``. Recipes are compared by
 curves; on a shared machine compare epochs and steps as well as minutes (the JSON has
 both, and the load average)::
 
-    nice -n 5 .venv/bin/python benchmarks/recipe_curves.py cpu_small vit_tiny_p8 --minutes 15
+    nice -n 5 .venv/bin/python -m benchmarks.recipe_curves cpu_small vit_tiny_p8 --minutes 15
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json
 
 NAME = "recipe_curves"
 

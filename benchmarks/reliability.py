@@ -1,8 +1,8 @@
 """Reliability: the fault set, bad inputs and a load test, on real components, in one summary.
 
 Everything runs on tiny exported models (a 2-block ViT at 32 px and a ResNet-18 at 64 px,
-random init with a fixed seed, as in ``tests/conftest.py``), real files on disk, a real faiss
-index and a real ``tritonserver``; nothing is mocked. Three parts:
+random init with a fixed seed: ``benchmarks/synthetic.py``, which the tests use too), real
+files on disk, a real faiss index and a real ``tritonserver``; nothing is mocked. Three parts:
 
 ``faults``  each fault injected, then the recovery or the clear error checked:
             an ``index build`` SIGKILLed at each publishing phase (``DINOSERVE_INDEX_KILL_AT``:
@@ -31,9 +31,9 @@ index and a real ``tritonserver``; nothing is mocked. Three parts:
             in-process one), p50/p95/p99 latency, and the server's own success/failure
             counters.
 
-    nice -n 10 .venv/bin/python benchmarks/reliability.py            # 16 clients, 20 s
-    .venv/bin/python benchmarks/reliability.py --clients 64 --seconds 60
-    .venv/bin/python benchmarks/reliability.py --parts inputs --name reliability-try
+    nice -n 10 .venv/bin/python -m benchmarks.reliability            # 16 clients, 20 s
+    .venv/bin/python -m benchmarks.reliability --clients 64 --seconds 60
+    .venv/bin/python -m benchmarks.reliability --parts inputs --name reliability-try
 
 Writes ``benchmarks/results/reliability.json`` (``--name``): a ``summary`` (faults survived,
 inputs handled / raised clearly / failed badly, requests served, errors) to compare from one
@@ -63,9 +63,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import REPO, machine, scrape_metrics, write_json  # noqa: E402
+from benchmarks.harness import REPO, machine, percentiles, scrape_metrics, write_json
+from benchmarks.synthetic import SHAPES, bomb_png, build_tiny_repo, draw_shape, make_image_folder
 
 NAME = "reliability"
 PARTS = ("faults", "inputs", "load")
@@ -114,15 +113,8 @@ def run_case(name: str, fn: Callable[[], str]) -> dict:
 
 
 # ======================================================================================
-# set-up: tiny models and images, as the tests make them
+# the CLI in this process, and its one-line errors
 # ======================================================================================
-
-def make_tiny_repo(root: Path) -> Path:
-    """The two tiny models of ``tests/conftest.py`` (``tiny_repo``), exported and verified."""
-    from conftest import build_tiny_repo
-
-    return build_tiny_repo(root)
-
 
 def cli(*args: str) -> tuple[int, str]:
     """``dinoserve ARGS`` in this process (click's runner): exit code and everything it printed."""
@@ -151,8 +143,6 @@ def check_one_line_error(code: int, output: str, *must_contain: str) -> str:
 # ======================================================================================
 
 def index_faults(work: Path, repo: Path, vit) -> list[dict]:
-    from conftest import make_image_folder
-
     from dinoserve import index_store
     from dinoserve.errors import IndexDamagedError
     from dinoserve.index import EmbeddingIndex, build_index, search, update_index
@@ -357,8 +347,6 @@ TINY_TRAIN = dict(arch="vit_tiny_patch16_224", depth=2, patch_size=8, global_cro
 
 
 def training_fault(work: Path) -> list[dict]:
-    from conftest import make_image_folder
-
     from dinoserve.models import read_checkpoint
 
     def killed_while_saving() -> str:
@@ -400,7 +388,7 @@ def runner_fault(server, repo: Path) -> dict:
             return -1
 
     def kill_runner() -> str:
-        images = test_images(4, 48, seed=11)
+        images = shape_pictures(4, 48, seed=11)
         with Client(repo=repo, model="vit_tiny") as local:
             expected = local.embed(images)
         runners = [r for r in server.runners() if r.model == "vit_tiny"]
@@ -496,10 +484,8 @@ def tritonserver_fault(repo: Path) -> dict:
 # part 2: bad inputs
 # ======================================================================================
 
-def test_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+def shape_pictures(n: int, size: int, seed: int = 0) -> np.ndarray:
     """``n`` uint8 HxWx3 pictures of the test shapes."""
-    from conftest import SHAPES, draw_shape
-
     rng = np.random.default_rng(seed)
     return np.stack([np.asarray(draw_shape(SHAPES[i % 3], rng, size)) for i in range(n)])
 
@@ -509,7 +495,7 @@ def bad_input_files(folder: Path) -> list[tuple[str, Any, str, str]]:
     from PIL import Image
 
     folder.mkdir(parents=True)
-    rgb = test_images(1, 64, seed=3)[0]
+    rgb = shape_pictures(1, 64, seed=3)[0]
 
     def save(name: str, img: Image.Image, **kw) -> Path:
         p = folder / name
@@ -529,8 +515,6 @@ def bad_input_files(folder: Path) -> list[tuple[str, Any, str, str]]:
     text = folder / "notes.png"
     text.write_text("hello, this is not an image\n")
     bomb = folder / "bomb.png"
-    from conftest import bomb_png
-
     bomb.write_bytes(bomb_png(30000, 30000))  # 900 megapixels, under 2 MB on disk
     directory = folder / "photos.jpg"
     directory.mkdir()
@@ -635,12 +619,12 @@ def input_cases(work: Path, clients: dict[str, Any]) -> list[dict]:
 # part 3: load
 # ======================================================================================
 
-def percentiles(latencies_s: list[float]) -> dict[str, float | None]:
+def latency_summary(latencies_s: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 and the worst latency in ms, to 0.01 ms; all None when nothing was served."""
     if not latencies_s:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
-    ms = np.asarray(latencies_s) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2)}
+    return {**{k: round(v, 2) for k, v in percentiles(latencies_s).items()},
+            "max_ms": round(float((np.asarray(latencies_s) * 1e3).max()), 2)}
 
 
 def load_test(server, repo: Path, model: str, clients: int, seconds: float, request_images: int,
@@ -649,7 +633,7 @@ def load_test(server, repo: Path, model: str, clients: int, seconds: float, requ
     from dinoserve.client import Client
 
     # Each client sends its own images; the answers must be the in-process ones.
-    inputs = [test_images(request_images, 48, seed=100 + i) for i in range(clients)]
+    inputs = [shape_pictures(request_images, 48, seed=100 + i) for i in range(clients)]
     with Client(repo=repo, model=model) as local:
         expected = [local.embed(x) for x in inputs]
     protocols = ["grpc" if i % 2 == 0 else "http" for i in range(clients)]
@@ -715,7 +699,7 @@ def load_test(server, repo: Path, model: str, clients: int, seconds: float, requ
         return {"clients": len(rows), "requests_served": served, "images_served": served * request_images,
                 "errors": sum(errors.values()), "wrong_answers": sum(r["wrong"] for r in rows),
                 "max_abs_diff_vs_in_process": max((r["max_diff"] for r in rows), default=0.0),
-                "req_per_s": round(served / wall, 2), **percentiles(lat), "error_kinds": errors}
+                "req_per_s": round(served / wall, 2), **latency_summary(lat), "error_kinds": errors}
 
     server_counts = {k.replace("nv_inference_", ""): after.get(k, 0) - before.get(k, 0)
                      for k in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
@@ -758,21 +742,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dinoserve-reliability-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["XDG_CACHE_HOME"] = str(work / "cache")  # training's decoded-image stores stay in here
-    sys.path.insert(0, str(REPO / "tests"))  # the tiny models and images of tests/conftest.py
     data: dict[str, Any] = {
         "what": "faults survived, odd inputs handled or refused clearly, and a load test against a real "
                 "tritonserver, on tiny exported models",
-        "command": "python benchmarks/reliability.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.reliability " + " ".join(sys.argv[1:]),
         "parts": parts,
     }
     try:
-        from conftest import make_image_folder
-
         from dinoserve.client import Client
         from dinoserve.triton import TritonServer
 
         print(f"work folder {work}; exporting the tiny models ...", flush=True)
-        repo = make_tiny_repo(work / "tiny")
+        repo = build_tiny_repo(work / "tiny")
         make_image_folder(work / "photos")  # 24 PNGs in three class folders
         faults: list[dict] = []
         with Client(repo=repo, model="vit_tiny") as vit:

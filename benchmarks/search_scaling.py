@@ -26,9 +26,9 @@ Two parts, timings as ms per query for batches of ``--queries`` (100) queries:
 Run without ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` (they can make OpenBLAS pick slower
 kernels; the values met are recorded):
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/search_scaling.py
-    .venv/bin/python benchmarks/search_scaling.py --sizes 10000 100000 --approx-sizes 100000
-    .venv/bin/python benchmarks/search_scaling.py --sizes --approx-sizes --cluster-sizes 1000000 \\
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python -m benchmarks.search_scaling
+    .venv/bin/python -m benchmarks.search_scaling --sizes 10000 100000 --approx-sizes 100000
+    .venv/bin/python -m benchmarks.search_scaling --sizes --approx-sizes --cluster-sizes 1000000 \\
         --kinds ivfflat --name search_scaling_1m_clusters      # the clustered data at 1M
 
 Writes benchmarks/results/search_scaling.json and .png.
@@ -40,18 +40,14 @@ import argparse
 import gc
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import machine, median_seconds_in_turns, plot_path, write_json
 
-from _results import machine, plot_path, write_json  # noqa: E402
-
-from dinoserve import index_kinds  # noqa: E402
+from dinoserve import index_kinds
 
 TARGET = 0.95
 NPROBES = (4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -99,22 +95,14 @@ def run_exact(x: np.ndarray, q: np.ndarray, k: int, rounds: int) -> dict:
     flat.add(x)
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
     methods = {
-        "one GEMM (numpy Q @ X.T)": lambda: q @ x.T,
-        "dinoserve exact_search": lambda: index_kinds.exact_search(x, q, k),
-        "faiss IndexFlatIP.search": lambda: flat.search(q, k),
-        "torch mm + topk": lambda: torch.topk(qt @ xt.T, k, dim=1),
+        "one GEMM (numpy Q @ X.T)": lambda _round: q @ x.T,
+        "dinoserve exact_search": lambda _round: index_kinds.exact_search(x, q, k),
+        "faiss IndexFlatIP.search": lambda _round: flat.search(q, k),
+        "torch mm + topk": lambda _round: torch.topk(qt @ xt.T, k, dim=1),
     }
     truth = index_kinds.exact_search(x, q, k)[1]
     assert recall(flat.search(q, k)[1], truth) > 0.999  # all exact: they agree
-    for fn in methods.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(rounds):
-        for m, fn in methods.items():
-            t = time.perf_counter()
-            fn()
-            times[m].append(time.perf_counter() - t)
-    med = {m: float(np.median(v)) for m, v in times.items()}
+    med = median_seconds_in_turns(methods, rounds, warmup=1)
     gemm = med["one GEMM (numpy Q @ X.T)"]
     del flat
     return {"ms_per_query": {m: round(1000 * v / len(q), 4) for m, v in med.items()},

@@ -21,10 +21,10 @@ For each: requests/s, images/s, latency p50/p95/p99 per request, and achieved GF
 (model FLOPs per image, counted by ``torch.utils.flop_counter``, times images/s) as a
 fraction of this CPU's measured float32 matmul peak.
 
-    python benchmarks/serving_throughput.py                      # resnet18 at 224
-    python benchmarks/serving_throughput.py --arch vit_small_patch16_224 --seconds 8
-    python benchmarks/serving_throughput.py --arch resnet50 --no-triton --rounds 5   # in-process rows only
-    python benchmarks/serving_throughput.py --arch vit_small_patch16_dinov3 --no-triton --no-int8 --no-openvino
+    python -m benchmarks.serving_throughput                      # resnet18 at 224
+    python -m benchmarks.serving_throughput --arch vit_small_patch16_224 --seconds 8
+    python -m benchmarks.serving_throughput --arch resnet50 --no-triton --rounds 5   # in-process rows only
+    python -m benchmarks.serving_throughput --arch vit_small_patch16_dinov3 --no-triton --no-int8 --no-openvino
         # any DINO generation: vit_small_patch14_dinov2, vit_small_patch14_reg4_dinov2,
         # vit_small_patch16_dinov3[_qkvb], convnext_tiny (`dinoserve models dino`)
 
@@ -41,56 +41,16 @@ import argparse
 import itertools
 import sys
 import tempfile
-import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _results import machine, plot_path, scrape_metrics, write_json  # noqa: E402
+from benchmarks.harness import (OPENCLIPART_CSV, machine, percentiles, plot_path, scrape_metrics, timed,
+                                timed_concurrently, write_json)
 
 NAME = "serving_throughput"
-
-
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(latencies_s) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
-
-
-def run_for(seconds: float, concurrency: int, make_call) -> tuple[list[float], float]:
-    """Run ``call()`` from ``concurrency`` threads for ``seconds``; per-call latencies and wall time.
-
-    ``make_call()`` is invoked once per thread (clients are per thread: tritonclient's
-    HTTP client is not thread-safe).
-    """
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    start_barrier = threading.Barrier(concurrency + 1)
-    stop_at = [0.0]
-
-    def worker(i: int) -> None:
-        call = make_call()
-        call()  # warm this thread's connection
-        start_barrier.wait()
-        while time.perf_counter() < stop_at[0]:
-            t = time.perf_counter()
-            call()
-            latencies[i].append(time.perf_counter() - t)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + 3600  # set properly once every thread is warm
-    start_barrier.wait()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + seconds
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return [x for lat in latencies for x in lat], wall
 
 
 def matmul_peak_gflops(seconds: float = 2.0, n: int = 2048) -> float:
@@ -126,8 +86,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0, help="measured time per configuration")
     ap.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batcher delay")
     ap.add_argument("--threads", type=int, default=1,
-                    help="threads of every in-process backend (torch, onnxruntime, OpenVINO); 1 as in issue 13, "
-                         "and robust on a shared machine where OpenMP barriers stall under load")
+                    help="threads of every in-process backend (torch, onnxruntime, OpenVINO); 1 is robust on a "
+                         "shared machine, where OpenMP barriers stall under load")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the in-process backends")
     ap.add_argument("--calibration", default=None, help="int8 calibration images [default: openclipart pool sample]")
     ap.add_argument("--calibration-images", type=int, default=128)
@@ -184,6 +144,7 @@ def main() -> None:
         ips = len(lat) * images_per_call / wall
         row = {"backend": backend, "concurrency": concurrency, "images_per_request": images_per_call,
                "requests": len(lat), "req_per_s": len(lat) / wall, "img_per_s": ips, **percentiles(lat),
+               "mean_ms": float((np.asarray(lat) * 1e3).mean()),
                "gflops": ips * flops / 1e9, "fraction_of_peak": ips * flops / 1e9 / peak, **(extra or {})}
         rows.append(row)
         print(f"{backend:<14} c={concurrency:<3} {ips:8.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
@@ -251,13 +212,13 @@ def main() -> None:
 
     concurrencies = [int(c) for c in args.concurrency.split(",")] if not args.no_triton else []
     served = {"": "bench"} if int8 is None else {"": "bench", "_int8": "bench_int8"}
-    with (TritonServer(repo, models=list(served.values())) if concurrencies else _nothing()) as server:
+    with (TritonServer(repo, models=list(served.values())) if concurrencies else nullcontext()) as server:
         protocols = [] if server is None else [("triton_http", thttp, server.http_url),
                                                 ("triton_grpc", tgrpc, server.grpc_url)]
         for (suffix, model_name), (protocol, lib, url) in itertools.product(served.items(), protocols):
             for c in concurrencies:
                 before = scrape_metrics(server.metrics_url, model_name)
-                lat, wall = run_for(args.seconds, c, triton_call(lib, url.split("://", 1)[1], model_name))
+                lat, wall = timed_concurrently(triton_call(lib, url.split("://", 1)[1], model_name), c, args.seconds)
                 after = scrape_metrics(server.metrics_url, model_name)
                 count = after["nv_inference_count"] - before["nv_inference_count"]
                 execs = after["nv_inference_exec_count"] - before["nv_inference_exec_count"]
@@ -297,7 +258,7 @@ def main() -> None:
         "in_process_batch": args.batch, "in_process_threads": args.threads, "triton_request_batch": args.request_batch,
         "triton_max_queue_delay_us": args.max_queue_delay_us, "seconds_per_config": args.seconds,
         "matmul_peak_gflops": peak, "matmul_peak_measurements": peaks, "machine": machine(), "rows": rows, "ratios": ratios,
-        "command": "python benchmarks/serving_throughput.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.serving_throughput " + " ".join(sys.argv[1:]),
     }
     path = write_json(name, data)
     plot(rows, data, plot_path(name))
@@ -311,12 +272,8 @@ def interleaved(backends: dict, rounds: int, seconds: float) -> dict[str, list[d
     out: dict[str, list[dict]] = {k: [] for k in backends}
     for _ in range(rounds):
         for label, call in backends.items():
-            lat, t0 = [], time.perf_counter()
-            while time.perf_counter() - t0 < seconds or not lat:
-                t = time.perf_counter()
-                call()
-                lat.append(time.perf_counter() - t)
-            out[label].append({"latencies": lat, "wall": time.perf_counter() - t0})
+            lat, wall = timed(call, seconds)
+            out[label].append({"latencies": lat, "wall": wall})
     return out
 
 
@@ -351,8 +308,6 @@ def _openvino_version() -> str | None:
 
 def _openclipart_pool(n: int) -> list[str] | str:
     """``n`` images of openclipart's ``pool`` split (never the k-NN queries), else generated ones."""
-    from _results import OPENCLIPART_CSV
-
     from dinoserve.filelist import read_file_list
 
     try:
@@ -369,14 +324,6 @@ def _openclipart_pool(n: int) -> list[str] | str:
     import random
 
     return sorted(random.Random(0).sample(paths, min(n, len(paths))))
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def plot(rows: list[dict], data: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ One prepared script, so a long CPU run or a few GPU minutes are not wasted:
 
 Example (the shipped model's own command is in its record)::
 
-    nice -n -5 .venv/bin/python benchmarks/ship_model.py --name dinoserve_resnet18_openclipart \\
+    nice -n -5 .venv/bin/python -m benchmarks.ship_model --name dinoserve_resnet18_openclipart \\
         --out runs/shipped -- -p cpu_small -a vit_tiny_patch16_224 --patch-size 8 ... --time-limit 70
 """
 
@@ -28,9 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, REPO, machine, train_seconds, write_json  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, train_seconds, write_json
 
 MAX_BYTES = 25 * 1024 * 1024
 

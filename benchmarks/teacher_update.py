@@ -10,7 +10,7 @@ is k-NN evaluated after every epoch on the openclipart protocol (bank knn_train,
 knn_val). Loss and teacher-entropy curves come from each run's log.jsonl.
 Results: results/teacher_update.{json,png}.
 
-    nice -n 10 .venv/bin/python benchmarks/teacher_update.py --epochs 6 --images 1024
+    nice -n 10 .venv/bin/python -m benchmarks.teacher_update --epochs 6 --images 1024
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ import csv
 import json
 import logging
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, machine, plot_path, write_json  # noqa: E402
-from dinoserve.training import make_config, train  # noqa: E402
-from dinoserve.filelist import read_file_list  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, machine, plot_path, write_json
+from dinoserve.training import make_config, train
+from dinoserve.filelist import read_file_list
 
 NAME = "teacher_update"
 MODES = ("ema", "epoch", "copy")

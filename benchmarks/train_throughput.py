@@ -18,7 +18,7 @@ machine is shared and other processes come and go.
 Ratios ``step / bare`` and ``train / bare`` (time per image) say what the teacher, loss and
 EMA cost, and what data loading adds on top. Results: results/train_throughput.{json,png}.
 
-    nice -n 10 .venv/bin/python benchmarks/train_throughput.py [--steps 8] [--warmup 2]
+    nice -n 10 .venv/bin/python -m benchmarks.train_throughput [--steps 8] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -27,26 +27,24 @@ import argparse
 import json
 import logging
 import random
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._results import OPENCLIPART_CSV, machine, plot_path, write_json  # noqa: E402
-from dinoserve.images import load_image  # noqa: E402
-from dinoserve.models import backbone_spec, create_backbone  # noqa: E402
-from dinoserve.training import make_config, train  # noqa: E402
-from dinoserve.training.augment import MultiCropAugment  # noqa: E402
-from dinoserve.filelist import read_file_list  # noqa: E402
-from dinoserve.training.head import DINOHead, MultiCropWrapper  # noqa: E402
-from dinoserve.training.loss import DINOLoss  # noqa: E402
-from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups  # noqa: E402
-from dinoserve.training.precision import autocast, cpu_supports_bf16  # noqa: E402
-from dinoserve.training.teacher import ema_update  # noqa: E402
+from benchmarks.harness import OPENCLIPART_CSV, machine, median_seconds_in_turns, plot_path, write_json
+from dinoserve.images import load_image
+from dinoserve.models import backbone_spec, create_backbone
+from dinoserve.training import make_config, train
+from dinoserve.training.augment import MultiCropAugment
+from dinoserve.filelist import read_file_list
+from dinoserve.training.head import DINOHead, MultiCropWrapper
+from dinoserve.training.loss import DINOLoss
+from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
+from dinoserve.training.precision import autocast, cpu_supports_bf16
+from dinoserve.training.teacher import ema_update
 
 NAME = "train_throughput"
 ARCHS = ("resnet18", "vit_tiny_patch16_224")
@@ -91,24 +89,6 @@ def _networks(cfg):
     return student, teacher
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
-def _interleaved(fns: dict, batches, warmup: int, steps: int) -> dict[str, float]:
-    """Median seconds per step of each function, run in turns (bare, step, bare, ...) so
-    that load from other processes on a shared machine hits every mode alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + steps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(batches[i % len(batches)])
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: _median(t) for name, t in times.items()}
-
-
 def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> dict[str, float]:
     device = torch.device("cpu")
     student, teacher = _networks(cfg)
@@ -144,7 +124,8 @@ def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> 
         dino_loss.update_center(t_out)
         ema_update(teacher, student, 0.996)
 
-    t = _interleaved({"bare": bare, "step": dino_step}, batches, warmup, steps)
+    t = median_seconds_in_turns({"bare": lambda i: bare(batches[i % len(batches)]),
+                                 "step": lambda i: dino_step(batches[i % len(batches)])}, steps, warmup=warmup)
     return {"bare_s_per_step": t["bare"], "step_s_per_step": t["step"]}
 
 
@@ -156,7 +137,7 @@ def measure_train(cfg_kwargs: dict, precision: str, warmup: int, steps: int, dat
                           progress=False, **data, **cfg_kwargs))
         rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in rows if r["event"] == "step"}
-    return _median([times[i + 1] - times[i] for i in range(warmup, warmup + steps)])
+    return statistics.median([times[i + 1] - times[i] for i in range(warmup, warmup + steps)])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install 'dinoserve[app]')")
 from gradio_client import Client as GradioClient, handle_file  # noqa: E402

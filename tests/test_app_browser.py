@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 
 pytestmark = [
     pytest.mark.browser,

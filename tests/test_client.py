@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import build_tiny_backbone
+from benchmarks.synthetic import build_tiny_backbone
 from dinoserve.cli import cli
 from dinoserve.client import Client
 from dinoserve.errors import (

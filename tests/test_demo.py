@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 from dinoserve.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +36,6 @@ def base_model(shapes, tmp_path_factory) -> Path:
             "--hidden-dim", "64", "--bottleneck-dim", "32", "-b", "6", "--max-steps", "2", "--precision", "fp32"]
     r = CliRunner().invoke(cli, ["train", "-d", str(shapes / "train"), "-o", str(run), "-q", *args])
     assert r.exit_code == 0, r.output
-    sys.path.insert(0, str(REPO))
     from benchmarks.ship_model import write_weights
     from dinoserve.models import file_sha256
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODELS, build_tiny_backbone
+from benchmarks.synthetic import TINY_MODELS, build_tiny_backbone
 from safetensors.torch import save_file
 
 from dinoserve.cli import cli

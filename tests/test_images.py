@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import bomb_png
+from benchmarks.synthetic import bomb_png
 from dinoserve.errors import (
     DataError,
     DinoserveError,

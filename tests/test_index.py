@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 from dinoserve import index_kinds, index_store
 from dinoserve.cli import cli
 from dinoserve.client import Client

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from click.testing import CliRunner
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 
 from dinoserve.cli import cli
 from dinoserve.errors import DataError

@@ -1,4 +1,4 @@
-"""benchmarks/peer_lightly.py without its benchmark-only dependency: one line, exit status 2."""
+"""python -m benchmarks.peer_lightly without its benchmark-only dependency: one line, exit status 2."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_lightly.py"
+REPO = Path(__file__).resolve().parent.parent
 
 # sys.modules["lightly"] = None makes `import lightly` raise ImportError, as on a machine without it
-WITHOUT_LIGHTLY = ("import runpy, sys; sys.modules['lightly'] = None; sys.argv = [{script!r}] + sys.argv[1:]; "
-                   "runpy.run_path({script!r}, run_name='__main__')")
+WITHOUT_LIGHTLY = ("import runpy, sys; sys.modules['lightly'] = None; "
+                   "runpy.run_module('benchmarks.peer_lightly', run_name='__main__', alter_sys=True)")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    code = WITHOUT_LIGHTLY.format(script=str(SCRIPT))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", WITHOUT_LIGHTLY, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_peer_lightly_without_lightly_names_the_extra_and_exits_2():

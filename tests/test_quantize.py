@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import build_tiny_backbone, make_image_folder
+from benchmarks.synthetic import build_tiny_backbone, make_image_folder
 
 from dinoserve.cli import cli
 from dinoserve.client import Client

@@ -22,7 +22,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import make_image_folder
+from benchmarks.synthetic import make_image_folder
 from dinoserve.cli import cli
 from dinoserve.errors import NonFiniteLossError
 from dinoserve.models import file_sha256, load_backbone, read_checkpoint

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_backbone
+from benchmarks.synthetic import build_tiny_backbone
 
 from dinoserve.errors import ModelNotFoundError, ServerError
 from dinoserve.export import sample_images
