@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL pipeline")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from dinoserve.training.data import find_images
+    from dinoserve.filelist import find_images
     from dinoserve.training.store import open_store
 
     store = open_store(find_images(OPENCLIPART_CSV, ["knn_train", "pool"]), 96)

@@ -14,7 +14,7 @@ back at most eight files of 16 MiB. So the run is prepared in three steps:
 
 2. ``run`` (on the GPU machine): every recipe of :data:`RECIPES` as its own ``dinoserve train``
    process, all at once on the one GPU (a resnet18 at 64-96 px leaves an H200 mostly idle,
-   so three runs cost about what one does), each planned by ``--fit-epochs-to-time`` so its
+   so three runs cost about what one does), each planned by ``--plan-to-time-limit`` so its
    cosine ends inside ``--minutes``, k-NN on the thumbnails every ``--knn-every`` epochs.
    Each teacher backbone comes back as fp16 safetensors halves, with the logs::
 
@@ -115,7 +115,7 @@ def run(data: Path, out: Path, minutes: float, knn_every: int, batch: int, recip
     misplans when the runs start at different moments: a run that times its steps alone
     plans for a GPU it will share, and the time limit stops it long before its planned
     epochs (results/gpu_long_run.json has the measured speeds to plan with)."""
-    plan = ["--epochs", str(epochs), "--no-fit-epochs-to-time"] if epochs else ["--fit-epochs-to-time",
+    plan = ["--epochs", str(epochs), "--no-plan-to-time-limit"] if epochs else ["--plan-to-time-limit",
                                                                               "--epochs", "1000"]
     runs = Path("/tmp/gpu_long_run")
     _decode_stores(data / "train", runs / "stores", recipes)
@@ -167,9 +167,9 @@ def run(data: Path, out: Path, minutes: float, knn_every: int, batch: int, recip
 
 def _decode_stores(images: Path, store_dir: Path, recipes: list[str]) -> None:
     """Decode every store the recipes will crop from before any of them starts, so that
-    all start together and each times its first steps (--fit-epochs-to-time) under the
+    all start together and each times its first steps (--plan-to-time-limit) under the
     load of the others, not alone."""
-    from dinoserve.training.data import find_images
+    from dinoserve.filelist import find_images
     from dinoserve.training.store import open_store
 
     sizes = {int(_option(RECIPES[name], "--store-size", 1.5 * float(_option(RECIPES[name], "--global-crop-size", 64))))

@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dinoserve.shipped import OPENCLIPART_CSV  # noqa: F401  (re-exported: the scripts' default data)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-OPENCLIPART_CSV = REPO / "data" / "openclipart_knn.csv"
 
 
 # ======================================================================================

@@ -47,7 +47,7 @@ RECIPES: dict[str, list[str]] = {
     "r18_sgd_64": ["-p", "cpu_small", "--local-crops", "6", "--optimizer", "sgd", "--lr", "0.06",
                    "--weight-decay", "5e-4", "--weight-decay-end", "5e-4", "--momentum-teacher", "0.99",
                    "--momentum-constant", "--out-dim", "2048", "--warmup-epochs", "10", "-b", "256",
-                   "--epochs", "150", "--no-fit-epochs-to-time"],
+                   "--epochs", "150", "--no-plan-to-time-limit"],
 }
 KNN_EVERY = 2
 PROGRESS = REPO / "weights" / "progress"

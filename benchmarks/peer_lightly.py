@@ -106,7 +106,7 @@ def training_list(limit: int | None, workdir: Path) -> Path:
     first ``limit`` training rows with absolute paths, so an epoch is a few steps."""
     if limit is None:
         return OPENCLIPART_CSV
-    from dinoserve.training.data import find_images
+    from dinoserve.filelist import find_images
 
     paths = find_images(OPENCLIPART_CSV, SPLITS)[:limit]
     target = workdir / f"first_{limit}.csv"
@@ -124,7 +124,7 @@ def dinoserve_config(data: Path, out: Path, epochs: int, seed: int) -> "TrainCon
     split = SPLITS if data == OPENCLIPART_CSV else ("pool",)
     return make_config("cpu_small", local_crops=6, data=str(data), split=split, out=str(out), epochs=epochs,
                        seed=seed, knn_data=str(OPENCLIPART_CSV), knn_every=1, knn_image_size=KNN_SIZE,
-                       progress=False, fit_epochs_to_time=False)
+                       progress=False, plan_to_time_limit=False)
 
 
 def knn_row(results: dict) -> dict[str, float]:
@@ -170,7 +170,8 @@ def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import CosineWarmupScheduler
 
-    from dinoserve.training.data import ResumableSampler, TensorBatches, find_images
+    from dinoserve.filelist import find_images
+    from dinoserve.training.data import ResumableSampler, TensorBatches
     from dinoserve.training.engine import store_size
     from dinoserve.training.knn import evaluate_knn_protocols
     from dinoserve.training.store import open_store

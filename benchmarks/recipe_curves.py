@@ -62,7 +62,7 @@ def run_recipe(name: str, minutes: float, epochs: int, eval_sizes: list[int], ou
     out = out_root / f"{name}-{int(time.time())}"
     cfg = make_config(preset, data=str(OPENCLIPART_CSV), split=("knn_train", "pool"), out=str(out),
                       knn_data=str(OPENCLIPART_CSV), knn_every=1, time_limit=minutes, epochs=epochs,
-                      progress=False, fit_epochs_to_time=False, **spec)
+                      progress=False, plan_to_time_limit=False, **spec)
     t0 = time.time()
     result = train(cfg)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

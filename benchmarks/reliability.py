@@ -312,12 +312,12 @@ def weights_faults(work: Path) -> list[dict]:
 KILLED_WHILE_SAVING = r"""
 import io, json, os, signal, sys
 import torch
-import dinoserve.training.engine as engine
+import dinoserve.training.bookkeeping as bookkeeping
 from dinoserve.atomic import atomic_write
 from dinoserve.training import make_config, train
 
 saves = [0]
-real_save = engine.save_atomic
+real_save = bookkeeping.save_atomic
 
 def save_then_die(obj, path):
     saves[0] += 1
@@ -335,7 +335,7 @@ def save_then_die(obj, path):
 
     atomic_write(path, write)
 
-engine.save_atomic = save_then_die
+bookkeeping.save_atomic = save_then_die  # the checkpoint writer the Bookkeeper calls
 train(make_config(**json.loads(sys.argv[1])))
 """
 

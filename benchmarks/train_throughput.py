@@ -6,9 +6,10 @@ the CPU supports it), three measurements on the same cpu_small crops (2 x 64 px 
 
 ``bare``   the student alone (backbone + DINO head, the network being trained): forward on
            all crops, a trivial loss, backward, AdamW step. Crops are held in memory.
-``step``   the DINO step on the same in-memory crops: teacher forward on the global crops,
-           student forward, DINO loss with centering, backward, per-parameter clipping,
-           last-layer freeze, AdamW, center update and teacher EMA.
+``step``   the trainer's own ``dino_step`` on the same in-memory crops: teacher forward on the
+           global crops, student forward, DINO loss with centering, backward, per-parameter
+           clipping, last-layer freeze, optimizer step, center update, teacher EMA and the
+           teacher-entropy statistics it logs.
 ``train``  ``dinoserve.training.train`` itself (cpu_small, DataLoader workers decoding openclipart
            images), timed between log lines after warm-up steps: everything a user gets.
 
@@ -36,15 +37,14 @@ import torch
 
 from benchmarks.harness import OPENCLIPART_CSV, machine, median_seconds_in_turns, plot_path, write_json
 from dinoserve.images import load_image
-from dinoserve.models import backbone_spec, create_backbone
+from dinoserve.filelist import read_file_list
 from dinoserve.training import make_config, train
 from dinoserve.training.augment import MultiCropAugment
-from dinoserve.filelist import read_file_list
-from dinoserve.training.head import DINOHead, MultiCropWrapper
-from dinoserve.training.loss import DINOLoss
-from dinoserve.training.optim import build_optimizer, cancel_last_layer_grads, clip_gradients, param_groups
+from dinoserve.training.config import apply_overrides
+from dinoserve.training.distributed import DistInfo
+from dinoserve.training.engine import dino_step, make_run
+from dinoserve.training.optim import set_lr_and_weight_decay
 from dinoserve.training.precision import autocast, cpu_supports_bf16
-from dinoserve.training.teacher import ema_update
 
 NAME = "train_throughput"
 ARCHS = ("resnet18", "vit_tiny_patch16_224")
@@ -72,60 +72,27 @@ def _crops(cfg, n_batches: int) -> list[list[torch.Tensor]]:
              for i in range(len(views[0]))] for b in range(n_batches)]
 
 
-def _networks(cfg):
-    torch.manual_seed(0)
-    kw = {"img_size": cfg.global_crop_size} if cfg.arch.startswith("vit") else {}
-    nets = []
-    for drop in (cfg.drop_path_rate, 0.0):
-        bb = create_backbone(cfg.arch, drop_path_rate=drop, **kw)
-        head = DINOHead(backbone_spec(bb).embed_dim, cfg.out_dim, nlayers=cfg.head_layers,
-                        hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-                        norm_last_layer=cfg.norm_last_layer)
-        nets.append(MultiCropWrapper(bb, head))
-    student, teacher = nets
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return student, teacher
-
-
 def measure_in_memory(cfg, precision: str, batches, warmup: int, steps: int) -> dict[str, float]:
-    device = torch.device("cpu")
-    student, teacher = _networks(cfg)
-    student.train()
-    teacher.train()
-    opt = build_optimizer("adamw", param_groups(student))
-    for g in opt.param_groups:
-        g["lr"] = 1e-4
+    """Median seconds per ``bare`` step and per ``dino_step`` (the trainer's own) on the
+    run's networks and optimizer, taking turns."""
+    cfg = apply_overrides(cfg, {"precision": precision, "device": "cpu", "seed": 0})
+    run = make_run(cfg, DistInfo())  # the networks, loss and optimizer training builds
+    student, device = run.nets.student, run.info.device
+    run.nets.student.train()
+    run.nets.teacher.train()
+    set_lr_and_weight_decay(run.optimizer, 1e-4, cfg.weight_decay)
 
     def bare(crops):
-        with autocast(precision, device):
+        with autocast(run.precision, device):
             out = student(crops)
         loss = out.float().logsumexp(dim=-1).mean()
-        opt.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-
-    ncrops = 2 + cfg.local_crops
-    dino_loss = DINOLoss(cfg.out_dim, ncrops, teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
-                         epochs=cfg.epochs, student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
-
-    def dino_step(crops):
-        with autocast(precision, device):
-            with torch.no_grad():
-                t_out = teacher(crops[:2])
-            s_out = student(crops)
-        loss = dino_loss(s_out, t_out, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(student, cfg.clip_grad)
-        cancel_last_layer_grads(student, 1, cfg.freeze_last_layer)
-        opt.step()
-        dino_loss.update_center(t_out)
-        ema_update(teacher, student, 0.996)
+        run.optimizer.step()
 
     t = median_seconds_in_turns({"bare": lambda i: bare(batches[i % len(batches)]),
-                                 "step": lambda i: dino_step(batches[i % len(batches)])}, steps, warmup=warmup)
+                                 "step": lambda i: dino_step(run, batches[i % len(batches)], 1, 0.996)},
+                                steps, warmup=warmup)
     return {"bare_s_per_step": t["bare"], "step_s_per_step": t["step"]}
 
 
