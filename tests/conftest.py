@@ -31,7 +31,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ======================================================================================
-# Export and serving fixtures (owner: export/Triton, issue 4). Shared by the client,
+# Export and serving fixtures, shared by the client,
 # index and app tests: a small real model repository and a real tritonserver on it.
 # ======================================================================================
 
