@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dinoserve.contract import INPUT
 from dinoserve.cpu import check_int8_model
 from dinoserve.errors import (
     ConfigError,
@@ -40,7 +41,6 @@ from dinoserve.repository import choose_model
 
 log = logging.getLogger(__name__)
 
-INPUT = "images"
 #: How a client user picks a model: the CLI option, or the Client argument.
 MODEL_OPTION = "--model (model= in Python)"
 SERVE_HINT = "start one with `dinoserve serve --repo model_repository`, or leave out --url to run the model in-process"

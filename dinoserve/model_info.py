@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from dinoserve.card import ModelCard
-from dinoserve.repository import ATTENTION, EMBEDDING, PATCH_TOKENS, output_dim
+from dinoserve.contract import ATTENTION, EMBEDDING, PATCH_TOKENS
+from dinoserve.repository import output_dim
 
-__all__ = ["ModelInfo", "from_repository_config", "from_triton_json", "EMBEDDING", "ATTENTION", "PATCH_TOKENS"]
+__all__ = ["ModelInfo", "from_repository_config", "from_triton_json"]
 
 _CARD_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelCard))
 
