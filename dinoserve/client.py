@@ -67,6 +67,7 @@ class ClientStats:
     infer_s: float = 0.0
 
     def as_dict(self) -> dict:
+        """The counters as a plain dict (for JSON)."""
         return dict(self.__dict__)
 
 
@@ -136,10 +137,12 @@ class Client:
 
     @property
     def model(self) -> str:
+        """The served model's name."""
         return self.info.name
 
     @property
     def dim(self) -> int:
+        """The embedding size ``D``."""
         return self.info.embed_dim
 
     def __repr__(self) -> str:

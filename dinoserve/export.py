@@ -113,7 +113,8 @@ class ExportWrapper(nn.Module):
         if self.tap is not None:  # the tapped block keeps the path that exposes its probabilities
             use_onnx_attention(backbone, keep=[self.tap.module])
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """uint8 ``[B, 3, H, W]`` images -> the outputs of :func:`dinoserve.contract.output_names`."""
         # Same arithmetic as dinoserve.images.normalize, so clients and the graph agree.
         x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
         if self.fp16:

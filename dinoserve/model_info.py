@@ -47,10 +47,12 @@ class ModelInfo:
 
     @property
     def has_attention(self) -> bool:
+        """True when the model has an ``attention`` output (ViTs)."""
         return ATTENTION in self.outputs
 
     @property
     def has_patch_tokens(self) -> bool:
+        """True when the model was exported with a ``patch_tokens`` output."""
         return PATCH_TOKENS in self.outputs
 
     def preprocessing(self) -> dict:
@@ -63,6 +65,7 @@ class ModelInfo:
                 "weights_sha256": self.card.weights_sha256, "dim": self.card.embed_dim}
 
     def to_dict(self) -> dict:
+        """The serving facts and the card, for printing as JSON."""
         return {"name": self.name, "max_batch_size": self.max_batch_size, "outputs": list(self.outputs),
                 "version": self.version, "provider": self.provider, **self.card.to_dict()}
 

@@ -249,6 +249,7 @@ class Int8Quality:
 
     @property
     def passed(self) -> bool:
+        """True when both figures clear their thresholds."""
         return self.mean_cosine >= self.min_cosine_required and self.top10_agreement >= self.top10_agreement_required
 
     def describe(self) -> str:
@@ -260,6 +261,7 @@ class Int8Quality:
                    if self.scheme else ""))
 
     def to_dict(self) -> dict:
+        """Every field plus ``passed``, for JSON."""
         return {**asdict(self), "cpu_features": list(self.cpu_features), "passed": self.passed}
 
 

@@ -124,9 +124,11 @@ class ModelConfig:
         return any(o.name == PATCH_TOKENS for o in self.outputs)
 
     def input(self, name: str) -> TensorConfig:
+        """The input ``name``; :class:`~dinoserve.errors.ModelNotFoundError` naming the inputs there are."""
         return _by_name(self.inputs, name, self.name, "input")
 
     def output(self, name: str) -> TensorConfig:
+        """The output ``name``; :class:`~dinoserve.errors.ModelNotFoundError` naming the outputs there are."""
         return _by_name(self.outputs, name, self.name, "output")
 
 

@@ -246,26 +246,32 @@ class TritonServer:
 
     @property
     def http_port(self) -> int:
+        """The HTTP port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["http"]
 
     @property
     def grpc_port(self) -> int:
+        """The gRPC port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["grpc"]
 
     @property
     def metrics_port(self) -> int:
+        """The metrics port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["metrics"]
 
     @property
     def http_url(self) -> str:
+        """``http://host:port`` for :class:`~dinoserve.client.Client` and tritonclient."""
         return f"http://{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """``grpc://host:port`` for :class:`~dinoserve.client.Client` and tritonclient."""
         return f"grpc://{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
+        """The Prometheus metrics page."""
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     # -- lifecycle ------------------------------------------------------------------
@@ -442,6 +448,7 @@ class TritonServer:
         return triton_log.read_log(self.log_path)
 
     def is_running(self) -> bool:
+        """True while the server process runs."""
         return self.process is not None and self.process.poll() is None
 
     def wait(self) -> int:
@@ -488,4 +495,5 @@ class TritonServer:
         return f"TritonServer({str(self.repo)!r}, {state}, http={self.http_port}, grpc={self.grpc_port})"
 
     def describe(self) -> str:
+        """:meth:`status` as one JSON line."""
         return json.dumps(self.status())

@@ -66,6 +66,7 @@ class ProcessInfo:
 
     @property
     def alive(self) -> bool:
+        """False for a zombie (dead, not yet collected) or a dead process."""
         return self.state not in ("Z", "X")
 
 
