@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from dinoserve.contract import INPUT
 from dinoserve.cpu import check_int8_model
 from dinoserve.errors import (
     ConfigError,
@@ -40,7 +41,6 @@ from dinoserve.repository import choose_model
 
 log = logging.getLogger(__name__)
 
-INPUT = "images"
 #: How a client user picks a model: the CLI option, or the Client argument.
 MODEL_OPTION = "--model (model= in Python)"
 SERVE_HINT = "start one with `dinoserve serve --repo model_repository`, or leave out --url to run the model in-process"
@@ -83,13 +83,16 @@ class EmbeddedBackend:
         self.url = None
 
     def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the model on a uint8 ``[N, 3, H, W]`` batch; the ``outputs`` asked for, by name."""
         results = self.session.run(list(outputs), {INPUT: batch})
         return dict(zip(outputs, results))
 
     def close(self) -> None:
+        """Release the session (or the connections); the backend is unusable afterwards."""
         self.session = None
 
     def describe(self) -> str:
+        """What runs the model and where, in one line."""
         runtime = "OpenVINO" if self.info.provider == OPENVINO_PROVIDER else "onnxruntime"
         return f"{runtime} {self.info.provider} {self.onnx_path}"
 
@@ -173,6 +176,7 @@ class TritonBackend:
         self.info: ModelInfo = self._read_info(name, repo)
 
     def describe(self) -> str:
+        """What runs the model and where, in one line."""
         return f"Triton {self.protocol} {self.address}"
 
     # -- one tritonclient per thread -------------------------------------------------------
@@ -194,6 +198,7 @@ class TritonBackend:
         return client
 
     def close(self) -> None:
+        """Release the session (or the connections); the backend is unusable afterwards."""
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:
@@ -288,6 +293,7 @@ class TritonBackend:
 
     # -- inference ---------------------------------------------------------------------------
     def infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the model on a uint8 ``[N, 3, H, W]`` batch; the ``outputs`` asked for, by name."""
         name = self.info.name
         result = self._call(lambda c: self._infer_once(c, batch, outputs), what=f"inference on {name}")
         for out, arr in result.items():

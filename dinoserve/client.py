@@ -27,9 +27,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from dinoserve.contract import ATTENTION, EMBEDDING, PATCH_TOKENS
 from dinoserve.errors import ConfigError, InputTypeError, ModelError
 from dinoserve.images import ImageInput, l2_normalize, preprocess_batch
-from dinoserve.model_info import ATTENTION, EMBEDDING, PATCH_TOKENS, ModelInfo
+from dinoserve.model_info import ModelInfo
 
 __all__ = ["Client", "ClientStats", "Embeddings", "l2_normalize"]
 
@@ -66,6 +67,7 @@ class ClientStats:
     infer_s: float = 0.0
 
     def as_dict(self) -> dict:
+        """The counters as a plain dict (for JSON)."""
         return dict(self.__dict__)
 
 
@@ -135,10 +137,12 @@ class Client:
 
     @property
     def model(self) -> str:
+        """The served model's name."""
         return self.info.name
 
     @property
     def dim(self) -> int:
+        """The embedding size ``D``."""
         return self.info.embed_dim
 
     def __repr__(self) -> str:
@@ -185,7 +189,7 @@ class Client:
         """
         if patch_tokens and not self.info.has_patch_tokens:
             raise ModelError(
-                f"model {self.model!r} ({self.info.arch or self.info.family}) has no 'patch_tokens' output; "
+                f"model {self.model!r} ({self.info.arch or self.info.family}) has no {PATCH_TOKENS!r} output; "
                 f"export it with `dinoserve export --patch-tokens` (ViTs and ConvNeXts)")
         outputs = (EMBEDDING, PATCH_TOKENS) if patch_tokens else (EMBEDDING,)
         outs = self._run(images, outputs, on_error, names, progress)
@@ -220,7 +224,7 @@ class Client:
                   names: Sequence[str] | None = None) -> np.ndarray:
         """Last-block CLS attention maps, float32 ``[N, heads, h, w]`` (ViT models only)."""
         if not self.info.has_attention:
-            kind = "a ResNet" if self.info.family == "resnet" else "a model without an 'attention' output"
+            kind = "a ResNet" if self.info.family == "resnet" else f"a model without an {ATTENTION!r} output"
             raise ModelError(
                 f"model {self.model!r} ({self.info.arch or self.info.family}) is {kind}: it has no "
                 "attention maps; use a ViT model (e.g. one exported from dino_vits16) for attention"

@@ -30,13 +30,11 @@ import io
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -45,14 +43,15 @@ from torch import nn
 from dinoserve.atomic import fsync_path
 from dinoserve.attention import AttentionTap
 from dinoserve.card import ModelCard
+from dinoserve.contract import INPUT, output_names
 from dinoserve.errors import DinoserveError, ExportError, ModelFileError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
-from dinoserve.models import (backbone_card, backbone_outputs, forward_outputs, load_backbone, output_names,
-                              patch_token_error)
+from dinoserve.models import backbone_card, backbone_outputs, forward_outputs, load_backbone, patch_token_error
 from dinoserve.onnx_attention import use_onnx_attention
 from dinoserve.ort_session import open_session
 from dinoserve.registry import not_exportable
-from dinoserve.repository import CONFIG_FILENAME, ONNX_FILENAME, latest_version, write_model_config
+from dinoserve.repository import (ONNX_FILENAME, check_writable, commit_version, latest_version, staging_folder,
+                                  write_model_config)
 
 __all__ = ["ExportResult", "export_onnx", "ExportWrapper", "sample_images"]
 
@@ -60,10 +59,9 @@ log = logging.getLogger(__name__)
 
 #: Opset 23: its ``Attention`` operator carries a ViT's attention in one node
 #: (:mod:`dinoserve.onnx_attention`), and its ``Gelu`` (since opset 20) is fused by
-#: onnxruntime with the bias before it, where opset 18's erf decomposition ran as five
-#: operators. Together ViT-S/16 fp32 went from 0.85x to 1.00x of PyTorch eager here (batch 8,
-#: one thread). OpenVINO reads both operators (tested); onnxruntime's CUDA provider lists
-#: kernels for them, not yet run here (no GPU).
+#: onnxruntime with the bias before it, where an erf decomposition runs as five operators;
+#: together they bring a ViT-S/16 fp32 graph level with PyTorch eager on one thread.
+#: OpenVINO reads both operators (tested); onnxruntime's CUDA provider lists kernels for them.
 OPSET = 23
 #: Default max abs difference allowed between onnxruntime and PyTorch, per unit of the
 #: reference's largest magnitude (so a backbone with large activations is not failed for
@@ -115,7 +113,8 @@ class ExportWrapper(nn.Module):
         if self.tap is not None:  # the tapped block keeps the path that exposes its probabilities
             use_onnx_attention(backbone, keep=[self.tap.module])
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """uint8 ``[B, 3, H, W]`` images -> the outputs of :func:`dinoserve.contract.output_names`."""
         # Same arithmetic as dinoserve.images.normalize, so clients and the graph agree.
         x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
         if self.fp16:
@@ -177,27 +176,13 @@ def _verify_inputs(images: Sequence[ImageInput] | str | os.PathLike | None, size
 
 
 def export_onnx(
-    weights: str | os.PathLike | None = None,
-    *,
-    name: str,
-    arch: str | None = None,
-    model: nn.Module | None = None,
-    repo: str | os.PathLike = "model_repository",
-    image_size: int | None = None,
-    max_batch: int = 64,
-    fp16: bool = False,
-    device: str = "cpu",
-    trt_fp16: bool = False,
-    verify_images: Sequence[ImageInput] | str | os.PathLike | None = None,
-    tolerance: float | None = None,
-    checkpoint_key: str = "teacher",
-    crop_pct: float = DEFAULT_CROP_PCT,
-    fit: str | None = None,
-    int8: bool = False,
-    calibration: Sequence[str] | str | os.PathLike | None = None,
-    min_cosine: float | None = None,
-    min_agreement: float | None = None,
-    int8_scheme: str | None = None,
+    weights: str | os.PathLike | None = None, *, name: str, arch: str | None = None,
+    model: nn.Module | None = None, repo: str | os.PathLike = "model_repository", image_size: int | None = None,
+    max_batch: int = 64, fp16: bool = False, device: str = "cpu", trt_fp16: bool = False,
+    verify_images: Sequence[ImageInput] | str | os.PathLike | None = None, tolerance: float | None = None,
+    checkpoint_key: str = "teacher", crop_pct: float = DEFAULT_CROP_PCT, fit: str | None = None,
+    int8: bool = False, calibration: Sequence[str] | str | os.PathLike | None = None,
+    min_cosine: float | None = None, min_agreement: float | None = None, int8_scheme: str | None = None,
     patch_tokens: bool = False,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
@@ -240,79 +225,93 @@ def export_onnx(
             failure. Weight errors (:class:`~dinoserve.errors.WeightsError`) pass through.
     """
     _check_args(name, device, trt_fp16, max_batch, image_size, weights, model)
-    if int8 and fp16:
-        raise ExportError("--int8 and --fp16 exclude each other: choose one precision")
-    if not int8 and calibration is not None:
-        raise ExportError("--calibration is for --int8 exports only; add --int8 or leave it out")
-    if not int8 and int8_scheme is not None:
-        raise ExportError("--int8-scheme is for --int8 exports only; add --int8 or leave it out")
+    _check_precision(int8, fp16, calibration, int8_scheme)
     repo = Path(repo).expanduser().absolute()
-    _check_writable(repo)
+    check_writable(repo)
     if int8:  # bad calibration data fails here, before minutes of export work
-        from dinoserve import quantize
-
-        if (int8_scheme or quantize.PORTABLE) not in quantize.INT8_SCHEMES:
-            raise ExportError(f"--int8-scheme {int8_scheme!r}: choose one of {', '.join(quantize.INT8_SCHEMES)} "
-                              f"({quantize.PORTABLE}, the default, is right on every CPU)")
+        int8_scheme = _check_int8_scheme(int8_scheme)
         calibration = calibration if calibration is not None else _training_data_of(weights)
-    if model is None:
-        named = arch or (str(weights)[len("timm:"):].split(".")[0] if str(weights).startswith("timm:") else "")
-        if not_exportable(named):  # before reading gigabytes of weights
-            raise ExportError(f"{named}: {not_exportable(named)}")
-        model = load_backbone(weights, arch, checkpoint_key=checkpoint_key)
+    model = model if model is not None else _load_exportable(weights, arch, checkpoint_key)
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    card = _export_card(model, image_size, crop_pct, fit, precision, int8_scheme or "", patch_tokens)
+    tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
+    batch = _verify_inputs(verify_images, card.image_size, crop_pct)
+    gate = _Int8Gate.calibrate(calibration, card, crop_pct, min_cosine, min_agreement) if int8 else None
+
+    model_dir = repo / name
+    version = (latest_version(model_dir) or 0) + 1
+    with staging_folder(repo) as stage:
+        onnx_path = stage / name / str(version) / ONNX_FILENAME
+        onnx_path.parent.mkdir(parents=True)
+        _torch_export(model, card, onnx_path, fp16=fp16, size=card.image_size, patch_tokens=patch_tokens)
+        diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images, patch_tokens)
+        quality = gate.quantize(onnx_path, card.family) if gate is not None else None
+        write_model_config(stage / name, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
+                           patch_tokens=patch_tokens)
+        fsync_path(onnx_path)
+        commit_version(stage / name, model_dir, version)
+    log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
+    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, card,
+                        card.image_size, tol, sizes, quality, gate.source if gate is not None else "")
+
+
+def _load_exportable(weights: Any, arch: str | None, checkpoint_key: str) -> nn.Module:
+    """The backbone ``weights`` hold, refused before any weights are read when its
+    architecture cannot be exported."""
+    named = arch or (str(weights)[len("timm:"):].split(".")[0] if str(weights).startswith("timm:") else "")
+    if not_exportable(named):
+        raise ExportError(f"{named}: {not_exportable(named)}")
+    return load_backbone(weights, arch, checkpoint_key=checkpoint_key)
+
+
+def _export_card(model: nn.Module, image_size: int | None, crop_pct: float, fit: str | None, precision: str,
+                 int8_scheme: str, patch_tokens: bool) -> ModelCard:
+    """The card ``config.pbtxt`` carries: what the model is, and what clients must do to feed it."""
     built = backbone_card(model)
     if patch_tokens and patch_token_error(built):
         raise ExportError(f"--patch-tokens: {patch_token_error(built)}")
     size = int(image_size or built.image_size)
     _check_size(built, size)
-    # What the model is and what clients must do to feed it: the card config.pbtxt carries.
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    scheme = (int8_scheme or quantize.PORTABLE) if int8 else ""
-    card = built.replace(image_size=size, crop_pct=float(crop_pct), fit=check_fit(fit or built.fit),
-                         precision=precision, int8_scheme=scheme)
-    tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
-    batch = _verify_inputs(verify_images, size, crop_pct)
-    calib, calib_from, quality = None, "", None
-    if int8:
-        calib, calib_from = quantize.calibration_batch(calibration, size, crop_pct, fit=card.fit)  # as served
-
-    model_dir = repo / name
-    version = (latest_version(model_dir) or 0) + 1
-    with _staging(repo) as stage:
-        staged_model = stage / name
-        onnx_path = staged_model / str(version) / ONNX_FILENAME
-        onnx_path.parent.mkdir(parents=True)
-        _torch_export(model, card, onnx_path, fp16=fp16, size=size, patch_tokens=patch_tokens)
-        diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images, patch_tokens)
-        if int8:
-            quality = _quantize_and_gate(onnx_path, card.family, calib, calib_from, min_cosine, min_agreement,
-                                         scheme)
-        write_model_config(staged_model, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
-                           patch_tokens=patch_tokens)
-        fsync_path(onnx_path)
-        _commit(staged_model, model_dir, version)
-    log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
-    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, card,
-                        size, tol, sizes, quality, calib_from)
+    return built.replace(image_size=size, crop_pct=float(crop_pct), fit=check_fit(fit or built.fit),
+                         precision=precision, int8_scheme=int8_scheme)
 
 
-def _quantize_and_gate(onnx_path: Path, family: str, calib: np.ndarray, calib_from: str, min_cosine: float | None,
-                       min_agreement: float | None, scheme: str):
-    """Replace the verified fp32 graph at ``onnx_path`` by its int8 copy if the copy passes the gate."""
-    from dinoserve import quantize
+@dataclass
+class _Int8Gate:
+    """An int8 export's calibration images and the bar its int8 graph must clear."""
 
-    int8_path = onnx_path.with_name("model.int8.onnx")
-    quantize.quantize_int8(onnx_path, int8_path, calib, family=family, scheme=scheme)
-    quality = quantize.int8_quality(
-        onnx_path, int8_path, calib, scheme=scheme,
-        min_cosine=quantize.MIN_COSINE if min_cosine is None else min_cosine,
-        min_agreement=quantize.MIN_TOP10_AGREEMENT if min_agreement is None else min_agreement)
-    if not quality.passed:
-        raise ExportError(f"int8 model refused: {quality.describe()} ({calib_from}); the repository is "
-                          f"unchanged; export without --int8, or try other --calibration images")
-    log.info("int8 gate passed: %s", quality.describe())
-    os.replace(int8_path, onnx_path)
-    return quality
+    calibration: np.ndarray
+    source: str  # where the calibration images came from, for messages and the result
+    scheme: str
+    min_cosine: float | None
+    min_agreement: float | None
+
+    @classmethod
+    def calibrate(cls, calibration: Any, card: ModelCard, crop_pct: float, min_cosine: float | None,
+                  min_agreement: float | None) -> "_Int8Gate":
+        """Read the calibration images, preprocessed as the served model's clients will."""
+        from dinoserve import quantize
+
+        batch, source = quantize.calibration_batch(calibration, card.image_size, crop_pct, fit=card.fit)
+        return cls(batch, source, card.int8_scheme, min_cosine, min_agreement)
+
+    def quantize(self, onnx_path: Path, family: str):
+        """Replace the verified fp32 graph at ``onnx_path`` by its int8 copy if the copy
+        passes the gate; the :class:`~dinoserve.quantize.Int8Quality` measured."""
+        from dinoserve import quantize
+
+        int8_path = onnx_path.with_name("model.int8.onnx")
+        quantize.quantize_int8(onnx_path, int8_path, self.calibration, family=family, scheme=self.scheme)
+        quality = quantize.int8_quality(
+            onnx_path, int8_path, self.calibration, scheme=self.scheme,
+            min_cosine=quantize.MIN_COSINE if self.min_cosine is None else self.min_cosine,
+            min_agreement=quantize.MIN_TOP10_AGREEMENT if self.min_agreement is None else self.min_agreement)
+        if not quality.passed:
+            raise ExportError(f"int8 model refused: {quality.describe()} ({self.source}); the repository is "
+                              f"unchanged; export without --int8, or try other --calibration images")
+        log.info("int8 gate passed: %s", quality.describe())
+        os.replace(int8_path, onnx_path)
+        return quality
 
 
 def _training_data_of(weights: Any) -> str:
@@ -353,6 +352,26 @@ def _check_args(name: str, device: str, trt_fp16: bool, max_batch: int, image_si
         raise ExportError("pass exactly one of weights (--weights) or model")
 
 
+def _check_precision(int8: bool, fp16: bool, calibration: Any, int8_scheme: str | None) -> None:
+    if int8 and fp16:
+        raise ExportError("--int8 and --fp16 exclude each other: choose one precision")
+    if not int8 and calibration is not None:
+        raise ExportError("--calibration is for --int8 exports only; add --int8 or leave it out")
+    if not int8 and int8_scheme is not None:
+        raise ExportError("--int8-scheme is for --int8 exports only; add --int8 or leave it out")
+
+
+def _check_int8_scheme(int8_scheme: str | None) -> str:
+    """``int8_scheme``, or the default that is right on every CPU; an error for an unknown one."""
+    from dinoserve import quantize
+
+    scheme = int8_scheme or quantize.PORTABLE
+    if scheme not in quantize.INT8_SCHEMES:
+        raise ExportError(f"--int8-scheme {int8_scheme!r}: choose one of {', '.join(quantize.INT8_SCHEMES)} "
+                          f"({quantize.PORTABLE}, the default, is right on every CPU)")
+    return scheme
+
+
 #: The smallest input a ConvNeXt takes: its four stages downsample 32 times.
 CONVNEXT_MIN_SIZE = 32
 
@@ -369,45 +388,6 @@ def _check_size(card: ModelCard, size: int) -> None:
                           f"(its stages downsample 32 times)")
 
 
-def _check_writable(repo: Path) -> None:
-    """Fail before any work when the repository (or the folder it would go in) is not writable."""
-    probe = repo if repo.exists() else repo.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ExportError(f"repository {repo}: {probe} is a file, not a folder; pass another --repo")
-    if repo.exists() and not repo.is_dir():
-        raise ExportError(f"repository {repo} is a file, not a folder; pass another --repo")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"repository {repo}: {probe} is not writable; fix its permissions or pass another --repo")
-
-
-@contextmanager
-def _staging(repo: Path) -> Iterator[Path]:
-    """A temporary folder beside the repository (same file system, so renames are atomic),
-    removed afterwards whatever happens."""
-    parent = repo.parent
-    created = [p for p in (parent, *parent.parents) if not p.exists()]  # ours to remove on failure
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.export-", dir=parent))
-    except OSError as e:
-        raise ExportError(f"repository {repo}: cannot create a staging folder in {parent} ({e}); "
-                          f"fix its permissions or pass another --repo") from None
-    ok = False
-    try:
-        yield stage
-        ok = True
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if not ok:
-            for folder in created:  # deepest first; only if still empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-
-
 def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, size: int,
                   patch_tokens: bool = False) -> None:
     # Traced on the CPU whatever the model's device: the graph itself is device-free.
@@ -416,16 +396,16 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
     side = max(size, 2 * card.patch_size)
     example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    outputs = output_names(card, patch_tokens)
+    outputs = output_names(card.family, patch_tokens)
     if card.family == "vit":
         p = card.patch_size
         hp, wp = torch.export.Dim("h_patches", min=1, max=4096), torch.export.Dim("w_patches", min=1, max=4096)
-        dynamic = {"images": {0: batch, 2: p * hp, 3: p * wp}}
+        dynamic = {INPUT: {0: batch, 2: p * hp, 3: p * wp}}
     elif card.family == "convnext":  # convolutions and a global pool: any size from 32 px
         h, w = (torch.export.Dim(n, min=CONVNEXT_MIN_SIZE, max=16384) for n in ("height", "width"))
-        dynamic = {"images": {0: batch, 2: h, 3: w}}
+        dynamic = {INPUT: {0: batch, 2: h, 3: w}}
     else:
-        dynamic = {"images": {0: batch}}
+        dynamic = {INPUT: {0: batch}}
     try:
         # The exporter prints progress lines and warns about onnxscript internals; the CLI
         # reports what matters.
@@ -433,7 +413,7 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper, (example,), str(path), dynamo=True, opset_version=OPSET,
-                external_data=False, input_names=["images"], output_names=outputs,
+                external_data=False, input_names=[INPUT], output_names=outputs,
                 dynamic_shapes=dynamic, optimize=True, verbose=False,
             )
     except DinoserveError:
@@ -474,11 +454,11 @@ def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarra
         batches.append(np.ascontiguousarray(big[:3, :, : batch.shape[2] + p, :]))  # non-square
     worst = 0.0
     sizes = []
-    names = output_names(card, patch_tokens)
+    names = output_names(card.family, patch_tokens)
     for b in batches:
         ref = _reference(model, card, b, patch_tokens)
         try:
-            got = session.run(names, {"images": b})
+            got = session.run(names, {INPUT: b})
         except Exception as e:
             raise ExportError(f"onnxruntime failed on a {tuple(b.shape)} batch of {card.arch}: {e}") from e
         for name, r, g in zip(names, ref, got):
@@ -494,21 +474,3 @@ def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarra
             worst = max(worst, diff)
         sizes.append((int(b.shape[2]), int(b.shape[3])))
     return worst, tuple(sizes)
-
-
-def _commit(staged_model: Path, model_dir: Path, version: int) -> None:
-    """Move a verified export into the repository with renames only."""
-    try:
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        if not model_dir.exists():
-            os.replace(staged_model, model_dir)  # a new model appears whole or not at all
-        else:
-            target = model_dir / str(version)
-            if target.exists():
-                raise ExportError(f"{target} appeared during the export (another export running?); nothing written")
-            os.replace(staged_model / str(version), target)
-            os.replace(staged_model / CONFIG_FILENAME, model_dir / CONFIG_FILENAME)
-        fsync_path(model_dir)
-        fsync_path(model_dir.parent)
-    except OSError as e:
-        raise ExportError(f"cannot write into {model_dir} ({e}); the verified export was discarded") from None

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from dinoserve.card import ModelCard
-from dinoserve.repository import ATTENTION, EMBEDDING, PATCH_TOKENS, output_dim
+from dinoserve.contract import ATTENTION, EMBEDDING, PATCH_TOKENS
+from dinoserve.repository import output_dim
 
-__all__ = ["ModelInfo", "from_repository_config", "from_triton_json", "EMBEDDING", "ATTENTION", "PATCH_TOKENS"]
+__all__ = ["ModelInfo", "from_repository_config", "from_triton_json"]
 
 _CARD_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelCard))
 
@@ -46,10 +47,12 @@ class ModelInfo:
 
     @property
     def has_attention(self) -> bool:
+        """True when the model has an ``attention`` output (ViTs)."""
         return ATTENTION in self.outputs
 
     @property
     def has_patch_tokens(self) -> bool:
+        """True when the model was exported with a ``patch_tokens`` output."""
         return PATCH_TOKENS in self.outputs
 
     def preprocessing(self) -> dict:
@@ -62,6 +65,7 @@ class ModelInfo:
                 "weights_sha256": self.card.weights_sha256, "dim": self.card.embed_dim}
 
     def to_dict(self) -> dict:
+        """The serving facts and the card, for printing as JSON."""
         return {"name": self.name, "max_batch_size": self.max_batch_size, "outputs": list(self.outputs),
                 "version": self.version, "provider": self.provider, **self.card.to_dict()}
 

@@ -33,9 +33,9 @@ from torch import nn
 
 from dinoserve.attention import AttentionTap
 from dinoserve.card import ModelCard
+from dinoserve.contract import ATTENTION, EMBEDDING, output_names
 from dinoserve.errors import UnknownModelError, WeightsError
 from dinoserve.pos_embed import ReferencePosEmbedViT, reference_pos_embed, traceable_reference_pos_embed
-from dinoserve.repository import ATTENTION, EMBEDDING, PATCH_TOKENS
 from dinoserve.registry import ALIASES, AliasConfig, is_dinov3_vit, list_models, resolve_name
 from dinoserve.rope import TraceableRopeEva, check_dinov3_rope
 from dinoserve.weights import (
@@ -58,7 +58,6 @@ __all__ = [
     "forward_with_attention",
     "forward_outputs",
     "backbone_outputs",
-    "output_names",
     "patch_tokens_of",
     "patch_token_error",
     "ModelCard",
@@ -232,12 +231,6 @@ def patch_token_error(card: ModelCard) -> str:
             f"(DINO, DINOv2, DINOv3) or a DINOv3 ConvNeXt")
 
 
-def output_names(card: ModelCard, patch_tokens: bool = False) -> list[str]:
-    """The outputs of a backbone's graph, in order: ``embedding``, ``attention`` for ViTs,
-    then ``patch_tokens`` when asked for."""
-    return [EMBEDDING] + ([ATTENTION] if card.family == "vit" else []) + ([PATCH_TOKENS] if patch_tokens else [])
-
-
 def patch_tokens_of(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """``[B, N, D]`` final-normed patch tokens from ``model.forward_features``' output, in
     row-major patch order. A ViT's CLS and register tokens are left out. A ConvNeXt's last
@@ -255,9 +248,9 @@ def patch_tokens_of(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
 
 def backbone_outputs(model: nn.Module, x: torch.Tensor, tap: AttentionTap | None = None,
                      patch_tokens: bool = False) -> list[torch.Tensor]:
-    """The outputs :func:`output_names` lists, for a normalised batch ``x``: what export
-    verification compares with, and what the exported graph computes. ``tap`` is an
-    :class:`~dinoserve.attention.AttentionTap` installed on ``model`` (ViTs)."""
+    """The outputs :func:`dinoserve.contract.output_names` lists, for a normalised batch
+    ``x``: what export verification compares with, and what the exported graph computes.
+    ``tap`` is an :class:`~dinoserve.attention.AttentionTap` installed on ``model`` (ViTs)."""
     if patch_tokens:
         features = model.forward_features(x)
         out = [model.forward_head(features)]
@@ -278,7 +271,7 @@ def forward_outputs(model: nn.Module, x: torch.Tensor, patch_tokens: bool = Fals
         raise UnknownModelError(patch_token_error(card))
     tap = AttentionTap(model) if card.family == "vit" else None
     try:
-        return dict(zip(output_names(card, patch_tokens), backbone_outputs(model, x, tap, patch_tokens)))
+        return dict(zip(output_names(card.family, patch_tokens), backbone_outputs(model, x, tap, patch_tokens)))
     finally:
         if tap is not None:
             tap.remove()

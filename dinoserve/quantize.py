@@ -6,11 +6,11 @@
 >>> report = int8_quality("fp32/model.onnx", "int8/model.onnx", batch)  # cosine, top-10 agreement
 
 Why static QDQ and not dynamic: onnxruntime's dynamic quantisation turns convolutions into
-``ConvInteger``, which ran at 0.26x of fp32 on a ResNet here; static QDQ with activation
-ranges calibrated on real images lets onnxruntime fuse Conv/MatMul into its int8 kernels
-(VNNI/AMX where the CPU has them). The settings below are the ones that were fast here:
-uint8 activations with int8 per-channel weights (the u8s8 kernels; int8 activations ran
-slower than fp32).
+``ConvInteger``, which runs a ResNet about four times slower than fp32; static QDQ with
+activation ranges calibrated on real images lets onnxruntime fuse Conv/MatMul into its int8
+kernels (VNNI/AMX where the CPU has them). The settings below are the fast ones: uint8
+activations with int8 per-channel weights (the u8s8 kernels; int8 activations run slower
+than fp32).
 
 Why 7-bit weights by default (scheme ``u8s7``, onnxruntime's ``reduce_range``): on x86 CPUs
 without VNNI the u8s8 kernels add pairs of products in saturating int16, and full-range
@@ -40,6 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dinoserve.contract import EMBEDDING, INPUT
 from dinoserve.cpu import INT8_SCHEMES, PORTABLE, cpu_features, cpu_name
 from dinoserve.errors import DataError, DinoserveError, ExportError
 from dinoserve.filelist import find_images
@@ -133,7 +134,7 @@ def calibration_batch(source: str | os.PathLike | Sequence[str], size: int, crop
 # --------------------------------------------------------------------------------------
 
 
-def _reader(batch: np.ndarray, input_name: str = "images"):
+def _reader(batch: np.ndarray, input_name: str = INPUT):
     """An onnxruntime CalibrationDataReader over a uint8 batch, in chunks of ``_BATCH``."""
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -148,19 +149,19 @@ def _reader(batch: np.ndarray, input_name: str = "images"):
 
 
 #: Operators quantised in a ViT: only the products with a weight matrix (see
-#: :func:`weight_products`). Quantising LayerNorm, Softmax, GELU and the residual adds too
-#: dropped a random-init ViT-S/16's mean cosine to fp32 to 0.94 (min 0.60) here; with matrix
-#: products only, vit_tiny kept 0.9996.
+#: :func:`weight_products`). Quantising LayerNorm, Softmax, GELU and the residual adds as
+#: well costs too much accuracy: a random-init ViT-S/16's mean cosine to fp32 fell to 0.94
+#: (min 0.60), against 0.9996 with matrix products only.
 VIT_OPS = ("Conv", "MatMul", "Gemm")
 
 
 def weight_products(graph_path: str | os.PathLike) -> list[str]:
     """Names of the nodes of :data:`VIT_OPS` whose second input is a stored weight.
 
-    Why not every MatMul: attention's two activation products (q @ k^T, probabilities @ v)
-    quantised on both sides made onnxruntime fuse the softmax between them into
-    ``QLinearSoftmax``, which took 72 ms of a 455-ms ViT-S/16 batch here (the float softmax:
-    19 ms); leaving attention in float made the whole int8 graph 1.69x -> 2.07x of fp32.
+    Why not every MatMul: with attention's two activation products (q @ k^T,
+    probabilities @ v) quantised on both sides, onnxruntime fuses the softmax between them
+    into ``QLinearSoftmax``, which is several times slower than the float softmax (measured
+    on ViT-S/16), so attention left in float makes the whole int8 graph faster.
     """
     import onnx
 
@@ -248,6 +249,7 @@ class Int8Quality:
 
     @property
     def passed(self) -> bool:
+        """True when both figures clear their thresholds."""
         return self.mean_cosine >= self.min_cosine_required and self.top10_agreement >= self.top10_agreement_required
 
     def describe(self) -> str:
@@ -259,6 +261,7 @@ class Int8Quality:
                    if self.scheme else ""))
 
     def to_dict(self) -> dict:
+        """Every field plus ``passed``, for JSON."""
         return {**asdict(self), "cpu_features": list(self.cpu_features), "passed": self.passed}
 
 
@@ -266,7 +269,7 @@ def _embeddings(path: Path, batch: np.ndarray) -> np.ndarray:
     from dinoserve.ort_session import open_session
 
     session = open_session(path, device="cpu")
-    out = [session.run(["embedding"], {"images": batch[i:i + _BATCH]})[0] for i in range(0, len(batch), _BATCH)]
+    out = [session.run([EMBEDDING], {INPUT: batch[i:i + _BATCH]})[0] for i in range(0, len(batch), _BATCH)]
     return np.concatenate(out).astype(np.float64)
 
 

@@ -1,81 +1,67 @@
-"""A Triton model repository, both ways: layout, and each model's ``config.pbtxt``.
+"""A Triton model repository, both ways: layout, model choice, and each model's ``config.pbtxt``.
 
 Layout (see docs/DESIGN.md)::
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/<version>/model.onnx
 
-This module is the only one that reads or writes ``config.pbtxt``:
-
 - :func:`render_config` / :func:`write_model_config` write an exported backbone's config,
   with its :class:`~dinoserve.card.ModelCard` in ``parameters``;
 - :func:`read_model_config` parses one into a :class:`ModelConfig`, whose ``card`` is the
   model's description read back (parameter sets of older exports included);
-- :func:`python_backend_config` gives the variant that the pip-bundled tritonserver (Python
-  backend only) serves the same model with;
-- :func:`choose_model` / :func:`model_choice_error` are the one model-selection error, for
-  a repository on disk and a Triton server's listing alike.
+- :func:`choose_model` / :func:`choose_models` / :func:`model_choice_error` are the one
+  model-selection error, for a repository on disk and a Triton server's listing alike;
+- :func:`staging_folder` and :func:`commit_version` add a version whole or not at all.
 
-No torch and no protobuf here: the client, the index and the app read repositories with
-numpy-only installs. ``config.pbtxt`` is protobuf text format; the small parser and writer
-below handle the subset Triton model configurations use (messages, repeated fields, lists,
-strings, numbers, identifiers, ``#`` comments), and a parsed config writes back as it was.
+The variant of a config that the pip-bundled tritonserver serves is written by
+:mod:`dinoserve.triton_python_backend`; the protobuf text itself is read and written by
+:mod:`dinoserve.pbtxt`. No torch and no protobuf here: the client, the index and the app
+read repositories with numpy-only installs.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from dinoserve.atomic import atomic_write_text
+from dinoserve.atomic import atomic_write_text, fsync_path
 from dinoserve.card import ModelCard
-from dinoserve.errors import ModelNotFoundError, ServerError
+from dinoserve.contract import ATTENTION, EMBEDDING, INPUT, PATCH_TOKENS, output_names
+from dinoserve.errors import ExportError, ModelNotFoundError
+from dinoserve.pbtxt import Word, as_list, format_pbtxt, parse_pbtxt
 
 __all__ = [
     "TensorConfig",
     "ModelConfig",
-    "ConfigParseError",
-    "Word",
     "list_models",
     "choose_model",
+    "choose_models",
     "model_choice_error",
     "latest_version",
     "list_versions",
     "model_onnx_path",
+    "check_writable",
+    "staging_folder",
+    "commit_version",
+    "output_dim",
     "read_model_config",
     "config_from_dict",
+    "config_dict",
     "render_config",
     "write_model_config",
-    "python_backend_config",
-    "parse_pbtxt",
-    "format_pbtxt",
+    "string_parameters",
     "ONNX_FILENAME",
     "CONFIG_FILENAME",
 ]
 
 ONNX_FILENAME = "model.onnx"
 CONFIG_FILENAME = "config.pbtxt"
-
-#: The graph's tensors (see docs/DESIGN.md, "ONNX and Triton contract").
-INPUT, EMBEDDING, ATTENTION, PATCH_TOKENS = "images", "embedding", "attention", "patch_tokens"
-
-#: Parameters that the Python-backend runner (dinoserve/triton_runner.py) reads.
-RUNNER_DEVICE, RUNNER_THREADS, RUNNER_RUNTIME = "runner_device", "runner_intra_op_threads", "runner_runtime"
-#: Marks the runner's server-log line that names the onnxruntime provider it runs on.
-PROVIDER_LOG = "dinoserve-runner:"
-
-
-class ConfigParseError(ServerError):
-    """A ``config.pbtxt`` is not valid protobuf text format."""
-
-
-class Word(str):
-    """A bare protobuf-text identifier (an enum value such as ``TYPE_FP32``, or ``true``):
-    equal to its text, but written back without quotes."""
 
 
 @dataclass(frozen=True)
@@ -138,9 +124,11 @@ class ModelConfig:
         return any(o.name == PATCH_TOKENS for o in self.outputs)
 
     def input(self, name: str) -> TensorConfig:
+        """The input ``name``; :class:`~dinoserve.errors.ModelNotFoundError` naming the inputs there are."""
         return _by_name(self.inputs, name, self.name, "input")
 
     def output(self, name: str) -> TensorConfig:
+        """The output ``name``; :class:`~dinoserve.errors.ModelNotFoundError` naming the outputs there are."""
         return _by_name(self.outputs, name, self.name, "output")
 
 
@@ -206,6 +194,22 @@ def model_choice_error(asked: Sequence[str], available: Sequence[str], where: st
     return ModelNotFoundError(f"{where} has {what}; available: {', '.join(available) or 'none'}; {fix}")
 
 
+def choose_models(repo: Path, asked: Sequence[str] | None, option: str = "--model (repeatable)") -> list[str]:
+    """The models of ``repo`` to serve: ``asked`` when ``repo`` has every one of them, or all
+    of its models when nothing was asked; otherwise raise :func:`model_choice_error`."""
+    if not repo.is_dir():
+        raise ModelNotFoundError(f"model repository {repo} does not exist; export a model into it first")
+    available = list_models(repo)
+    where = f"model repository {repo}"
+    if asked is None:
+        if not available:
+            raise model_choice_error([], available, where, option)
+        return available
+    if any(m not in available for m in asked):
+        raise model_choice_error(asked, available, where, option)
+    return list(asked)
+
+
 def list_versions(model_dir: str | os.PathLike) -> list[int]:
     """Integer version folders of a model, ascending (hidden or non-numeric folders ignored)."""
     d = Path(model_dir)
@@ -247,6 +251,11 @@ def model_onnx_path(repo: str | os.PathLike, name: str, version: int | None = No
     return path
 
 
+# --------------------------------------------------------------------------------------
+# Reading a model's config
+# --------------------------------------------------------------------------------------
+
+
 def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     """Parse ``<model_dir>/config.pbtxt`` into a :class:`ModelConfig`."""
     d = Path(model_dir)
@@ -258,17 +267,17 @@ def read_model_config(model_dir: str | os.PathLike) -> ModelConfig:
 
 
 def config_from_dict(raw: dict[str, Any], model_dir: Path | None = None) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a parsed pbtxt dict (see :func:`parse_pbtxt`)."""
+    """Build a :class:`ModelConfig` from a parsed pbtxt dict (see :func:`dinoserve.pbtxt.parse_pbtxt`)."""
 
     def tensors(key: str) -> list[TensorConfig]:
         return [
             TensorConfig(str(t.get("name", "")), str(t.get("data_type", "")),
-                         tuple(int(x) for x in _as_list(t.get("dims", []))))
-            for t in _as_list(raw.get(key, []))
+                         tuple(int(x) for x in as_list(t.get("dims", []))))
+            for t in as_list(raw.get(key, []))
         ]
 
     params: dict[str, str] = {}
-    for entry in _as_list(raw.get("parameters", [])):
+    for entry in as_list(raw.get("parameters", [])):
         value = entry.get("value", {})
         params[str(entry.get("key", ""))] = str(value.get("string_value", "") if isinstance(value, dict) else value)
     name = str(raw.get("name") or (model_dir.name if model_dir else ""))
@@ -286,7 +295,7 @@ def config_from_dict(raw: dict[str, Any], model_dir: Path | None = None) -> Mode
 
 
 # --------------------------------------------------------------------------------------
-# Writing: an exported backbone's config, and its Python-backend variant
+# Writing an exported backbone's config
 # --------------------------------------------------------------------------------------
 
 
@@ -300,20 +309,18 @@ def config_dict(
     queue_delay_us: int = 500,
     patch_tokens: bool = False,
 ) -> dict[str, Any]:
-    """The ``config.pbtxt`` of an exported backbone, as the dict :func:`format_pbtxt` writes.
+    """The ``config.pbtxt`` of an exported backbone, as the dict that
+    :func:`dinoserve.pbtxt.format_pbtxt` writes.
 
     Dims exclude the batch; a ViT's and a ConvNeXt's height and width are dynamic (-1), a
     ResNet's are ``card.image_size``. ``device`` picks the instance kind (``cpu``/``gpu``);
     ``trt_fp16`` adds Triton's TensorRT FP16 accelerator; ``patch_tokens`` declares the
     ``patch_tokens`` output ``[N, D]``. The card goes into ``parameters``.
     """
-    vit = card.family == "vit"
     hw = [-1, -1] if card.family in ("vit", "convnext") else [card.image_size, card.image_size]
-    outputs = [{"name": EMBEDDING, "data_type": Word("TYPE_FP32"), "dims": [card.embed_dim]}]
-    if vit:
-        outputs.append({"name": ATTENTION, "data_type": Word("TYPE_FP32"), "dims": [card.num_heads, -1, -1]})
-    if patch_tokens:
-        outputs.append({"name": PATCH_TOKENS, "data_type": Word("TYPE_FP32"), "dims": [-1, card.embed_dim]})
+    dims = {EMBEDDING: [card.embed_dim], ATTENTION: [card.num_heads, -1, -1], PATCH_TOKENS: [-1, card.embed_dim]}
+    outputs = [{"name": out, "data_type": Word("TYPE_FP32"), "dims": dims[out]}
+               for out in output_names(card.family, patch_tokens)]
     config: dict[str, Any] = {
         "name": name,
         "backend": "onnxruntime",
@@ -329,7 +336,7 @@ def config_dict(
                "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/tmp/triton_trt_cache/{name}"}
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt", "parameters": [{"key": k, "value": v} for k, v in trt.items()]}]}}
-    config["parameters"] = _string_params(card.to_params())
+    config["parameters"] = string_parameters(card.to_params())
     return config
 
 
@@ -343,205 +350,70 @@ def write_model_config(model_dir: str | os.PathLike, name: str, card: ModelCard,
     return atomic_write_text(Path(model_dir) / CONFIG_FILENAME, render_config(name, card, **options))
 
 
-def python_backend_config(model_dir: str | os.PathLike, *, intra_op_threads: int = 0, device: str | None = None,
-                          runtime: str = "onnxruntime") -> str:
-    """``<model_dir>/config.pbtxt`` rewritten for Triton's Python backend.
-
-    The backend becomes ``python`` (no ``platform``), instances run on the CPU, execution
-    accelerators are dropped, and two parameters tell the runner where onnxruntime runs
-    (``runner_device``: ``device`` when given, one of :data:`dinoserve.ort_session.DEVICES`;
-    otherwise ``auto`` when the original asked for GPU instances, so TensorRT or CUDA when
-    they can run and the CPU when not, and ``cpu`` for CPU instances) and with how many
-    threads (0: onnxruntime's default); a third, ``runner_runtime``, names the runtime
-    (``onnxruntime`` or ``openvino``; :mod:`dinoserve.openvino_session`). Everything else (name, inputs, outputs,
-    max_batch_size, dynamic_batching, the card's parameters) is kept, so clients see the
-    same model.
-    """
-    path = Path(model_dir) / CONFIG_FILENAME
-    raw = parse_pbtxt(path.read_text(encoding="utf-8"), source=str(path))
-    groups = _as_list(raw.get("instance_group", []))
-    if device is None:
-        device = "auto" if any(g.get("kind") == "KIND_GPU" for g in groups) else "cpu"
-    out = {"backend": "python", **{k: v for k, v in raw.items() if k not in ("backend", "platform")}}
-    out["instance_group"] = [{"kind": Word("KIND_CPU"), "count": 1}]
-    optimization = {k: v for k, v in (out.pop("optimization", None) or {}).items() if k != "execution_accelerators"}
-    if optimization:
-        out["optimization"] = optimization
-    runner_keys = (RUNNER_DEVICE, RUNNER_THREADS, RUNNER_RUNTIME)
-    kept = [p for p in _as_list(out.get("parameters", [])) if p.get("key") not in runner_keys]
-    out["parameters"] = kept + _string_params({RUNNER_DEVICE: device, RUNNER_THREADS: str(intra_op_threads),
-                                               RUNNER_RUNTIME: runtime})
-    return format_pbtxt(out)
-
-
-def _string_params(values: dict[str, str]) -> list[dict[str, Any]]:
+def string_parameters(values: dict[str, str]) -> list[dict[str, Any]]:
+    """``values`` in Triton's ``parameters`` form: ``{key, value: {string_value}}`` entries."""
     return [{"key": k, "value": {"string_value": v}} for k, v in values.items()]
 
 
-def _as_list(v: Any) -> list:
-    return v if isinstance(v, list) else [v]
-
-
 # --------------------------------------------------------------------------------------
-# Protobuf text format (the subset model configurations use)
+# Adding a version: whole or not at all
 # --------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(
-    r"""\s+|\#[^\n]*|(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<punct>[{}\[\]:,;<>])|(?P<word>[^\s{}\[\]:,;<>"'#]+)""",
-    re.VERBOSE,
-)
 
-#: Fields that Triton declares ``repeated``; they always parse to lists, even with one entry.
-_REPEATED = {"input", "output", "instance_group", "parameters", "dims", "gpus", "model_warmup",
-             "gpu_execution_accelerator", "cpu_execution_accelerator", "preferred_batch_size",
-             "ensemble_scheduling", "step", "cc_model_filenames", "metric_tags"}
-
-
-def parse_pbtxt(text: str, source: str = "config.pbtxt") -> dict[str, Any]:
-    """Parse protobuf text format into nested dicts; repeated fields become lists.
-
-    Scalars: quoted strings -> str, integers -> int, other numbers -> float, anything else
-    (enum names, true/false) -> :class:`Word`. ``parameters`` maps keep Triton's
-    ``key``/``value`` form. :func:`format_pbtxt` writes the result back.
-    """
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            raise ConfigParseError(f"{source}: cannot parse near {text[pos:pos + 30]!r}")
-        pos = m.end()
-        if m.lastgroup:
-            tokens.append((m.lastgroup, m.group(m.lastgroup)))
-    return _Parser(tokens, source).message(end=None)
+def check_writable(repo: Path) -> None:
+    """Fail before any work when the repository (or the folder it would go in) is not writable."""
+    probe = repo if repo.exists() else repo.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ExportError(f"repository {repo}: {probe} is a file, not a folder; pass another --repo")
+    if repo.exists() and not repo.is_dir():
+        raise ExportError(f"repository {repo} is a file, not a folder; pass another --repo")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"repository {repo}: {probe} is not writable; fix its permissions or pass another --repo")
 
 
-class _Parser:
-    def __init__(self, tokens: list[tuple[str, str]], source: str):
-        self.tokens, self.i, self.source = tokens, 0, source
-
-    def peek(self) -> tuple[str, str] | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def take(self) -> tuple[str, str]:
-        tok = self.peek()
-        if tok is None:
-            raise ConfigParseError(f"{self.source}: unexpected end of file")
-        self.i += 1
-        return tok
-
-    def fail(self, what: str) -> ConfigParseError:
-        near = " ".join(t[1] for t in self.tokens[max(0, self.i - 3): self.i + 3])
-        return ConfigParseError(f"{self.source}: {what} near {near!r}")
-
-    def message(self, end: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        while True:
-            tok = self.peek()
-            if tok is None:
-                if end is not None:
-                    raise self.fail(f"missing {end!r}")
-                return out
-            if tok[0] == "punct" and tok[1] in ("}", ">"):
-                if end is None or tok[1] != end:
-                    raise self.fail(f"unexpected {tok[1]!r}")
-                self.take()
-                return out
-            if tok[0] == "punct" and tok[1] in (",", ";"):
-                self.take()
-                continue
-            if tok[0] != "word":
-                raise self.fail("expected a field name")
-            key = self.take()[1]
-            value = self.value()
-            if key in _REPEATED:
-                values = value if isinstance(value, list) else [value]
-                out.setdefault(key, []).extend(values)
-            elif key in out:  # a repeated field we did not list: keep every entry
-                prev = out[key]
-                out[key] = (prev if isinstance(prev, list) else [prev]) + (value if isinstance(value, list) else [value])
-            else:
-                out[key] = value
-
-    def value(self) -> Any:
-        tok = self.peek()
-        if tok == ("punct", ":"):
-            self.take()
-            tok = self.peek()
-        if tok is None:
-            raise self.fail("missing value")
-        if tok[0] == "punct" and tok[1] in ("{", "<"):
-            self.take()
-            return self.message(end="}" if tok[1] == "{" else ">")
-        if tok == ("punct", "["):
-            self.take()
-            items = []
-            while self.peek() != ("punct", "]"):
-                if self.peek() == ("punct", ","):
-                    self.take()
-                    continue
-                items.append(self.value())
-            self.take()
-            return items
-        return self.scalar()
-
-    def scalar(self) -> Any:
-        kind, text = self.take()
-        if kind == "str":
-            s = text[1:-1]
-            # Adjacent string literals concatenate, as in protobuf.
-            while self.peek() is not None and self.peek()[0] == "str":
-                s += self.take()[1][1:-1]
-            return bytes(s, "utf-8").decode("unicode_escape") if "\\" in s else s
-        if kind != "word":
-            raise self.fail(f"unexpected {text!r}")
-        try:
-            return int(text, 0)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            return Word(text)
+@contextmanager
+def staging_folder(repo: Path) -> Iterator[Path]:
+    """A temporary folder beside ``repo`` to build a version in (same file system, so
+    :func:`commit_version` renames atomically), removed afterwards whatever happens; folders
+    created for it are removed again when the block fails."""
+    parent = repo.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # ours to remove on failure
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.export-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"repository {repo}: cannot create a staging folder in {parent} ({e}); "
+                          f"fix its permissions or pass another --repo") from None
+    ok = False
+    try:
+        yield stage
+        ok = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok:
+            for folder in created:  # deepest first; only if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
-def format_pbtxt(message: dict[str, Any]) -> str:
-    """Write nested dicts (as :func:`parse_pbtxt` returns them) as protobuf text format.
-
-    One top-level field per line; a repeated message field as a ``[ ... ]`` list with one
-    message per line; nested messages inline. Strings are quoted and escaped, :class:`Word`
-    identifiers are not, numbers are written as Python writes them.
-    """
-    lines = []
-    for key, value in message.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            items = ",\n".join(f"  {_message(v)}" for v in value)
-            lines.append(f"{key} [\n{items}\n]")
+def commit_version(staged_model: Path, model_dir: Path, version: int) -> None:
+    """Move a staged model folder (``config.pbtxt`` and ``<version>/``) into the repository
+    with renames only, so readers see the old version or the new one, never a part."""
+    try:
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not model_dir.exists():
+            os.replace(staged_model, model_dir)  # a new model appears whole or not at all
         else:
-            lines.append(_field(key, value))
-    return "\n".join(lines) + "\n"
-
-
-def _field(key: str, value: Any) -> str:
-    if isinstance(value, dict):
-        return f"{key} {_message(value)}"
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        return f"{key} [ {', '.join(_message(v) for v in value)} ]"
-    return f"{key}: {_scalar(value)}"
-
-
-def _message(message: dict[str, Any]) -> str:
-    return "{ " + " ".join(_field(k, v) for k, v in message.items()) + " }" if message else "{ }"
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, list):
-        return "[ " + ", ".join(_scalar(v) for v in value) + " ]"
-    if isinstance(value, Word) or isinstance(value, bool):
-        return str(value).lower() if isinstance(value, bool) else str(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as protobuf text")
+            target = model_dir / str(version)
+            if target.exists():
+                raise ExportError(f"{target} appeared during the export (another export running?); nothing written")
+            os.replace(staged_model / str(version), target)
+            os.replace(staged_model / CONFIG_FILENAME, model_dir / CONFIG_FILENAME)
+        fsync_path(model_dir)
+        fsync_path(model_dir.parent)
+    except OSError as e:
+        raise ExportError(f"cannot write into {model_dir} ({e}); the verified export was discarded") from None

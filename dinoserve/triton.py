@@ -4,19 +4,19 @@ Two kinds of ``tritonserver`` are supported:
 
 - NVIDIA's full server (e.g. in the ``nvcr.io/nvidia/tritonserver`` container, on PATH)
   with an onnxruntime backend: the repository is served as it is.
-- The server bundled in the ``nvidia-pytriton`` wheel: it has only the Python backend,
-  so a serving folder is prepared outside the user's repository, holding a backend
-  directory (the Python backend plus the stub for this interpreter) and, per ONNX model,
-  a Python-backend runner (:mod:`dinoserve.triton_runner`) with the same name, inputs
-  and outputs that runs the same ``model.onnx`` with onnxruntime.
+- The server bundled in the ``nvidia-pytriton`` wheel: it has only the Python backend, so it
+  serves a folder that :mod:`dinoserve.triton_python_backend` prepares outside the user's
+  repository, where each ONNX model runs on a Python-backend runner with the same name,
+  inputs and outputs.
 
 :class:`TritonServer` starts either on 127.0.0.1, waits until every model is ready, and
 stops it cleanly. The server runs in its own process group and gets SIGTERM if this process
 dies (even by ``kill -9``); when it stops or crashes, whatever it left (Python-backend runner
-processes, their ``/dev/shm`` regions, the serving folder) is removed.
-:meth:`TritonServer.watch` supervises it: a runner that dies gets its model reloaded through
-Triton's repository API (readiness is false meanwhile), and a server that stops by itself
-ends the watch with the cause. It never imports torch.
+processes, their ``/dev/shm`` regions, the serving folder) is removed
+(:mod:`dinoserve.triton_process`). :meth:`TritonServer.watch` supervises it: a runner that
+dies gets its model reloaded through Triton's repository API (readiness is false
+meanwhile), and a server that stops by itself ends the watch with the cause, told from its
+log (:mod:`dinoserve.triton_log`). It never imports torch.
 """
 
 from __future__ import annotations
@@ -25,14 +25,10 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -40,17 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dinoserve import triton_log
 from dinoserve import triton_process as proc_tree
-from dinoserve.errors import ModelNotFoundError, ServerError
+from dinoserve.errors import ServerError
 from dinoserve.ort_session import check_runtime
-from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, list_models, list_versions, model_choice_error,
-                                  python_backend_config, read_model_config)
+from dinoserve.repository import choose_models
+from dinoserve.triton_python_backend import prepare_bundled_serving
 
-__all__ = ["TritonBinary", "TritonServer", "find_tritonserver", "prepare_serving_repository", "free_port"]
+__all__ = ["TritonBinary", "TritonServer", "find_tritonserver", "free_port"]
 
 log = logging.getLogger(__name__)
-
-RUNNER_TEMPLATE = Path(__file__).with_name("triton_runner.py")
 
 
 @dataclass(frozen=True)
@@ -119,113 +114,57 @@ def _check_port(host: str, port: int, what: str) -> None:
             raise ServerError(f"cannot bind {what} port {port} on {host}: {e.strerror}; check --host and --{what}-port") from None
 
 
+def _choose_ports(host: str, ports: dict[str, int | None]) -> dict[str, int]:
+    """``ports`` with each one given checked (:func:`_check_port`) and each None or 0 set to a
+    free port, distinct from the others."""
+    for what, port in ports.items():
+        if port:
+            _check_port(host, port, what)
+    chosen = dict(ports)
+    taken = {p for p in chosen.values() if p}
+    for what in chosen:
+        while not chosen[what]:
+            candidate = free_port(host)
+            if candidate not in taken:
+                chosen[what] = candidate
+                taken.add(candidate)
+    return chosen
+
+
 # --------------------------------------------------------------------------------------
-# Serving folder for the pip-bundled server
+# Triton's HTTP API
 # --------------------------------------------------------------------------------------
 
 
-def _stub_path(root: Path) -> Path:
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} (looked at {stub})")
-    return stub
+def _http_ok(url: str) -> bool:
+    """True when a GET of ``url`` answers 200 (readiness endpoints); False for anything else."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
-def prepare_serving_repository(
-    repo: str | os.PathLike, target: str | os.PathLike, models: Sequence[str] | None = None,
-    *, intra_op_threads: int = 0, device: str | None = None, runtime: str = "onnxruntime",
-) -> list[str]:
-    """Write a Python-backend twin of ``repo`` into ``target`` for the pip-bundled server.
-
-    Each ONNX model (``backend: "onnxruntime"``) gets the same ``config.pbtxt`` with
-    ``backend: "python"``, and per version a ``model.py`` runner next to a link to the
-    original ``model.onnx``. Other models are linked as they are. ``repo`` is not touched.
-    Returns the model names written.
-    """
-    repo, target = Path(repo).absolute(), Path(target)
-    names = _select_models(repo, models)
-    for name in names:
-        src = repo / name
-        config = read_model_config(src)
-        if config.backend != "onnxruntime" and config.platform != "onnxruntime_onnx":
-            os.symlink(src, target / name)
-            continue
-        dst = target / name
-        dst.mkdir(parents=True)
-        text = python_backend_config(src, intra_op_threads=intra_op_threads, device=device, runtime=runtime)
-        (dst / CONFIG_FILENAME).write_text(text, encoding="utf-8")
-        for version in list_versions(src):
-            onnx = src / str(version) / ONNX_FILENAME
-            if not onnx.is_file():
-                continue  # Triton would reject the version; the latest complete one serves
-            (dst / str(version)).mkdir()
-            shutil.copyfile(RUNNER_TEMPLATE, dst / str(version) / "model.py")
-            os.symlink(onnx, dst / str(version) / ONNX_FILENAME)
-    return names
-
-
-def _select_models(repo: Path, models: Sequence[str] | None) -> list[str]:
-    if not repo.is_dir():
-        raise ModelNotFoundError(f"model repository {repo} does not exist; export a model into it first")
-    available = list_models(repo)
-    where, option = f"model repository {repo}", "--model (repeatable)"
-    if models is None:
-        if not available:
-            raise model_choice_error([], available, where, option)
-        return available
-    if any(m not in available for m in models):
-        raise model_choice_error(models, available, where, option)
-    return list(models)
-
-
-def _backend_dir(root: Path, target: Path) -> Path:
-    """A backend directory with ``python/`` holding the backend and this Python's stub."""
-    python = target / "python"
-    python.mkdir(parents=True)
-    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / f, python / f)
-    shutil.copy2(_stub_path(root), python / "triton_python_backend_stub")
-    return target
-
-
-def _runner_python_path(target: Path) -> Path:
-    """A folder holding only a link to this dinoserve package, for the runners' import path
-    (an editable install is not importable from a bare site-packages path)."""
-    target.mkdir(parents=True)
-    os.symlink(Path(__file__).resolve().parent, target / "dinoserve")
-    return target
-
-
-def _bundled_env(root: Path, python_path: Sequence[Path] = ()) -> dict[str, str]:
-    """Environment for the pip server: this Python's libpython first (else the stub picks
-    the system's, another patch level, and crashes), the wheel's libraries, the venv on PATH,
-    and ``python_path`` first on the runners' import path."""
-    env = dict(os.environ)
-    site = root.parent.parent  # <site-packages>/pytriton/tritonserver
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(site / "nvidia_pytriton.libs")]
-    if env.get("LD_LIBRARY_PATH"):
-        libs.append(env["LD_LIBRARY_PATH"])
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    paths = [str(p) for p in python_path] + [p for p in sys.path if p.endswith("site-packages")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+def _repository_request(http_url: str, model: str, action: str, timeout: float) -> str | None:
+    """POST Triton's model-repository ``load``/``unload`` for ``model``; None or the error."""
+    url = f"{http_url}/v2/repository/models/{model}/{action}"
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        body = e.read().decode("utf-8", errors="replace")
+        try:
+            return json.loads(body).get("error") or body
+        except (ValueError, AttributeError):
+            return body or str(e)
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
 
 
 # --------------------------------------------------------------------------------------
 # The server process
 # --------------------------------------------------------------------------------------
-
-#: Lines a CPU-only machine always prints; never the reason a start failed.
-_NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|cuda|GPU metrics|pinned memory", re.IGNORECASE)
-#: Triton's start-up tables (options, backends, models): "+---+" borders and "| key | value |" rows.
-_TABLE_LINE = re.compile(r"^\s*[+|]")
-#: A runner's own error (dinoserve's exception names): never noise, even when it mentions CUDA.
-_RUNNER_ERROR = re.compile(r"\b(ConfigError|ModelFileError|DinoserveError)\b")
-_ERROR_LINE = re.compile(r"^E\d{4} |error|failed|UNAVAILABLE|Traceback|Exception", re.IGNORECASE)
 
 #: A model whose runner dies this often within RESTART_WINDOW_S is not reloaded again.
 MAX_RESTARTS = 3
@@ -234,9 +173,6 @@ RESTART_WINDOW_S = 300.0
 #: ``notify(event, model, message)``: what :meth:`TritonServer.watch` reports. Events are
 #: "runner-died", "unloaded" (the model is not ready now) and "reloaded".
 Notify = Callable[[str, str, str], None]
-
-_WORKDIR_PREFIX = "dinoserve-triton-"
-_OWNER_FILE = "owner"
 
 
 class TritonServer:
@@ -300,8 +236,7 @@ class TritonServer:
         self.log_path: Path | None = None
         self._workdir: Path | None = None
         self._log_handle = None
-        self._runners: dict[int, proc_tree.Runner] = {}  # pid -> runner, as last seen alive
-        self._shm_regions: set[str] = set()  # every region this server's runners used
+        self._tracker = proc_tree.RunnerTracker()
         self._restarts: dict[str, list[float]] = {}  # model -> monotonic times of its reloads
 
     # -- addresses ------------------------------------------------------------------
@@ -311,26 +246,32 @@ class TritonServer:
 
     @property
     def http_port(self) -> int:
+        """The HTTP port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["http"]
 
     @property
     def grpc_port(self) -> int:
+        """The gRPC port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["grpc"]
 
     @property
     def metrics_port(self) -> int:
+        """The metrics port (chosen at :meth:`start` when it was left to the server)."""
         return self._ports["metrics"]
 
     @property
     def http_url(self) -> str:
+        """``http://host:port`` for :class:`~dinoserve.client.Client` and tritonclient."""
         return f"http://{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
+        """``grpc://host:port`` for :class:`~dinoserve.client.Client` and tritonclient."""
         return f"grpc://{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
+        """The Prometheus metrics page."""
         return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     # -- lifecycle ------------------------------------------------------------------
@@ -346,21 +287,9 @@ class TritonServer:
         if self.process is not None:
             raise ServerError("this TritonServer is already running")
         binary = self.binary or find_tritonserver()
-        self.served_models = _select_models(self.repo, self.models)
-        host = self.host or "127.0.0.1"
-        for what, port in self._ports.items():
-            if port:
-                _check_port(host, port, what)
-        taken = {p for p in self._ports.values() if p}
-        for what, port in self._ports.items():
-            while not self._ports[what]:  # None or 0: a free one, distinct from the others
-                candidate = free_port(host)
-                if candidate not in taken:
-                    self._ports[what] = candidate
-                    taken.add(candidate)
-        _remove_stale_workdirs()
-        self._workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
-        (self._workdir / _OWNER_FILE).write_text(proc_tree.owner_token(), encoding="ascii")
+        self.served_models = choose_models(self.repo, self.models)
+        self._ports = _choose_ports(self.host or "127.0.0.1", self._ports)
+        self._workdir = proc_tree.new_workdir()
         try:
             cmd, env = self._command(binary)
             self.log_path = Path(self.log_file or self._workdir / "tritonserver.log")
@@ -372,7 +301,7 @@ class TritonServer:
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             preexec_fn=proc_tree.parent_death_signal())
             self._wait_ready()
-            self._track_runners()
+            self._tracker.track(self.process.pid)
         except BaseException:
             self.stop()
             raise
@@ -399,14 +328,10 @@ class TritonServer:
                 f"{binary.path} has no onnxruntime backend and is not nvidia-pytriton's server; "
                 f"install the onnxruntime backend or use the nvidia-pytriton wheel"
             )
-        root = binary.path.parent.parent
-        serving = self._workdir / "model_repository"
-        serving.mkdir()
-        prepare_serving_repository(self.repo, serving, self.served_models, intra_op_threads=self.intra_op_threads,
-                                   device=self.device, runtime=self.runtime)
-        backends = _backend_dir(root, self._workdir / "backends")
-        cmd = [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common]
-        return cmd, _bundled_env(root, [_runner_python_path(self._workdir / "python")])
+        serving, backends, env = prepare_bundled_serving(
+            binary.path.parent.parent, self._workdir, self.repo, self.served_models,
+            intra_op_threads=self.intra_op_threads, device=self.device, runtime=self.runtime)
+        return [str(binary.path), f"--model-repository={serving}", f"--backend-directory={backends}", *common], env
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -428,29 +353,13 @@ class TritonServer:
             time.sleep(0.2)
 
     def _get_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(self.http_url + path, timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        return _http_ok(self.http_url + path)
 
     # -- supervision ------------------------------------------------------------------
     def runners(self) -> list[proc_tree.Runner]:
         """The live Python-backend runner processes of this server (one per model instance;
         none for models that Triton's own onnxruntime backend serves)."""
-        if self.process is None:
-            return []
-        found = []
-        for info in proc_tree.group_members(self.process.pid):
-            runner = proc_tree.runner_of(info)
-            if runner is not None and info.alive:
-                found.append(runner)
-        return found
-
-    def _track_runners(self) -> None:
-        for runner in self.runners():
-            self._runners[runner.pid] = runner
-            self._shm_regions.add(runner.shm_region)
+        return [] if self.process is None else self._tracker.live(self.process.pid)
 
     def check(self, notify: Notify | None = None) -> list[str]:
         """One round of supervision; the models reloaded because their runner had died.
@@ -467,13 +376,10 @@ class TritonServer:
         code = self.process.poll()
         if code is not None:
             raise ServerError(self.failure_report(self._stopped_headline(code)))
-        dead: dict[str, list[proc_tree.Runner]] = {}
-        for runner in list(self._runners.values()):
-            if not proc_tree.is_alive(runner.pid):
-                dead.setdefault(runner.model, []).append(runner)
+        dead = self._tracker.dead()
         for model, runners in dead.items():
             self._reload(model, runners, notify or (lambda *_: None))
-        self._track_runners()
+        self._tracker.track(self.process.pid)
         return list(dead)
 
     def watch(self, notify: Notify | None = None, interval: float = 0.5) -> None:
@@ -487,20 +393,14 @@ class TritonServer:
             time.sleep(interval)
 
     def _reload(self, model: str, runners: list[proc_tree.Runner], notify: Notify) -> None:
+        """Unload and load ``model`` again after its ``runners`` died, and wait until it is ready."""
         first = runners[0]
         cause = f"the runner process of model {model!r} (pid {first.pid}) {proc_tree.why_gone(first.pid)}"
-        for runner in runners:
-            self._runners.pop(runner.pid, None)
-        now = time.monotonic()
-        recent = [t for t in self._restarts.get(model, []) if now - t < RESTART_WINDOW_S]
-        if len(recent) >= MAX_RESTARTS:
-            raise ServerError(self.failure_report(
-                f"{cause}; it has died {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s, so it is "
-                f"not reloaded again"))
-        self._restarts[model] = recent + [now]
+        self._tracker.forget(runners)
+        self._count_restart(model, cause)
         notify("runner-died", model, f"{cause}; reloading {model} (not ready until then)")
         for action in ("unload", "load"):
-            error = self._repository_request(model, action)
+            error = _repository_request(self.http_url, model, action, timeout=self.startup_timeout)
             if error is not None:
                 raise ServerError(self.failure_report(f"{cause}, and {action}ing {model} again failed: {error}"))
             if action == "unload":
@@ -510,28 +410,21 @@ class TritonServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise ServerError(self.failure_report(f"{cause}, and {model} did not become ready again"))
             time.sleep(0.2)
-        # The server never unlinks a region whose runner was killed; it is unused now.
-        proc_tree.remove_shm_regions(r.shm_region for r in runners)
-        self._shm_regions.difference_update(r.shm_region for r in runners)
-        self._track_runners()
-        pids = ", ".join(str(r.pid) for r in self._runners.values() if r.model == model) or "none"
+        self._tracker.release(runners)
+        self._tracker.track(self.process.pid)
+        pids = ", ".join(str(pid) for pid in self._tracker.pids(model)) or "none"
         notify("reloaded", model, f"{model} reloaded and ready again (runner pid {pids})")
 
-    def _repository_request(self, model: str, action: str) -> str | None:
-        """POST Triton's model-repository ``load``/``unload`` for ``model``; None or the error."""
-        url = f"{self.http_url}/v2/repository/models/{model}/{action}"
-        request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.startup_timeout):
-                return None
-        except urllib.error.HTTPError as e:
-            body = e.read().decode("utf-8", errors="replace")
-            try:
-                return json.loads(body).get("error") or body
-            except (ValueError, AttributeError):
-                return body or str(e)
-        except (urllib.error.URLError, OSError) as e:
-            return str(getattr(e, "reason", e))
+    def _count_restart(self, model: str, cause: str) -> None:
+        """Record a reload of ``model``; raise instead when it has had :data:`MAX_RESTARTS`
+        within :data:`RESTART_WINDOW_S` (a runner that keeps dying is not reloaded forever)."""
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(model, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            raise ServerError(self.failure_report(
+                f"{cause}; it has died {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s, so it is "
+                f"not reloaded again"))
+        self._restarts[model] = recent + [now]
 
     # -- reporting --------------------------------------------------------------------
     def _stopped_headline(self, code: int) -> str:
@@ -543,11 +436,8 @@ class TritonServer:
     def failure_report(self, headline: str) -> str:
         """``headline`` plus the server's last meaningful lines: its errors if it printed
         any, else its last lines; GPU-probing noise and the start-up tables left out."""
-        lines = [line for line in self.log_lines()
-                 if line.strip() and (_RUNNER_ERROR.search(line) or not _NOISE.search(line))
-                 and not _TABLE_LINE.match(line)]
-        errors = [line for line in lines if _ERROR_LINE.search(line)] or lines[-6:]
-        shown = "\n  ".join(errors[-12:]) if errors else "(no output)"
+        lines = triton_log.failure_lines(self.log_lines())
+        shown = "\n  ".join(lines) if lines else "(no output)"
         if self._workdir is not None:  # name the user's repository, not our serving copy
             shown = shown.replace(str(self._workdir / "model_repository"), str(self.repo))
         where = f" ({self.log_file})" if self.log_file else ""
@@ -555,14 +445,10 @@ class TritonServer:
 
     def log_lines(self) -> list[str]:
         """The server's output so far."""
-        if self.log_path is None:
-            return []
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return []
+        return triton_log.read_log(self.log_path)
 
     def is_running(self) -> bool:
+        """True while the server process runs."""
         return self.process is not None and self.process.poll() is None
 
     def wait(self) -> int:
@@ -584,31 +470,13 @@ class TritonServer:
                     log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
                     proc.kill()
                     proc.wait()
-            self._clean_up_group(proc.pid)
+            self._tracker.clean_up_group(proc.pid)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
         if self._workdir is not None:  # the serving folder, and the log unless log_file was given
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-    def _clean_up_group(self, pgid: int) -> None:
-        """After the server is gone: kill what is left of its process group (runners of a
-        crashed server outlive it, and ignore SIGTERM), then unlink its shared memory."""
-        left = [info for info in proc_tree.group_members(pgid) if info.alive]
-        for info in left:
-            runner = proc_tree.runner_of(info)
-            if runner is not None:
-                self._shm_regions.add(runner.shm_region)
-        if left:
-            log.info("tritonserver left %d process(es) behind; killing pid %s",
-                     len(left), ", ".join(str(i.pid) for i in left))
-            stuck = proc_tree.kill_and_wait([info.pid for info in left])
-            if stuck:
-                log.warning("processes %s of the stopped tritonserver did not die", stuck)
-        proc_tree.remove_shm_regions(self._shm_regions)
-        self._shm_regions.clear()
-        self._runners.clear()
 
     def status(self) -> dict:
         """Addresses, models, the onnxruntime provider of each runner and the server's pid, for printing."""
@@ -620,34 +488,12 @@ class TritonServer:
     def runner_providers(self) -> dict[str, str]:
         """Model -> the onnxruntime provider its runner reported in the server log (latest
         load wins); empty for NVIDIA's own onnxruntime backend, which reports none."""
-        from dinoserve.repository import PROVIDER_LOG
-
-        found: dict[str, str] = {}
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path else ""
-        except OSError:
-            return found
-        for line in text.splitlines():
-            if PROVIDER_LOG in line:
-                fields = dict(f.split("=", 1) for f in line.split(PROVIDER_LOG, 1)[1].split() if "=" in f)
-                if "model" in fields and "provider" in fields:
-                    found[fields["model"]] = fields["provider"]
-        return found
+        return triton_log.runner_providers(self.log_lines())
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
         return f"TritonServer({str(self.repo)!r}, {state}, http={self.http_port}, grpc={self.grpc_port})"
 
     def describe(self) -> str:
+        """:meth:`status` as one JSON line."""
         return json.dumps(self.status())
-
-
-def _remove_stale_workdirs() -> None:
-    """Serving folders whose owning process is gone (it was killed before it could clean up)."""
-    for folder in Path(tempfile.gettempdir()).glob(_WORKDIR_PREFIX + "*"):
-        try:
-            token = (folder / _OWNER_FILE).read_text(encoding="ascii")
-        except OSError:
-            continue  # not ours to judge (no owner file)
-        if not proc_tree.owner_alive(token):
-            shutil.rmtree(folder, ignore_errors=True)

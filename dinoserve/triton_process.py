@@ -11,17 +11,22 @@ model file, that region, the server's pid and the instance::
 
 :class:`dinoserve.triton.TritonServer` starts the server in its own process group (so every
 stub is a member of it, whoever its parent is by then) and uses this module to find the
-stubs of that group, tell whether one has died and why, kill what is left when the server
-is gone, and unlink the regions of that server only. Linux only (``/proc``, ``prctl``);
+stubs of that group (:class:`RunnerTracker`), tell whether one has died and why, kill what
+is left when the server is gone, and unlink the regions of that server only. Each server's
+working folder names its owner (:func:`new_workdir`), so the folder of a process killed
+before it could clean up is removed by the next server. Linux only (``/proc``, ``prctl``);
 elsewhere the helpers find nothing and do nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,9 +34,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = [
-    "ProcessInfo", "Runner", "SHM_PREFIX", "describe_exit", "group_members", "is_alive",
-    "kill_and_wait", "owner_alive", "owner_token", "parent_death_signal", "remove_shm_regions", "runner_of",
-    "why_gone",
+    "ProcessInfo", "Runner", "RunnerTracker", "SHM_PREFIX", "describe_exit", "group_members", "is_alive",
+    "kill_and_wait", "new_workdir", "owner_alive", "owner_token", "parent_death_signal", "remove_shm_regions",
+    "runner_of", "why_gone",
 ]
 
 PROC = Path("/proc")
@@ -40,6 +45,11 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = "triton_python_backend_stub"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+#: A server's working folder (serving folder, log) in the temp dir, and the file naming its owner.
+WORKDIR_PREFIX = "dinoserve-triton-"
+_OWNER_FILE = "owner"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class ProcessInfo:
 
     @property
     def alive(self) -> bool:
+        """False for a zombie (dead, not yet collected) or a dead process."""
         return self.state not in ("Z", "X")
 
 
@@ -180,6 +191,69 @@ def remove_shm_regions(names: Iterable[str]) -> list[str]:
     return removed
 
 
+class RunnerTracker:
+    """The runners of one server's process group as last seen alive, and every shared-memory
+    region they used: what a reload has to replace and a stop has to clean up."""
+
+    def __init__(self) -> None:
+        self.runners: dict[int, Runner] = {}  # pid -> runner, as last seen alive
+        self.shm_regions: set[str] = set()  # every region these runners used
+
+    @staticmethod
+    def live(pgid: int) -> list[Runner]:
+        """The live runners in process group ``pgid`` right now."""
+        return [runner for info in group_members(pgid)
+                if (runner := runner_of(info)) is not None and info.alive]
+
+    def track(self, pgid: int) -> None:
+        """Remember the live runners of ``pgid`` and their regions."""
+        for runner in self.live(pgid):
+            self.runners[runner.pid] = runner
+            self.shm_regions.add(runner.shm_region)
+
+    def dead(self) -> dict[str, list[Runner]]:
+        """Model -> its tracked runners that have died since they were seen alive."""
+        dead: dict[str, list[Runner]] = {}
+        for runner in list(self.runners.values()):
+            if not is_alive(runner.pid):
+                dead.setdefault(runner.model, []).append(runner)
+        return dead
+
+    def forget(self, runners: Iterable[Runner]) -> None:
+        """Stop tracking ``runners`` (their regions stay listed until :meth:`release`)."""
+        for runner in runners:
+            self.runners.pop(runner.pid, None)
+
+    def release(self, runners: Iterable[Runner]) -> None:
+        """Unlink the regions of dead ``runners``: the server never unlinks a region whose
+        runner was killed, and nothing uses it any more."""
+        regions = [r.shm_region for r in runners]
+        remove_shm_regions(regions)
+        self.shm_regions.difference_update(regions)
+
+    def pids(self, model: str) -> list[int]:
+        """The tracked runner pids of ``model``."""
+        return [r.pid for r in self.runners.values() if r.model == model]
+
+    def clean_up_group(self, pgid: int) -> None:
+        """After the server is gone: kill what is left of its process group (runners of a
+        crashed server outlive it, and ignore SIGTERM), then unlink its shared memory."""
+        left = [info for info in group_members(pgid) if info.alive]
+        for info in left:
+            runner = runner_of(info)
+            if runner is not None:
+                self.shm_regions.add(runner.shm_region)
+        if left:
+            log.info("tritonserver left %d process(es) behind; killing pid %s",
+                     len(left), ", ".join(str(i.pid) for i in left))
+            stuck = kill_and_wait([info.pid for info in left])
+            if stuck:
+                log.warning("processes %s of the stopped tritonserver did not die", stuck)
+        remove_shm_regions(self.shm_regions)
+        self.shm_regions.clear()
+        self.runners.clear()
+
+
 def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A ``preexec_fn`` for :class:`subprocess.Popen`: the child gets ``sig`` when we die.
 
@@ -222,3 +296,23 @@ def owner_alive(token: str) -> bool:
         return True
     info = process_info(pid)
     return info is not None and info.alive and info.start_time == start
+
+
+def new_workdir() -> Path:
+    """A fresh working folder for one server, naming its owner (this process); folders
+    whose owner is gone (killed before it could clean up) are removed first."""
+    remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (workdir / _OWNER_FILE).write_text(owner_token(), encoding="ascii")
+    return workdir
+
+
+def remove_stale_workdirs() -> None:
+    """Remove the working folders whose owning process is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+        try:
+            token = (folder / _OWNER_FILE).read_text(encoding="ascii")
+        except OSError:
+            continue  # not ours to judge (no owner file)
+        if not owner_alive(token):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -30,11 +30,9 @@ import triton_python_backend_utils as pb_utils
 from dinoserve.cpu import check_int8_model
 from dinoserve.errors import ModelError
 from dinoserve.ort_session import DEVICES, open_runtime_session, session_provider
-from dinoserve.repository import PROVIDER_LOG, RUNNER_DEVICE, RUNNER_RUNTIME, RUNNER_THREADS
-
-
-#: Name prefix of the Python backend's shared-memory regions in /dev/shm.
-SHM_PREFIX = "triton_python_backend_shm_region_"
+from dinoserve.triton_log import provider_line
+from dinoserve.triton_process import SHM_PREFIX
+from dinoserve.triton_python_backend import RUNNER_DEVICE, RUNNER_RUNTIME, RUNNER_THREADS
 
 
 def _stub_arguments() -> list[str]:
@@ -101,8 +99,8 @@ class TritonPythonModel:
             except ModelError as e:
                 raise pb_utils.TritonModelException(str(e)) from None
         # One line in the server log that `dinoserve serve` reports (TritonServer.runner_providers).
-        print(f"{PROVIDER_LOG} model={config['name']} version={args['model_version']} device={device} "
-              f"provider={session_provider(self.session)}", flush=True)
+        print(provider_line(config["name"], args["model_version"], device, session_provider(self.session)),
+              flush=True)
         graph_outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in self.output_names if n not in graph_outputs]
         if missing:

@@ -14,8 +14,8 @@ from dinoserve.card import ModelCard, family_of
 from dinoserve.errors import ModelError, ModelNotFoundError
 from dinoserve.model_info import from_repository_config, from_triton_json
 from dinoserve.registry import family_of_name
-from dinoserve.repository import (choose_model, config_from_dict, model_choice_error, parse_pbtxt, read_model_config,
-                                  render_config)
+from dinoserve.pbtxt import parse_pbtxt
+from dinoserve.repository import choose_model, config_from_dict, model_choice_error, read_model_config, render_config
 
 VIT = ModelCard(arch="vit_small_patch16_224", image_size=224, patch_size=16, num_heads=6, embed_dim=384,
                 weights_sha256="ab" * 32, model_kwargs={"depth": 2, "img_size": 224})

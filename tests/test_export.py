@@ -266,7 +266,8 @@ def test_bad_model_name(tmp_path, name):
 
 
 def test_trt_fp16_needs_gpu_and_renders_accelerator():
-    from dinoserve.repository import parse_pbtxt, render_config
+    from dinoserve.pbtxt import parse_pbtxt
+    from dinoserve.repository import render_config
 
     with pytest.raises(ExportError, match="--device gpu"):
         export_onnx(model=build_tiny_backbone("resnet_tiny"), name="x", trt_fp16=True)
@@ -308,7 +309,8 @@ def test_cli_export_bad_input_exit_1(tmp_path):
 
 
 def test_parse_pbtxt_reads_triton_configs():
-    from dinoserve.repository import ConfigParseError, config_from_dict, parse_pbtxt
+    from dinoserve.pbtxt import ConfigParseError, parse_pbtxt
+    from dinoserve.repository import config_from_dict
 
     text = """
     # NVIDIA-style spelling: no colons before messages, repeated blocks, comments
@@ -334,7 +336,7 @@ def test_parse_pbtxt_reads_triton_configs():
 
 
 def test_pbtxt_writes_back_what_it_read(tiny_repo):
-    from dinoserve.repository import format_pbtxt, parse_pbtxt
+    from dinoserve.pbtxt import format_pbtxt, parse_pbtxt
 
     text = """name: "m" platform: "onnxruntime_onnx" max_batch_size: 8
     input [ { name: "images" data_type: TYPE_UINT8 dims: [ 3, -1, -1 ] } ]
@@ -351,7 +353,9 @@ def test_pbtxt_writes_back_what_it_read(tiny_repo):
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
 def test_python_backend_variant_keeps_the_model_and_runs_on_cpu(tmp_path, device):
-    from dinoserve.repository import config_from_dict, parse_pbtxt, python_backend_config, write_model_config
+    from dinoserve.pbtxt import parse_pbtxt
+    from dinoserve.repository import config_from_dict, write_model_config
+    from dinoserve.triton_python_backend import python_backend_config
 
     card = build_tiny_backbone("vit_tiny").dino_card.replace(image_size=32, weights_sha256="ab" * 32)
     write_model_config(tmp_path, "m", card, max_batch=4, device=device, trt_fp16=device == "gpu")

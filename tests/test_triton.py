@@ -31,8 +31,9 @@ from dinoserve.export import sample_images
 from dinoserve.images import normalize, preprocess_batch
 from dinoserve.models import forward_with_attention
 from dinoserve.repository import read_model_config
-from dinoserve.triton import TritonServer, find_tritonserver, prepare_serving_repository
+from dinoserve.triton import TritonServer, find_tritonserver
 from dinoserve.triton_process import SHM_PREFIX, group_members, runner_of
+from dinoserve.triton_python_backend import prepare_serving_repository
 
 pytestmark = pytest.mark.triton
 
@@ -138,7 +139,7 @@ def test_concurrent_requests_are_answered_and_counted(triton_server):
 
 
 def test_serving_folder_is_outside_the_repository(tiny_repo, tmp_path):
-    from dinoserve.repository import parse_pbtxt
+    from dinoserve.pbtxt import parse_pbtxt
 
     before = sorted(str(p) for p in tiny_repo.rglob("*"))
     names = prepare_serving_repository(tiny_repo, tmp_path)
