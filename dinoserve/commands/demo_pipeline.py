@@ -40,7 +40,7 @@ from dinoserve.shipped import (OPENCLIPART_CSV, OPENCLIPART_ROOT, SHIPPED_WEIGHT
                                shipped_record)
 from dinoserve.step_cache import StepCache, fingerprint
 from dinoserve.training import make_config, train
-from dinoserve.training.config import CROP_OPTIONS, NETWORK_OPTIONS, batch_size_for
+from dinoserve.training.config import CROP_OPTIONS, NETWORK_OPTIONS, TrainConfig, apply_overrides, batch_size_for
 from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set, standard_error
 
 
@@ -154,8 +154,7 @@ def _train(run: DemoRun) -> bool:
     if cfg.from_scratch:
         echo(f"[1/5] train: from scratch on {_where(d)} for at most {cfg.minutes:g} min")
         arch = {"arch": cfg.arch} if cfg.arch else {}
-        train_cfg = make_config("cpu_small", **base, **arch,
-                           batch_size=batch_size_for(n_images, make_config("cpu_small").batch_size))
+        train_cfg = _training_config("cpu_small", n_images, **base, **arch)
         run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or train_cfg.global_crop_size)]
         return _run_training(run, train_cfg)
     record = shipped_record(cfg.shipped)
@@ -170,17 +169,22 @@ def _train(run: DemoRun) -> bool:
          f"(k-NN {record['knn_top1']:.1f} % on openclipart) on {_where(d)} for at most {cfg.minutes:g} min")
     args = record["train_args"]
     kept = {k: args[k] for k in (*NETWORK_OPTIONS, *CROP_OPTIONS) if k in args}  # the network and its crops
-    train_cfg = make_config("finetune", **base, **kept, pretrained=cfg.shipped,
-                       batch_size=batch_size_for(n_images, make_config("finetune").batch_size))
+    train_cfg = _training_config("finetune", n_images, **base, **kept, pretrained=cfg.shipped)
     run.candidates = [shipped, Candidate("fine-tuned", checkpoint, None, size, fit=fit)]
     return _run_training(run, train_cfg)
+
+
+def _training_config(preset: str, n_images: int, **options: Any) -> TrainConfig:
+    """``preset`` with ``options``; a folder of few images gets a smaller batch."""
+    train_cfg = make_config(preset, **options)
+    return apply_overrides(train_cfg, {"batch_size": batch_size_for(n_images, train_cfg.batch_size)})
 
 
 def _where(d: DemoData) -> str:
     return d.train_source + (f" (splits {', '.join(d.train_splits)})" if d.train_splits else "")
 
 
-def _run_training(run: DemoRun, train_cfg: Any) -> bool:
+def _run_training(run: DemoRun, train_cfg: TrainConfig) -> bool:
     """Train as ``train_cfg`` says unless the same run is done already; True when reused."""
     key = fingerprint(train_cfg.to_dict())
     ckpt = Path(train_cfg.out) / "checkpoint.pth"
