@@ -18,9 +18,11 @@ keeps such a run going:
   backbone ``weights/progress/<name>.safetensors`` and its record ``<name>.json`` (both
   written to a temporary file and renamed, so an interrupted write leaves the previous pair).
   Commit them: they are what a later session has when the machine, and the checkpoint with
-  it, is gone. ``start`` then begins a new run from those weights with ``--pretrained``
-  (student and teacher backbones; a new head) and the record says so, with the chain of
-  earlier segments, so no epoch is lost and none is counted twice.
+  it, is gone. ``start`` then goes on from those weights with ``--pretrained`` (student and
+  teacher start from the packaged teacher, backbone and head) and ``--start-epoch``, so the
+  plan continues where the record says it was, with its learning rate there; what is lost is
+  the optimizer's momentum and the loss's center, both rebuilt within a few steps. The record
+  says so, with the chain of earlier segments, so no epoch is lost and none counted twice.
 - k-NN is logged every ``--knn-every`` epochs on the fixed split and the leave-one-out
   protocol (``dinoserve.training.knn``), each with its standard error.
 """
@@ -79,9 +81,12 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
     if (out / "checkpoint.pth").is_file():
         return cmd + ["--resume"], {"how": "resumed", "checkpoint": str(out / "checkpoint.pth")}
     if packaged.is_file():  # the checkpoint is gone (a new machine): go on from the last packaged teacher
-        (out / "continued_from.json").write_text((PROGRESS / f"{name}.json").read_text())
-        return cmd + ["--pretrained", str(packaged)], {"how": "continued from packaged weights (new head)",
-                                                        "pretrained": str(packaged.relative_to(REPO))}
+        record = json.loads((PROGRESS / f"{name}.json").read_text())
+        (out / "continued_from.json").write_text(json.dumps(record))
+        at = _last_epoch(record)
+        return cmd + ["--pretrained", str(packaged), "--start-epoch", str(at)], {
+            "how": f"continued from packaged weights at epoch {at}", "pretrained": str(packaged.relative_to(REPO)),
+            "first_epoch": at}
     if init:
         return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
     return cmd, {"how": "started from scratch"}
@@ -158,7 +163,7 @@ def package(name: str) -> Path | None:
 
     target = PROGRESS / f"{name}.safetensors"
     try:
-        facts = package_teacher(ckpt_path, target)  # the record follows; until then the old one names fewer epochs
+        facts = package_teacher(ckpt_path, target, with_head=True)  # the record follows; until then the old one names fewer epochs
     except DinoserveError as e:
         print(f"{name}: not packaged, the packaged weights stay as they were: {e}", flush=True)
         return None
@@ -166,7 +171,9 @@ def package(name: str) -> Path | None:
     rows = _log_rows(out)
     record = {
         "name": name, "file": str(target.relative_to(REPO)), "file_sha256": file_sha256(target),
-        "recipe": RECIPES[name], "epochs_this_segment": facts["epoch"], "steps_this_segment": facts["step"],
+        "recipe": RECIPES[name], "first_epoch": _origin(segments).get("first_epoch", 0),
+        "epochs_this_segment": facts["epoch"] - _origin(segments).get("first_epoch", 0),
+        "steps_this_segment": facts["step"],
         "planned_epochs": int(facts["args"]["epochs"]), "segment": _origin(segments)["how"],
         "segment_started_from": _origin(segments).get("pretrained"),
         "segment_started_utc": _origin(segments)["started_utc"],
@@ -179,6 +186,11 @@ def package(name: str) -> Path | None:
     atomic_write_text(PROGRESS / f"{name}.json", json.dumps(record, indent=1) + "\n")
     print(f"{name}: packaged epoch {record['epochs_this_segment']} -> {target}", flush=True)
     return target
+
+
+def _last_epoch(record: dict) -> int:
+    """The plan's epoch a packaged record ends at (segments before ``first_epoch`` existed began at 0)."""
+    return record.get("first_epoch", 0) + record["epochs_this_segment"]
 
 
 def _read_record(name: str) -> dict | None:
@@ -199,7 +211,7 @@ def _earlier(out: Path) -> list[dict]:
         return []
     prev = json.loads(f.read_text())
     return [*prev.get("earlier_segments", []),
-            {k: prev.get(k) for k in ("segment", "segment_started_from", "epochs_this_segment",
+            {k: prev.get(k) for k in ("segment", "segment_started_from", "first_epoch", "epochs_this_segment",
                                       "cpu_hours_this_segment", "knn")}]
 
 
@@ -236,8 +248,9 @@ def curve(name: str) -> None:
         raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `package` first")
     points, epoch0, hours0 = [], 0, 0.0
     for seg in [*record["earlier_segments"], record]:
+        first = seg.get("first_epoch") or 0  # a continued segment logs the plan's epochs
         for r in seg["knn"]:
-            points.append({**r, "epoch": epoch0 + r["epoch"] + 1, "segment": seg["segment"]})  # 1-based, all segments
+            points.append({**r, "epoch": epoch0 + r["epoch"] - first + 1, "segment": seg["segment"]})  # 1-based
         epoch0 += seg["epochs_this_segment"]
         hours0 += seg["cpu_hours_this_segment"]
     path = write_json(f"long_run_{name}", {"name": name, "points": points, "epochs": epoch0, "cpu_hours": round(hours0, 2),

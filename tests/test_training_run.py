@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -338,10 +339,12 @@ def test_packaged_teacher_of_an_interrupted_run_loads_and_continues(twelve, tmp_
     out = tmp_path / "run"
     train(make_config(**TINY, data=str(twelve), out=str(out), max_steps=2))  # stopped mid-run
     target = tmp_path / "progress" / "teacher.safetensors"
-    facts = package_teacher(out / "checkpoint.pth", target)
+    facts = package_teacher(out / "checkpoint.pth", target, with_head=True)
     assert (facts["epoch"], facts["step"]) == (0, 2)
-    teacher = {k[len("backbone."):]: v for k, v in read_checkpoint(out / "checkpoint.pth")["teacher"].items()
-               if k.startswith("backbone.")}
+    saved = read_checkpoint(out / "checkpoint.pth")["teacher"]
+    teacher = {k[len("backbone."):]: v for k, v in saved.items() if k.startswith("backbone.")}
+    head = {k: v for k, v in saved.items() if k.startswith("head.")}
+    assert head
     packaged = load_backbone(str(target))  # the card travels in the file: no --arch needed
     assert packaged.dino_card.patch_size == 8 and packaged.dino_card.image_size == 32
     for k, v in packaged.state_dict().items():
@@ -355,6 +358,8 @@ def test_packaged_teacher_of_an_interrupted_run_loads_and_continues(twelve, tmp_
     for k, v in packaged.state_dict().items():
         if v.is_floating_point() and "num_batches" not in k:
             torch.testing.assert_close(continued["teacher"][f"backbone.{k}"], v, rtol=0, atol=0)
+    for k, v in head.items():  # the head went along, so the next run does not begin with a random one
+        torch.testing.assert_close(continued["teacher"][k], v.half().float(), rtol=0, atol=0)
 
     # a packaging step that fails (here: a damaged checkpoint) leaves the packaged file as it was
     before = file_sha256(target)
@@ -362,3 +367,37 @@ def test_packaged_teacher_of_an_interrupted_run_loads_and_continues(twelve, tmp_
     with pytest.raises(Exception):
         package_teacher(out / "checkpoint.pth", target)
     assert file_sha256(target) == before and not list(target.parent.glob(".*.tmp"))
+
+
+def test_start_epoch_continues_the_plan_where_the_packaged_teacher_left_it(twelve, reference_run, tmp_path):
+    """A lost checkpoint's run goes on from its packaged teacher at the plan's next epoch:
+    the steps, learning rate, weight decay and momentum are those of the uninterrupted run."""
+    from dinoserve.training.checkpoint import package_teacher
+
+    first = tmp_path / "first"
+    train(make_config(**TINY, data=str(twelve), out=str(first), max_steps=3))  # epoch 0 of 2, then lost
+    target = tmp_path / "teacher.safetensors"
+    package_teacher(first / "checkpoint.pth", target, with_head=True)
+    nxt = tmp_path / "next"
+    result = train(make_config(**TINY, data=str(twelve), out=str(nxt), pretrained=str(target), start_epoch=1))
+    assert result.epochs_done == 2 and result.steps == 6
+
+    def schedule(out: Path) -> dict[int, tuple]:
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["epoch"], r["lr"], r["wd"], r["momentum"]) for r in rows if r["event"] == "step"}
+
+    continued, reference = schedule(nxt), schedule(reference_run[1])
+    assert sorted(continued) == [k for k in sorted(reference) if reference[k][0] == 1]
+    assert continued == {k: reference[k] for k in continued}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(start_epoch=2), "must be below --epochs (2)"),
+    (dict(start_epoch=1, pretrained=None), "pass them with --pretrained"),
+])
+def test_start_epoch_refuses_what_cannot_continue(twelve, tmp_path, options, message):
+    from dinoserve.errors import ConfigError
+
+    cfg = dict(TINY, data=str(twelve), out=str(tmp_path / "run"), pretrained=str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(make_config(**{**cfg, **options}))

@@ -89,17 +89,19 @@ def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
 PACKAGED_FORMAT = "dinoserve-shipped-1"
 
 
-def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike, with_head: bool = False) -> dict[str, Any]:
     """Write the teacher backbone of a training ``checkpoint`` as fp16 ``.safetensors`` with
     its model card in the metadata (what ``weights/`` ships and ``--pretrained`` reads),
-    atomically: an interrupted write leaves the previous file. Returns the checkpoint's
+    atomically: an interrupted write leaves the previous file. ``with_head`` keeps the DINO
+    head too, so that ``--pretrained`` continues training with it. Returns the checkpoint's
     ``args``, ``meta``, ``epoch`` and ``step``."""
     from safetensors.torch import save
 
     ckpt = read_checkpoint(checkpoint)
-    # the backbone only: a DINO head (6M parameters for resnet18's) would double the file
+    # a DINO head (6M parameters for resnet18's) would double a file that is only served
+    kept = ("backbone.", "head.") if with_head else ("backbone.",)
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
-               if k.startswith("backbone.")}
+               if k.startswith(kept)}
     data = save(tensors, metadata={"format": PACKAGED_FORMAT, "card": json.dumps(ckpt["meta"])})
     atomic_write(target, lambda f: f.write(data))
     return {"args": ckpt["args"], "meta": ckpt["meta"], "epoch": int(ckpt["epoch"]),

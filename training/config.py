@@ -92,6 +92,7 @@ class TrainConfig:
     device: str = _option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     seed: int = _option(0, "Random seed (each process adds its rank).")
     resume: bool = _option(False, "Continue from <out>/checkpoint.pth exactly where it stopped (same step, schedules, center, optimizer, sampler position).")
+    start_epoch: int = _option(0, "With --pretrained: begin the --epochs plan at this epoch, every schedule where the whole plan has it then (continues a run whose checkpoint is lost, from its packaged teacher).")
     save_every: int = _option(0, "Also write the checkpoint every N steps (0 = only at epoch ends).")
     log_every: int = _option(10, "Write a log.jsonl line every N steps.")
     max_steps: Optional[int] = _option(None, "Stop cleanly (checkpoint written) after this many steps in total; schedules still span --epochs, and --resume continues.")
@@ -266,7 +267,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"option {name!r} must be at least 1, got {getattr(cfg, name)}")
-    for name in ["local_crops", "num_workers", "save_every", "freeze_last_layer", "warmup_epochs",
+    for name in ["local_crops", "num_workers", "save_every", "start_epoch", "freeze_last_layer", "warmup_epochs",
                  "warmup_teacher_temp_epochs", "clip_grad", "lr", "min_lr", "weight_decay",
                  "weight_decay_end", "drop_path_rate"]:
         if getattr(cfg, name) < 0:
@@ -290,6 +291,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.store_size is not None and cfg.store_size < cfg.global_crop_size // 2:
         raise ConfigError(f"option 'store_size' ({cfg.store_size}) is under half the global crop size "
                           f"({cfg.global_crop_size}): crops would be blown-up blur; raise --store-size")
+    if cfg.start_epoch and not cfg.resume:
+        if cfg.start_epoch >= cfg.epochs:
+            raise ConfigError(f"option 'start_epoch' ({cfg.start_epoch}) must be below --epochs ({cfg.epochs})")
+        if not cfg.pretrained:
+            raise ConfigError("--start-epoch continues a plan from trained weights: pass them with --pretrained")
+        if cfg.plan_to_time_limit:
+            raise ConfigError("--start-epoch continues a fixed plan: pass --no-plan-to-time-limit")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"option 'max_steps' must be at least 1, got {cfg.max_steps}")
     if cfg.time_limit is not None and cfg.time_limit <= 0:

@@ -126,7 +126,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> TrainResult:
     if resume is not None:
         start_epoch, first_step = book.restore(run, plan, resume)
     else:  # per-process streams, so drop path differs between processes
-        start_epoch, first_step = 0, 0
+        start_epoch, first_step = cfg.start_epoch, 0
+        book.progress.step = start_epoch * plan.steps_per_epoch
         torch.manual_seed(cfg.seed + info.rank)
     _log_start(run, book, store, plan, resumed=resume is not None)
 
