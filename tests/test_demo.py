@@ -106,6 +106,21 @@ def test_demo_from_scratch_does_not_touch_the_shipped_model(tmp_path, shapes):
     assert summary["served"].endswith("checkpoint.pth") and "shipped" not in r.output
 
 
+def test_demo_with_weights_evaluates_and_serves_them_as_they_were_trained(tmp_path, shapes):
+    """A checkpoint trained with --fit pad is compared, and served, padded at its own size."""
+    run = tmp_path / "padded"
+    args = ["-p", "cpu_small", "-a", "resnet18", "--global-crop-size", "32", "--local-crop-size", "16",
+            "--local-crops", "2", "--out-dim", "64", "--hidden-dim", "64", "--bottleneck-dim", "32", "-b", "6",
+            "--max-steps", "1", "--precision", "fp32", "--fit", "pad"]
+    r = CliRunner().invoke(cli, ["train", "-d", str(shapes / "train"), "-o", str(run), "-q", *args])
+    assert r.exit_code == 0, r.output
+    r, summary = _demo(tmp_path, shapes, "--weights", str(run / "checkpoint.pth"))
+    assert r.exit_code == 0, r.output
+    assert "(32 px, pad)" in r.output
+    config = (tmp_path / "repo" / "dino_demo" / "config.pbtxt").read_text()
+    assert "pad" in config
+
+
 def test_demo_names_a_missing_or_damaged_base_model_and_the_way_out(tmp_path, shapes, base_model):
     r, _ = _demo(tmp_path, shapes, "--base", str(tmp_path / "gone.safetensors"))
     assert r.exit_code == 1 and "gone.safetensors" in r.output and "--from-scratch" in r.output

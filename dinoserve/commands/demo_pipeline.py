@@ -144,8 +144,8 @@ def _train(run: DemoRun) -> bool:
     cfg, d, echo = run.cfg, run.data, run.echo
     if cfg.weights:
         echo(f"[1/5] train: skipped, using --weights {cfg.weights}")
-        size = cfg.image_size or backbone_card(load_backbone(cfg.weights, cfg.arch)).image_size
-        run.candidates = [Candidate("--weights", cfg.weights, cfg.arch, size)]
+        card = backbone_card(load_backbone(cfg.weights, cfg.arch))  # evaluated as it will be served
+        run.candidates = [Candidate("--weights", cfg.weights, cfg.arch, cfg.image_size or card.image_size, fit=card.fit)]
         return False
     base: dict[str, Any] = dict(data=d.train_source, split=d.train_splits, data_root=d.root,
                                 out=str(run.out / "train"), time_limit=cfg.minutes, progress=True, save_every=50)
@@ -155,7 +155,8 @@ def _train(run: DemoRun) -> bool:
         echo(f"[1/5] train: from scratch on {_where(d)} for at most {cfg.minutes:g} min")
         arch = {"arch": cfg.arch} if cfg.arch else {}
         train_cfg = _training_config("cpu_small", n_images, **base, **arch)
-        run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or train_cfg.global_crop_size)]
+        run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or train_cfg.global_crop_size,
+                                    fit=train_cfg.fit)]
         return _run_training(run, train_cfg)
     record = shipped_record(cfg.shipped)
     size = cfg.image_size or int(record["image_size"])
