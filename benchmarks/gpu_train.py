@@ -85,9 +85,10 @@ def save_teacher_halves(checkpoint: Path, out: Path, prefix: str) -> None:
     resnet18 is 22 MB in fp16 and one file may bring back at most 16 MiB."""
     from safetensors.torch import save_file
 
+    from dinoserve.training.checkpoint import teacher_in_fp16
+
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    teacher = {k[len("backbone."):]: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
+    teacher = {k[len("backbone."):]: v for k, v in teacher_in_fp16(ckpt).items()}
     total, running, first = sum(v.nbytes for v in teacher.values()), 0, {}
     for k in sorted(teacher):
         if running < total / 2:

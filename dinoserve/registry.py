@@ -14,7 +14,7 @@ import difflib
 import fnmatch
 from dataclasses import dataclass
 
-from dinoserve.card import FAMILIES, family_of
+from dinoserve.card import family_of
 from dinoserve.errors import UnknownModelError
 
 __all__ = ["AliasConfig", "ALIASES", "family_of_name", "generation_of", "is_dinov3_vit", "list_models",

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.harness import free_port
 from benchmarks.synthetic import make_image_folder
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio (pip install 'dinoserve[app]')")
@@ -37,12 +38,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

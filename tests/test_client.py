@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from benchmarks.harness import free_port
 from benchmarks.synthetic import build_tiny_backbone
 from dinoserve.cli import cli
 from dinoserve.client import Client
@@ -248,15 +249,9 @@ def test_client_model_choice_errors_list_the_models(tiny_repo, tmp_path, images)
         Client(repo=tmp_path / "nowhere")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_client_server_down_names_url_and_hint(scheme):
-    url = f"{scheme}://127.0.0.1:{_free_port()}"
+    url = f"{scheme}://127.0.0.1:{free_port()}"
     with pytest.raises(ServerUnavailableError) as e:
         Client(url, timeout=5)
     assert url in str(e.value) and "dinoserve serve" in str(e.value)

@@ -89,6 +89,14 @@ def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
 PACKAGED_FORMAT = "dinoserve-shipped-1"
 
 
+def teacher_in_fp16(ckpt: dict[str, Any], parts: tuple[str, ...] = ("backbone.",)) -> dict[str, torch.Tensor]:
+    """The teacher tensors of a training checkpoint whose names start with one of ``parts``,
+    floating point ones in fp16 (what is packaged: half the size, and features equal to
+    about 1e-3), contiguous for safetensors."""
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
+            if k.startswith(parts)}
+
+
 def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike, with_head: bool = False) -> dict[str, Any]:
     """Write the teacher backbone of a training ``checkpoint`` as fp16 ``.safetensors`` with
     its model card in the metadata (what ``weights/`` ships and ``--pretrained`` reads),
@@ -99,9 +107,7 @@ def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike, wi
 
     ckpt = read_checkpoint(checkpoint)
     # a DINO head (6M parameters for resnet18's) would double a file that is only served
-    kept = ("backbone.", "head.") if with_head else ("backbone.",)
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
-               if k.startswith(kept)}
+    tensors = teacher_in_fp16(ckpt, ("backbone.", "head.") if with_head else ("backbone.",))
     data = save(tensors, metadata={"format": PACKAGED_FORMAT, "card": json.dumps(ckpt["meta"])})
     atomic_write(target, lambda f: f.write(data))
     return {"args": ckpt["args"], "meta": ckpt["meta"], "epoch": int(ckpt["epoch"]),
