@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dinoserve.contract import INPUT
-from dinoserve.cpu import check_int8_model
+from dinoserve.cpu import CPU_PROVIDERS, check_int8_model
 from dinoserve.errors import (
     ConfigError,
     InferenceError,
@@ -76,8 +76,8 @@ class EmbeddedBackend:
         self.session = open_runtime_session(
             self.onnx_path, runtime, providers=providers, device=device,
             hint=f"re-export it with `dinoserve export ... --repo {self.repo}` (export writes model.onnx atomically)")
-        if session_provider(self.session) == "CPUExecutionProvider":
-            # onnxruntime's CPU int8 kernels: a u8s8 model gives wrong embeddings without VNNI.
+        if session_provider(self.session) in CPU_PROVIDERS:
+            # CPU int8 kernels (onnxruntime's and OpenVINO's): a u8s8 model gives wrong embeddings without VNNI.
             check_int8_model(name, cfg.card.precision, cfg.card.int8_scheme)
         self.info = dataclasses.replace(self.info, provider=session_provider(self.session))
         self.url = None

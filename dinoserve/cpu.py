@@ -12,6 +12,10 @@ setting to override that (onnxruntime ``core/mlas/lib/platform.cpp``), so the on
 portable fix is in the model: weights quantised to 7 bits (``reduce_range``), whose pair
 sums stay under 255 * 64 * 2 = 32640.
 
+OpenVINO's CPU plugin has the same limit (its documentation: 8-bit products on SSE, AVX2
+and AVX-512 without VNNI saturate; the workaround is 7-bit weights), so the same rule holds
+for a model that OpenVINO runs on the CPU.
+
 So an int8 export records its scheme in the model card (``int8_scheme``):
 
 - ``u8s7`` (:data:`PORTABLE`): 7-bit weights; right on every x86 CPU. The default.
@@ -31,6 +35,11 @@ from pathlib import Path
 from typing import Iterable
 
 from dinoserve.errors import ModelError
+from dinoserve.openvino_session import OPENVINO_PROVIDER
+from dinoserve.ort_session import CPU
+
+#: The session providers whose int8 kernels are this CPU's (and so need :func:`check_int8_model`).
+CPU_PROVIDERS = (CPU, OPENVINO_PROVIDER)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ ALLOW_ENV = "DINOSERVE_INT8_ANY_CPU"
 #: Triton runner's refusal on this machine.
 FLAGS_ENV = "DINOSERVE_CPU_FLAGS"
 
-__all__ = ["PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV", "cpu_flags", "cpu_features",
+__all__ = ["CPU_PROVIDERS", "PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV", "cpu_flags", "cpu_features",
            "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
 
 #: int8 scheme names as the model card stores them.
@@ -125,7 +134,7 @@ def int8_problem(scheme: str, flags: Iterable[str], machine: str | None = None) 
         return None
     has = ", ".join(cpu_features(flags)) or "none of " + ", ".join(ISA_FEATURES[:3])
     return (f"this CPU has no avx512_vnni, avx_vnni or amx_int8 (it has {has}), and the model's full-range "
-            f"u8s8 int8 weights saturate onnxruntime's int8 kernels there (vpmaddubsw), so its embeddings "
+            f"u8s8 int8 weights saturate the CPU's int8 kernels there (vpmaddubsw, in onnxruntime and OpenVINO), so its embeddings "
             f"would silently drift from fp32")
 
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from dinoserve.cpu import check_int8_model
+from dinoserve.cpu import CPU_PROVIDERS, check_int8_model
 from dinoserve.errors import ModelError
 from dinoserve.ort_session import DEVICES, open_runtime_session, session_provider
 from dinoserve.triton_log import provider_line
@@ -92,7 +92,7 @@ class TritonPythonModel:
         self.runtime = runtime = _parameter(config, RUNNER_RUNTIME, "onnxruntime") or "onnxruntime"
         self.session = open_runtime_session(path, runtime, device=device, threads=threads,
                                             hint="re-export the model with `dinoserve export`, then start serve again")
-        if session_provider(self.session) == "CPUExecutionProvider":
+        if session_provider(self.session) in CPU_PROVIDERS:
             try:  # a u8s8 int8 model on a CPU without VNNI: refuse to load (one line in the server log)
                 check_int8_model(config["name"], _parameter(config, "precision", "fp32"),
                                  _parameter(config, "int8_scheme", ""))

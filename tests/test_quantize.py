@@ -106,8 +106,11 @@ def test_u8s8_model_refused_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypat
     with pytest.raises(ModelError) as e:
         Client(repo=repo, model="old")
     assert "avx512_vnni" in str(e.value) and "--int8-scheme u8s7" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="needs VNNI"):  # OpenVINO's CPU kernels saturate there too
+        Client(repo=repo, model="old", runtime="openvino")
     monkeypatch.setattr(cpu, "cpu_flags", lambda *a: frozenset({"avx2", "avx512bw", "avx512_vnni"}))
     Client(repo=repo, model="old").close()  # the same model on a VNNI CPU: fine
+    Client(repo=repo, model="old", runtime="openvino").close()
 
 
 def test_client_serves_int8_unchanged(int8_repo, calib_folder):
@@ -252,9 +255,11 @@ def test_cli_int8_prints_gate(tmp_path, calib_folder):
 
 
 @pytest.mark.triton
-def test_triton_runner_refuses_u8s8_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_triton_runner_refuses_u8s8_on_a_cpu_without_vnni(int8_repo, tmp_path, monkeypatch, runtime):
     """The runner decides with the server's CPU flags (here given as an AVX2 EPYC's): a u8s8
-    model does not load, and the server's error carries the one-line reason and fix."""
+    model does not load, whichever runtime runs it, and the server's error carries the
+    one-line reason and fix."""
     import shutil
 
     from dinoserve.cpu import FLAGS_ENV
@@ -266,7 +271,7 @@ def test_triton_runner_refuses_u8s8_on_a_cpu_without_vnni(int8_repo, tmp_path, m
     config = repo / "int8" / "config.pbtxt"
     config.write_text(config.read_text().replace('"u8s7"', '"u8s8"'))
     monkeypatch.setenv(FLAGS_ENV, "sse4_2 avx avx2 fma")
-    server = TritonServer(repo, startup_timeout=120)
+    server = TritonServer(repo, startup_timeout=120, runtime=runtime)
     with pytest.raises(ServerError) as e:
         server.start()
     assert "needs VNNI" in str(e.value) and "avx512_vnni" in str(e.value) and "--int8-scheme u8s7" in str(e.value)
