@@ -222,8 +222,12 @@ def status(name: str) -> None:
     epochs = [r for r in rows if r.get("event") == "epoch"]
     print(f"{name}: {'running, pid ' + str(_pid(name)) if _pid(name) else 'not running'}; folder {out}")
     if epochs:
-        print(f"  epoch {epochs[-1]['epoch'] + 1}, loss {epochs[-1]['loss']:.3f}, {epochs[-1]['img_per_s']} img/s, "
-              f"{train_seconds(rows) / 3600:.2f} h")
+        start = [r for r in rows if r.get("event") == "start"][-1]
+        planned, per_epoch = int(start["args"]["epochs"]), start["steps_per_epoch"] * start["args"]["batch_size"]
+        done, rate = epochs[-1]["epoch"] + 1, epochs[-1]["img_per_s"]
+        left = (planned - done) * per_epoch / rate / 3600 if rate else float("nan")
+        print(f"  epoch {done} of {planned}, loss {epochs[-1]['loss']:.3f}, {rate} img/s, "
+              f"{train_seconds(rows) / 3600:.2f} h so far, about {left:.1f} h left at this speed")
     for r in _knn_rows(out):
         print(f"  k-NN after epoch {r['epoch'] + 1}: split {r['top1']:.1f} ± {r.get('top1_se', float('nan')):.1f}, "
               f"leave-one-out {r.get('loo_top1', float('nan')):.1f} ± {r.get('loo_top1_se', float('nan')):.1f}")
