@@ -282,10 +282,13 @@ def _read_file(path: Path) -> tuple[dict[str, Any], str]:
 
 def _sniff(data: bytes) -> str:
     """``"torch"``, ``"safetensors"`` or ``""`` from a file's first bytes."""
-    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save's zip, or its legacy pickle
-        return "torch"
+    # safetensors first: its 8-byte little-endian header length may begin with 0x80 (a
+    # header of 128, 384, ... bytes), the byte a legacy torch pickle begins with; a pickle
+    # never has "{" at byte 8 after a length that fits the file
     if len(data) > 8 and data[8:9] == b"{" and 8 + int.from_bytes(data[:8], "little") <= len(data):
         return "safetensors"  # an 8-byte header length, then the JSON header
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save's zip, or its legacy pickle
+        return "torch"
     return ""
 
 

@@ -207,6 +207,22 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    """A safetensors header of 128 + 256 n bytes makes the file's first byte 0x80, the byte a
+    legacy torch pickle starts with: such a file is still read as safetensors."""
+    model = create_backbone("resnet18")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    for pad in range(512):  # the metadata's length moves the header length through every residue
+        save_file(sd, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    w = read_weights(path)
+    assert w.arch == "resnet18"
+    torch.testing.assert_close(w.state_dict["conv1.weight"], sd["conv1.weight"], rtol=0, atol=0)
+
+
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": tiny_resnet().state_dict(), "evil": Payload(str(marker))}, tmp_path / "evil.pth")
