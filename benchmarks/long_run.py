@@ -163,7 +163,9 @@ def package(name: str) -> Path | None:
 
     target = PROGRESS / f"{name}.safetensors"
     try:
-        facts = package_teacher(ckpt_path, target, with_head=True)  # the record follows; until then the old one names fewer epochs
+        # the head too, so that a continuation does not begin with a random one; the record
+        # follows, until then the old one names fewer epochs
+        facts = package_teacher(ckpt_path, target, with_head=True)
     except DinoserveError as e:
         print(f"{name}: not packaged, the packaged weights stay as they were: {e}", flush=True)
         return None

@@ -50,8 +50,8 @@ ALLOW_ENV = "DINOSERVE_INT8_ANY_CPU"
 #: Triton runner's refusal on this machine.
 FLAGS_ENV = "DINOSERVE_CPU_FLAGS"
 
-__all__ = ["CPU_PROVIDERS", "PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV", "cpu_flags", "cpu_features",
-           "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
+__all__ = ["CPU_PROVIDERS", "PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV",
+           "cpu_flags", "cpu_features", "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
 
 #: int8 scheme names as the model card stores them.
 PORTABLE = "u8s7"
@@ -134,8 +134,8 @@ def int8_problem(scheme: str, flags: Iterable[str], machine: str | None = None) 
         return None
     has = ", ".join(cpu_features(flags)) or "none of " + ", ".join(ISA_FEATURES[:3])
     return (f"this CPU has no avx512_vnni, avx_vnni or amx_int8 (it has {has}), and the model's full-range "
-            f"u8s8 int8 weights saturate the CPU's int8 kernels there (vpmaddubsw, in onnxruntime and OpenVINO), so its embeddings "
-            f"would silently drift from fp32")
+            f"u8s8 int8 weights saturate the CPU's int8 kernels there (vpmaddubsw, in onnxruntime and "
+            f"OpenVINO), so its embeddings would silently drift from fp32")
 
 
 def check_int8_model(model: str, precision: str, int8_scheme: str, *, flags: Iterable[str] | None = None,

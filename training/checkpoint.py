@@ -97,7 +97,8 @@ def teacher_in_fp16(ckpt: dict[str, Any], parts: tuple[str, ...] = ("backbone.",
             if k.startswith(parts)}
 
 
-def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike, with_head: bool = False) -> dict[str, Any]:
+def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike,
+                    with_head: bool = False) -> dict[str, Any]:
     """Write the teacher backbone of a training ``checkpoint`` as fp16 ``.safetensors`` with
     its model card in the metadata (what ``weights/`` ships and ``--pretrained`` reads),
     atomically: an interrupted write leaves the previous file. ``with_head`` keeps the DINO

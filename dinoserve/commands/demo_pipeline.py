@@ -145,7 +145,8 @@ def _train(run: DemoRun) -> bool:
     if cfg.weights:
         echo(f"[1/5] train: skipped, using --weights {cfg.weights}")
         card = backbone_card(load_backbone(cfg.weights, cfg.arch))  # evaluated as it will be served
-        run.candidates = [Candidate("--weights", cfg.weights, cfg.arch, cfg.image_size or card.image_size, fit=card.fit)]
+        size = cfg.image_size or card.image_size
+        run.candidates = [Candidate("--weights", cfg.weights, cfg.arch, size, fit=card.fit)]
         return False
     base: dict[str, Any] = dict(data=d.train_source, split=d.train_splits, data_root=d.root,
                                 out=str(run.out / "train"), time_limit=cfg.minutes, progress=True, save_every=50)
