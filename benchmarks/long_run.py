@@ -82,8 +82,11 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
         return cmd + ["--resume"], {"how": "resumed", "checkpoint": str(out / "checkpoint.pth")}
     if packaged.is_file():  # the checkpoint is gone (a new machine): go on from the last packaged teacher
         record = json.loads((PROGRESS / f"{name}.json").read_text())
-        (out / "continued_from.json").write_text(json.dumps(record))
         at = _last_epoch(record)
+        if at >= record["planned_epochs"]:
+            raise SystemExit(f"{name} is complete ({at} of {record['planned_epochs']} epochs, packaged in {packaged}); "
+                             f"nothing to continue. `curve` plots it; a new run needs a new name in RECIPES")
+        (out / "continued_from.json").write_text(json.dumps(record))
         return cmd + ["--pretrained", str(packaged), "--start-epoch", str(at)], {
             "how": f"continued from packaged weights at epoch {at}", "pretrained": str(packaged.relative_to(REPO)),
             "first_epoch": at}
