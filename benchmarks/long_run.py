@@ -88,7 +88,7 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
                              f"nothing to continue. `curve` plots it; a new run needs a new name in RECIPES")
         (out / "continued_from.json").write_text(json.dumps(record))
         return cmd + ["--pretrained", str(packaged), "--start-epoch", str(at)], {
-            "how": f"continued from packaged weights at epoch {at}", "pretrained": str(packaged.relative_to(REPO)),
+            "how": f"continued from packaged weights at epoch {at}", "pretrained": _shown(packaged),
             "first_epoch": at}
     if init:
         return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
@@ -175,7 +175,7 @@ def package(name: str) -> Path | None:
     segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
     rows = _log_rows(out)
     record = {
-        "name": name, "file": str(target.relative_to(REPO)), "file_sha256": file_sha256(target),
+        "name": name, "file": _shown(target), "file_sha256": file_sha256(target),
         "recipe": RECIPES[name], "first_epoch": _origin(segments).get("first_epoch", 0),
         "epochs_this_segment": facts["epoch"] - _origin(segments).get("first_epoch", 0),
         "steps_this_segment": facts["step"],
@@ -192,6 +192,11 @@ def package(name: str) -> Path | None:
     atomic_write_text(PROGRESS / f"{name}.json", json.dumps(record, indent=1) + "\n")
     print(f"{name}: packaged epoch {facts['epoch']} of {record['planned_epochs']} -> {target}", flush=True)
     return target
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (records travel with the repository)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _last_epoch(record: dict) -> int:
@@ -251,11 +256,9 @@ def stop(name: str) -> None:
     package(name)
 
 
-def curve(name: str) -> None:
-    """k-NN against epochs and CPU hours, every segment of the run, as JSON and PNG."""
-    record = _read_record(name)
-    if record is None:
-        raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `package` first")
+def curve_points(record: dict) -> tuple[list[dict], int, float]:
+    """Every k-NN row of a packaged record and the segments before it, on one axis of
+    epochs and CPU hours counted from the first segment; with the totals."""
     points, epoch0, hours0 = [], 0, 0.0
     for seg in [*record["earlier_segments"], record]:
         first = seg.get("first_epoch") or 0  # a continued segment logs the plan's epochs
@@ -267,6 +270,15 @@ def curve(name: str) -> None:
                            "hours_estimated": "hours" not in r, "segment": seg["segment"]})
         epoch0 += seg["epochs_this_segment"]
         hours0 += seg["cpu_hours_this_segment"]
+    return points, epoch0, hours0
+
+
+def curve(name: str) -> None:
+    """k-NN against epochs and CPU hours, every segment of the run, as JSON and PNG."""
+    record = _read_record(name)
+    if record is None:
+        raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `package` first")
+    points, epoch0, hours0 = curve_points(record)
     path = write_json(f"long_run_{name}", {"name": name, "points": points, "epochs": epoch0, "cpu_hours": round(hours0, 2),
                                           "record": record["file"], "machine": machine()})
     import matplotlib

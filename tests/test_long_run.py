@@ -1,0 +1,63 @@
+"""benchmarks/long_run.py's bookkeeping across sessions: which command continues a run whose
+checkpoint is gone, and how the segments' k-NN rows line up on one axis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import long_run
+
+
+def _record(first_epoch: int, epochs: int, knn_epochs: list[int], hours: float, earlier: list | None = None) -> dict:
+    return {"name": "r18_sgd_64", "first_epoch": first_epoch, "epochs_this_segment": epochs, "planned_epochs": 150,
+            "segment": "seg", "cpu_hours_this_segment": hours, "earlier_segments": earlier or [],
+            "knn": [{"epoch": e, "top1": 50.0, "top1_se": 2.7, "loo_top1": 55.0, "loo_top1_se": 1.2} for e in knn_epochs]}
+
+
+@pytest.fixture
+def progress(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOSERVE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(long_run, "PROGRESS", tmp_path / "progress")
+    (tmp_path / "progress").mkdir()
+    (tmp_path / "runs" / "r18_sgd_64").mkdir(parents=True)
+    (tmp_path / "progress" / "r18_sgd_64.safetensors").write_bytes(b"weights")
+    return tmp_path / "progress"
+
+
+def test_a_lost_checkpoint_continues_at_the_records_epoch(progress):
+    record = _record(58, 4, [59, 61], 0.2)  # a segment that began at 58 and got to 62
+    (progress / "r18_sgd_64.json").write_text(json.dumps(record))
+    cmd, how = long_run.train_command("r18_sgd_64", None)
+    assert cmd[cmd.index("--pretrained") + 1] == str(progress / "r18_sgd_64.safetensors")
+    assert cmd[cmd.index("--start-epoch") + 1] == "62" and "--resume" not in cmd
+    assert how["first_epoch"] == 62
+    assert json.loads((long_run.run_dir("r18_sgd_64") / "continued_from.json").read_text()) == record
+
+
+def test_a_record_from_before_first_epoch_counts_from_zero(progress):
+    record = _record(0, 58, [57], 4.6)
+    del record["first_epoch"]
+    (progress / "r18_sgd_64.json").write_text(json.dumps(record))
+    cmd, _ = long_run.train_command("r18_sgd_64", None)
+    assert cmd[cmd.index("--start-epoch") + 1] == "58"
+
+
+def test_a_finished_run_is_not_continued(progress):
+    (progress / "r18_sgd_64.json").write_text(json.dumps(_record(100, 50, [149], 3.0)))
+    with pytest.raises(SystemExit, match="complete .150 of 150 epochs"):
+        long_run.train_command("r18_sgd_64", None)
+    assert not (long_run.run_dir("r18_sgd_64") / "continued_from.json").exists()
+
+
+def test_curve_points_put_every_segment_on_one_axis():
+    first = _record(0, 58, [1, 57], 4.6)
+    first["knn"][1]["hours"] = 4.5  # a row with its own hours keeps them
+    current = _record(58, 4, [59, 61], 0.2, earlier=[first])
+    points, epochs, hours = long_run.curve_points(current)
+    assert [p["epoch"] for p in points] == [2, 58, 60, 62]
+    assert (epochs, hours) == (62, pytest.approx(4.8))
+    assert points[0]["hours_estimated"] and points[0]["hours"] == pytest.approx(4.6 * 2 / 58, abs=1e-3)
+    assert points[1]["hours"] == 4.5 and not points[1]["hours_estimated"]
+    assert points[2]["hours"] == pytest.approx(4.6 + 0.2 * 2 / 4, abs=1e-3)
