@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import machine, plot_path, write_json
+from dinoserve.contract import EMBEDDING
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -69,11 +70,11 @@ def stage_costs(client, paths: list[Path], batch: int) -> dict:
     arrays = [np.asarray(resize_and_crop(im, info.image_size, info.crop_pct)).transpose(2, 0, 1) for im in decoded]
     prep = (time.perf_counter() - t) / len(paths)
     x = np.ascontiguousarray(np.stack(arrays[:batch]))
-    client._backend.infer(x, ("embedding",))  # warm-up
+    client._backend.infer(x, (EMBEDDING,))  # warm-up
     t = time.perf_counter()
     reps = max(1, len(paths) // batch)
     for _ in range(reps):
-        client._backend.infer(x, ("embedding",))
+        client._backend.infer(x, (EMBEDDING,))
     infer = (time.perf_counter() - t) / (reps * len(x))
     return {"decode_ms": 1000 * decode, "resize_crop_ms": 1000 * prep, "infer_ms": 1000 * infer,
             "sum_ms": 1000 * (decode + prep + infer)}

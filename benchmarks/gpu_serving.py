@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import machine, percentiles, timed, timed_concurrently, write_json
+from dinoserve.contract import EMBEDDING, INPUT
 
 NAME = "gpu_serving"
 
@@ -59,7 +60,7 @@ def triton_rows(repo: Path, image: np.ndarray, seconds: float, concurrencies: li
 
         def make_call():
             client = tg.InferenceServerClient(server.grpc_url.split("://", 1)[1])
-            inp = tg.InferInput("images", list(image.shape), "UINT8")
+            inp = tg.InferInput(INPUT, list(image.shape), "UINT8")
             inp.set_data_from_numpy(image)
             return lambda: client.infer("fp32", [inp])
 
@@ -116,9 +117,9 @@ def bench_arch(arch: str, args, work: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - e.g. no TensorRT libraries: record why, go on
             rows.append({"backend": label, "error": str(e)})
             continue
-        out = session.run(["embedding"], {"images": batch})[0]
+        out = session.run([EMBEDDING], {INPUT: batch})[0]
         rows.append({"backend": label, "provider": session_provider(session),
-                     **measure(lambda: session.run(["embedding"], {"images": batch}), args.seconds, args.batch),
+                     **measure(lambda: session.run([EMBEDDING], {INPUT: batch}), args.seconds, args.batch),
                      "cosine_to_eager_fp32": cosine(out, reference)})
     if not args.no_triton:
         rows.extend(triton_rows(repo, batch[:1], args.seconds, [int(c) for c in args.concurrency.split(",")]))

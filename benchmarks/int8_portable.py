@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, median_seconds_in_turns, plot_path, write_json
+from dinoserve.contract import EMBEDDING, INPUT
 from dinoserve.cpu import INT8_SCHEMES, cpu_features, cpu_name, int8_problem
 
 NAME = "int8_portable"
@@ -96,7 +97,7 @@ def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, referenc
                 continue
             t = time.perf_counter()
             s = _session(path, threads=2)
-            emb[g] = np.concatenate([s.run(["embedding"], {"images": calib[i:i + 16]})[0]
+            emb[g] = np.concatenate([s.run([EMBEDDING], {INPUT: calib[i:i + 16]})[0]
                                      for i in range(0, len(calib), 16)]).astype(np.float64)
             np.save(d / f"emb_{tag}_{g}.npy", emb[g])
             print(f"{tag} {key} {g}: embedded {len(calib)} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -118,7 +119,7 @@ def _speed(graphs: dict[str, Path], calib: np.ndarray, rounds: int, batch: int) 
     sessions = {g: _session(p, threads=1) for g, p in graphs.items()}
     x = calib[:batch]
     # the warm-up round lets the first runs allocate and pack weights
-    med = median_seconds_in_turns({g: lambda _round, s=s: s.run(["embedding"], {"images": x})
+    med = median_seconds_in_turns({g: lambda _round, s=s: s.run([EMBEDDING], {INPUT: x})
                                    for g, s in sessions.items()}, rounds, warmup=1)
     return {"batch": batch, "threads": 1, "rounds": rounds, "median_s_per_batch": {g: round(v, 4) for g, v in med.items()},
             "speedup_vs_fp32": {g: round(med["fp32"] / v, 2) for g, v in med.items() if g != "fp32"}}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, write_json
+from dinoserve.contract import EMBEDDING, INPUT
 from dinoserve.export import export_onnx
 from dinoserve.filelist import read_file_list
 from dinoserve.models import load_backbone
@@ -42,7 +43,7 @@ SHIPPED = REPO / "weights" / "dinoserve_resnet18_openclipart.safetensors"
 
 def embed(path: Path, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     session = open_session(path, device="cpu")
-    return np.concatenate([session.run(["embedding"], {"images": pixels[i:i + batch]})[0]
+    return np.concatenate([session.run([EMBEDDING], {INPUT: pixels[i:i + batch]})[0]
                            for i in range(0, len(pixels), batch)])
 
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from benchmarks.harness import (OPENCLIPART_CSV, machine, percentiles, plot_path, scrape_metrics, timed,
                                 timed_concurrently, write_json)
+from dinoserve.contract import EMBEDDING, INPUT
 
 NAME = "serving_throughput"
 
@@ -173,7 +174,7 @@ def main() -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        backends[label] = (lambda s: lambda: s.run(None, {"images": batch}))(sess)
+        backends[label] = (lambda s: lambda: s.run(None, {INPUT: batch}))(sess)
     if not args.no_openvino:
         backends.update(openvino_backends(res.onnx_path, int8.onnx_path if int8 else None, batch, args.threads))
     per_round = interleaved(backends, args.rounds, args.seconds / args.rounds)
@@ -199,13 +200,13 @@ def main() -> None:
     def triton_call(lib, url, model_name):
         def make():
             client = lib.InferenceServerClient(url)
-            inp = lib.InferInput("images", list(request.shape), "UINT8")
+            inp = lib.InferInput(INPUT, list(request.shape), "UINT8")
             inp.set_data_from_numpy(request)
-            out = [lib.InferRequestedOutput("embedding")]
+            out = [lib.InferRequestedOutput(EMBEDDING)]
 
             def call():
                 r = client.infer(model_name, [inp], outputs=out)
-                if r.as_numpy("embedding").shape[0] != len(request):
+                if r.as_numpy(EMBEDDING).shape[0] != len(request):
                     raise RuntimeError("server returned the wrong number of rows")
             return call
         return make
