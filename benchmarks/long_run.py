@@ -174,7 +174,12 @@ def package(name: str) -> Path | None:
         return None
     segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
     rows = _log_rows(out)
+    knn = [r for r in rows if r.get("event") == "knn"]
     record = {
+        # what `dinoserve demo --base` reads of a shipped model's record, so the demo can serve
+        # or fine-tune a long run's teacher as it is
+        "arch": facts["meta"]["arch"], "image_size": facts["meta"]["image_size"], "train_args": facts["args"],
+        "knn_top1": knn[-1]["top1"] if knn else None,
         "name": name, "file": _shown(target), "file_sha256": file_sha256(target),
         "recipe": RECIPES[name], "first_epoch": _origin(segments).get("first_epoch", 0),
         "epochs_this_segment": facts["epoch"] - _origin(segments).get("first_epoch", 0),

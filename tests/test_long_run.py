@@ -61,3 +61,32 @@ def test_curve_points_put_every_segment_on_one_axis():
     assert points[0]["hours_estimated"] and points[0]["hours"] == pytest.approx(4.6 * 2 / 58, abs=1e-3)
     assert points[1]["hours"] == 4.5 and not points[1]["hours_estimated"]
     assert points[2]["hours"] == pytest.approx(4.6 + 0.2 * 2 / 4, abs=1e-3)
+
+
+def test_a_packaged_teacher_is_served_by_the_demo_as_it_is(progress, tmp_path):
+    """`long_run package` writes what `dinoserve demo --base` reads: the demo evaluates the
+    long run's teacher, exports it and serves it without training."""
+    from click.testing import CliRunner
+
+    from benchmarks.synthetic import make_image_folder
+    from dinoserve.cli import cli
+    from dinoserve.training import make_config, train
+
+    data = tmp_path / "shapes"
+    make_image_folder(data / "train", per_class=4, size=48, seed=1)
+    make_image_folder(data / "val", per_class=2, size=48, seed=2)
+    out = long_run.run_dir("r18_sgd_64")
+    train(make_config("cpu_small", data=str(data / "train"), out=str(out), arch="resnet18", global_crop_size=32,
+                      local_crop_size=16, local_crops=2, out_dim=64, hidden_dim=64, bottleneck_dim=32, batch_size=6,
+                      epochs=1, precision="fp32", progress=False, knn_data=str(data), knn_every=1))
+    (out / "segments.jsonl").write_text(json.dumps({"how": "started from scratch", "started_utc": "now"}) + "\n")
+    target = long_run.package("r18_sgd_64")
+    record = json.loads((progress / "r18_sgd_64.json").read_text())
+    assert record["arch"] == "resnet18" and record["image_size"] == 32 and record["knn_top1"] is not None
+
+    r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--no-app", "--out", str(tmp_path / "demo"),
+                                 "--repo", str(tmp_path / "repo"), "--base", str(target), "--minutes", "0"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["served"] == str(target) and set(summary["knn_top1"]) == {"shipped", "raw pixels"}
+    assert (tmp_path / "repo" / "dino_demo" / "1" / "model.onnx").is_file()

@@ -167,8 +167,9 @@ def _train(run: DemoRun) -> bool:
         echo(f"[1/5] train: none (--minutes 0); serving the shipped model {Path(cfg.shipped).name}")
         run.candidates = [shipped]
         return False
-    echo(f"[1/5] train: fine-tuning the shipped model {Path(cfg.shipped).name} "
-         f"(k-NN {record['knn_top1']:.1f} % on openclipart) on {_where(d)} for at most {cfg.minutes:g} min")
+    known = f" (k-NN {record['knn_top1']:.1f} % on openclipart)" if record.get("knn_top1") is not None else ""
+    echo(f"[1/5] train: fine-tuning the shipped model {Path(cfg.shipped).name}{known} "
+         f"on {_where(d)} for at most {cfg.minutes:g} min")
     args = record["train_args"]
     kept = {k: args[k] for k in (*NETWORK_OPTIONS, *CROP_OPTIONS) if k in args}  # the network and its crops
     train_cfg = _training_config("finetune", n_images, **base, **kept, pretrained=cfg.shipped)
