@@ -6,7 +6,7 @@ by raw pixels and by each model; for each image the others are ranked by cosine 
 -out, as in the k-NN protocol) and we report:
 
 - precision@5: the share of the 5 nearest images in the query's own category, over every
-  labelled image, with its standard error;
+  labelled image, with its standard error (and precision@1, the 1-NN classifier);
 - the cosine spread: the mean cosine of the nearest image and of random pairs. Features in
   a narrow cone (random pairs at 0.99) rank by small differences a person cannot see;
 - for a few fixed queries (the README's ``baby_tux_01.png`` and the first validation image
@@ -75,6 +75,7 @@ def search_report(features: torch.Tensor, categories: list[str], paths: list[str
     a, b = torch.randint(len(f), (20000,), generator=g), torch.randint(len(f), (20000,), generator=g)
     keep = a != b
     return {
+        "precision_at_1": round(100 * float(same[:, 0].mean()), 2),  # the 1-NN classifier
         "precision_at_5": round(100 * p5, 2),
         "precision_at_5_se": round(100 * float(per_query.std(ddof=1)) / math.sqrt(len(per_query)), 2),
         "knn_loo_top1": loo_top1(features), "knn_loo_top1_centred": loo_top1(features - features.mean(0)),
@@ -112,7 +113,7 @@ def main() -> None:
                 features_from_pixels(backbone, pixels), categories, paths, queries)
     for name, r in models.items():
         hits = ", ".join(f"{sum(n['same_category'] for n in q['nearest'])}/{TOP}" for q in r["queries"])
-        print(f"{name:>45}: precision@5 {r['precision_at_5']:.1f} ± {r['precision_at_5_se']:.1f} %, k-NN leave-one-out "
+        print(f"{name:>45}: precision@1 {r['precision_at_1']:.1f}, @5 {r['precision_at_5']:.1f} ± {r['precision_at_5_se']:.1f} %, k-NN leave-one-out "
               f"{r['knn_loo_top1']:.1f} % (centred {r['knn_loo_top1_centred']:.1f}), cosine nearest "
               f"{r['mean_cosine_nearest']:.3f} / random {r['mean_cosine_random_pairs']:.3f}; named queries {hits}")
     print(write_json("neighbours", {"image_size": IMAGE_SIZE, "images": len(paths), "skipped": len(skipped),
