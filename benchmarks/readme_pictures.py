@@ -16,8 +16,6 @@ import shutil
 from pathlib import Path
 
 from benchmarks.harness import free_port
-from dinoserve import app
-from dinoserve.client import Client
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -34,6 +32,9 @@ def main() -> None:
     ap.add_argument("--prefix", default="demo")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
+
+    from dinoserve import app  # gradio: only when there is something to draw, not for --help
+    from dinoserve.client import Client
 
     args.out.mkdir(parents=True, exist_ok=True)
     client = Client(repo=args.repo, model=args.model)
