@@ -51,6 +51,13 @@ RECIPES: dict[str, list[str]] = {
                    "--momentum-constant", "--out-dim", "2048", "--warmup-epochs", "10", "-b", "256",
                    "--epochs", "150", "--no-plan-to-time-limit"],
 }
+# r18_sgd_64 finished its 150 epochs still gaining; the same recipe replanned to 300 epochs
+# goes on from its packaged teacher (backbone and head) at epoch 150, where a 300-epoch
+# cosine schedule has its learning rate at half the peak
+RECIPES["r18_sgd_64_300"] = [("300" if prev == "--epochs" else opt)
+                             for prev, opt in zip(["", *RECIPES["r18_sgd_64"]], RECIPES["r18_sgd_64"])]
+#: runs that begin where another one's packaged weights end
+CONTINUES: dict[str, str] = {"r18_sgd_64_300": "r18_sgd_64"}
 KNN_EVERY = 2
 PROGRESS = REPO / "weights" / "progress"
 
@@ -80,16 +87,19 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
     packaged = PROGRESS / f"{name}.safetensors"
     if (out / "checkpoint.pth").is_file():
         return cmd + ["--resume"], {"how": "resumed", "checkpoint": str(out / "checkpoint.pth")}
-    if packaged.is_file():  # the checkpoint is gone (a new machine): go on from the last packaged teacher
-        record = json.loads((PROGRESS / f"{name}.json").read_text())
-        at = _last_epoch(record)
-        if at >= record["planned_epochs"]:
-            raise SystemExit(f"{name} is complete ({at} of {record['planned_epochs']} epochs, packaged in {packaged}); "
+    parent = CONTINUES.get(name) if not packaged.is_file() else None
+    if packaged.is_file() or parent:  # the checkpoint is gone (a new machine): go on from the last packaged teacher
+        source = PROGRESS / f"{parent or name}.safetensors"
+        record = json.loads(source.with_suffix(".json").read_text())
+        at, planned = _last_epoch(record), int(RECIPES[name][RECIPES[name].index("--epochs") + 1])
+        if at >= planned:
+            raise SystemExit(f"{name} is complete ({at} of {planned} epochs, packaged in {source}); "
                              f"nothing to continue. `curve` plots it; a new run needs a new name in RECIPES")
         (out / "continued_from.json").write_text(json.dumps(record))
-        return cmd + ["--pretrained", str(packaged), "--start-epoch", str(at)], {
-            "how": f"continued from packaged weights at epoch {at}", "pretrained": _shown(packaged),
-            "first_epoch": at}
+        whose = f"{parent}'s " if parent else ""
+        return cmd + ["--pretrained", str(source), "--start-epoch", str(at)], {
+            "how": f"continued from {whose}packaged weights at epoch {at}",
+            "pretrained": _shown(source), "first_epoch": at}
     if init:
         return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
     return cmd, {"how": "started from scratch"}

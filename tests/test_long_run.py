@@ -51,6 +51,27 @@ def test_a_finished_run_is_not_continued(progress):
     assert not (long_run.run_dir("r18_sgd_64") / "continued_from.json").exists()
 
 
+def test_a_replanned_run_begins_where_its_parent_ended(progress):
+    """r18_sgd_64_300 has neither checkpoint nor packaged weights of its own: it starts from
+    r18_sgd_64's packaged teacher at that record's epoch, in its own 300-epoch plan, and its
+    record chain begins with the parent's segments."""
+    parent = _record(58, 92, [147, 149], 3.7, earlier=[_record(0, 58, [57], 4.6)])
+    (progress / "r18_sgd_64.json").write_text(json.dumps(parent))
+    long_run.run_dir("r18_sgd_64_300").mkdir()
+    cmd, how = long_run.train_command("r18_sgd_64_300", None)
+    assert cmd[cmd.index("--pretrained") + 1] == str(progress / "r18_sgd_64.safetensors")
+    assert cmd[cmd.index("--start-epoch") + 1] == "150" and cmd[cmd.index("--epochs") + 1] == "300"
+    assert how["first_epoch"] == 150 and "r18_sgd_64's" in how["how"]
+    earlier = long_run._earlier(long_run.run_dir("r18_sgd_64_300"))
+    assert [e["epochs_this_segment"] for e in earlier] == [58, 92]
+    # once it has packaged weights of its own, it continues from those, not the parent's
+    (progress / "r18_sgd_64_300.safetensors").write_bytes(b"weights")
+    (progress / "r18_sgd_64_300.json").write_text(json.dumps(_record(150, 10, [159], 0.4, earlier=earlier)))
+    cmd, _ = long_run.train_command("r18_sgd_64_300", None)
+    assert cmd[cmd.index("--pretrained") + 1] == str(progress / "r18_sgd_64_300.safetensors")
+    assert cmd[cmd.index("--start-epoch") + 1] == "160"
+
+
 def test_curve_points_put_every_segment_on_one_axis():
     first = _record(0, 58, [1, 57], 4.6)
     first["knn"][1]["hours"] = 4.5  # a row with its own hours keeps them
