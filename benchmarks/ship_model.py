@@ -3,16 +3,22 @@
 One prepared script, so a long CPU run or a few GPU minutes are not wasted:
 
 1. runs ``dinoserve train <args>`` (the exact command goes into the record; a finished or
-   interrupted run in ``--out`` is resumed, not restarted);
-2. writes the teacher backbone (fp16) to ``weights/<name>.safetensors``, at most 25 MB, with
-   its model card in the file's metadata;
-3. measures the shipped file itself: k-NN top-1 on the openclipart protocol at each
-   ``--eval-sizes`` next to raw pixels at the same size, and the attention Jaccard against
-   alpha masks next to random init and a centred box (ViTs);
-4. writes ``weights/<name>.json`` (command, commit, device, wall time, epochs, final loss,
-   k-NN, attention) and the same record plus the machine to ``results/shipped_model.json``.
+   interrupted run in ``--out`` is resumed, not restarted), or takes a finished run as it
+   is (``--skip-training``; ``--long-run NAME`` for one of ``benchmarks/long_run.py``);
+2. writes the teacher backbone (fp16), at most 25 MB, with its model card in the file's
+   metadata, beside ``weights/<name>.safetensors`` as a candidate;
+3. measures that file: k-NN top-1 on the openclipart protocol, fixed split and leave-one-out
+   with their standard errors, at each ``--eval-sizes`` next to raw pixels at the same size,
+   and the attention Jaccard against alpha masks next to random init and a centred box (ViTs);
+4. replaces ``weights/<name>.safetensors`` only when the candidate beats the file there and
+   raw pixels on both protocols by more than twice the standard error (``--force`` to
+   override), and writes ``weights/<name>.json`` (command, commit, device, wall time,
+   epochs, final loss, k-NN, a long run's segments, the figures of the model it replaced)
+   and the same record plus the machine to ``results/shipped_model.json``.
 
-Example (the shipped model's own command is in its record)::
+Examples (the shipped model's own provenance is in its record)::
+
+    .venv/bin/python -m benchmarks.ship_model --name dinoserve_resnet18_openclipart --long-run r18_sgd_64
 
     nice -n -5 .venv/bin/python -m benchmarks.ship_model --name dinoserve_resnet18_openclipart \\
         --out runs/shipped -- -p cpu_small -a vit_tiny_patch16_224 --patch-size 8 ... --time-limit 70
@@ -56,21 +62,59 @@ def write_weights(checkpoint: Path, target: Path) -> dict:
 
 def measure(weights: Path, sizes: list[int]) -> dict:
     from dinoserve.models import backbone_card, load_backbone
-    from dinoserve.training.knn import evaluate_knn_set, prepare_knn_set
 
     model = load_backbone(str(weights)).eval()
     card = backbone_card(model)
-    knn = {}
-    for size in sizes:
-        s = prepare_knn_set(OPENCLIPART_CSV, size)
-        knn[str(size)] = {"model": round(evaluate_knn_set(model, s).top1, 2),
-                          "raw_pixels": round(evaluate_knn_set(None, s).top1, 2)}
+    knn = {str(size): protocols(model, size) for size in sizes}
     best = max(knn, key=lambda k: knn[k]["model"])
     out = {"arch": card.arch, "knn_by_eval_size": knn, "image_size": int(best),
-           "knn_top1": knn[best]["model"], "raw_pixels_top1": knn[best]["raw_pixels"]}
+           "knn_top1": knn[best]["model"], "raw_pixels_top1": knn[best]["raw_pixels"],
+           "knn_loo_top1": knn[best]["model_loo"], "raw_pixels_loo_top1": knn[best]["raw_pixels_loo"]}
     if card.family == "vit":
         out["attention"] = attention(model, int(best))
     return out
+
+
+def protocols(model, size: int) -> dict:
+    """k-NN top-1 of ``model`` and of raw pixels at ``size`` on the fixed split and
+    leave-one-out, each with its standard error (``model`` None: raw pixels only)."""
+    from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
+
+    s = prepare_knn_set(OPENCLIPART_CSV, size)
+    out = {}
+    for who, result in (("model", evaluate_knn_protocols(model, s) if model is not None else None),
+                        ("raw_pixels", evaluate_knn_protocols(None, s))):
+        if result is None:
+            continue
+        out |= {who: round(result["split"].top1, 2), f"{who}_se": round(result["split"].top1_se, 2),
+                f"{who}_loo": round(result["loo"].top1, 2), f"{who}_loo_se": round(result["loo"].top1_se, 2)}
+    return out
+
+
+def wins(new: dict, old: dict) -> list[str]:
+    """Why ``new`` may not replace ``old`` (both :func:`protocols` at one size): empty when it
+    beats the shipped model and raw pixels on both protocols by more than twice the error."""
+    reasons = []
+    for suffix, protocol in (("", "fixed split"), ("_loo", "leave-one-out")):
+        two_se = 2 * new[f"model{suffix}_se"]
+        for rival, score in (("the shipped model", old[f"model{suffix}"]), ("raw pixels", new[f"raw_pixels{suffix}"])):
+            if new[f"model{suffix}"] - score <= two_se:
+                reasons.append(f"{protocol}: {new[f'model{suffix}']:.1f} is not more than {two_se:.1f} "
+                               f"(2 standard errors) above {rival} ({score:.1f})")
+    return reasons
+
+
+def long_run_lineage(name: str) -> dict:
+    """What a long run's packaged record says about how its teacher was made."""
+    from benchmarks.long_run import PROGRESS
+
+    record = json.loads((PROGRESS / f"{name}.json").read_text())
+    segments = [*record["earlier_segments"], record]
+    return {"long_run": name, "record": f"weights/progress/{name}.json", "recipe": record["recipe"],
+            "started_from": segments[0].get("segment_started_from"),
+            "segments": [{k: seg.get(k) for k in ("segment", "first_epoch", "epochs_this_segment",
+                                                  "cpu_hours_this_segment")} for seg in segments],
+            "cpu_hours": round(sum(seg["cpu_hours_this_segment"] for seg in segments), 2)}
 
 
 def attention(model, size: int) -> dict:
@@ -95,19 +139,42 @@ def attention(model, size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--out", type=Path, required=True, help="training run folder")
+    ap.add_argument("--out", type=Path, help="training run folder")
+    ap.add_argument("--long-run", metavar="NAME",
+                    help="ship the finished long run NAME (benchmarks/long_run.py): its checkpoint, as it is")
     ap.add_argument("--eval-sizes", type=int, nargs="+", default=[48, 64, 96])
     ap.add_argument("--skip-training", action="store_true", help="package and measure the run in --out as it is")
+    ap.add_argument("--force", action="store_true",
+                    help="replace weights/<name> even when the new model does not win by two standard errors")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: options of dinoserve train")
     args = ap.parse_args()
+    if args.long_run:
+        from benchmarks.long_run import run_dir
+
+        args.out, args.skip_training = run_dir(args.long_run), True
+    if args.out is None:
+        ap.error("give --out (a training run folder) or --long-run NAME")
     train_args = [a for a in args.train_args if a != "--"]
     command, minutes = (None, 0.0) if args.skip_training else train(args.out, train_args)
     log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
     ends = [r for r in log if r["event"] == "end"]
     target = REPO / "weights" / f"{args.name}.safetensors"
-    facts = write_weights(args.out / "checkpoint.pth", target)
+    candidate = target.with_name(f".{target.stem}.candidate.safetensors")  # weights/ changes only for a winner
+    facts = write_weights(args.out / "checkpoint.pth", candidate)
     from dinoserve.models import file_sha256
 
+    measured = measure(candidate, args.eval_sizes)
+    if target.is_file():
+        from dinoserve.models import load_backbone
+
+        size = measured["image_size"]
+        old = protocols(load_backbone(str(target)).eval(), size)
+        reasons = wins(measured["knn_by_eval_size"][str(size)], old)
+        measured["replaced"] = {"sha256": file_sha256(target), "at_image_size": size, **old}
+        if reasons and not args.force:
+            candidate.unlink()
+            raise SystemExit(f"{target} stays: the new model does not win ({'; '.join(reasons)}); --force ships it anyway")
+    candidate.replace(target)
     record = {
         "name": args.name, "file": f"weights/{target.name}", "file_sha256": file_sha256(target),
         "megabytes": round(target.stat().st_size / 2**20, 2),
@@ -117,13 +184,15 @@ def main() -> None:
         "invocations": sum(1 for r in log if r["event"] == "start"),  # the same command, resumed after a time limit
         "train_minutes_total": round(train_seconds(log) / 60, 1),
         "device": log[0].get("device"), "precision": log[0].get("precision"),
-        **measure(target, args.eval_sizes),
+        **(long_run_lineage(args.long_run) if args.long_run else {}),
+        **measured,
         "machine": machine(),
         "note": "image_size is the evaluation size with the best k-NN top-1 among eval sizes on knn_val",
     }
     target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     write_json("shipped_model", record)
-    print(json.dumps({k: record[k] for k in ("file", "megabytes", "epochs", "knn_top1", "raw_pixels_top1")}))
+    print(json.dumps({k: record[k] for k in ("file", "megabytes", "epochs", "knn_top1", "raw_pixels_top1",
+                                             "knn_loo_top1", "raw_pixels_loo_top1")}))
 
 
 if __name__ == "__main__":
