@@ -51,11 +51,24 @@ RECIPES: dict[str, list[str]] = {
                    "--momentum-constant", "--out-dim", "2048", "--warmup-epochs", "10", "-b", "256",
                    "--epochs", "150", "--no-plan-to-time-limit"],
 }
+
+
+def _planned_epochs(name: str) -> int:
+    recipe = RECIPES[name]
+    return int(recipe[recipe.index("--epochs") + 1])
+
+
+def _replanned(name: str, epochs: int) -> list[str]:
+    """``name``'s recipe with another ``--epochs``."""
+    recipe = RECIPES[name]
+    at = recipe.index("--epochs") + 1
+    return [*recipe[:at], str(epochs), *recipe[at + 1:]]
+
+
 # r18_sgd_64 finished its 150 epochs still gaining; the same recipe replanned to 300 epochs
 # goes on from its packaged teacher (backbone and head) at epoch 150, where a 300-epoch
 # cosine schedule has its learning rate at half the peak
-RECIPES["r18_sgd_64_300"] = [("300" if prev == "--epochs" else opt)
-                             for prev, opt in zip(["", *RECIPES["r18_sgd_64"]], RECIPES["r18_sgd_64"])]
+RECIPES["r18_sgd_64_300"] = _replanned("r18_sgd_64", 300)
 #: runs that begin where another one's packaged weights end
 CONTINUES: dict[str, str] = {"r18_sgd_64_300": "r18_sgd_64"}
 KNN_EVERY = 2
@@ -87,11 +100,13 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
     packaged = PROGRESS / f"{name}.safetensors"
     if (out / "checkpoint.pth").is_file():
         return cmd + ["--resume"], {"how": "resumed", "checkpoint": str(out / "checkpoint.pth")}
-    parent = CONTINUES.get(name) if not packaged.is_file() else None
-    if packaged.is_file() or parent:  # the checkpoint is gone (a new machine): go on from the last packaged teacher
+    # the checkpoint is gone (a new machine): go on from the run's last packaged teacher, or,
+    # before it has one, from the packaged teacher of the run it continues
+    parent = None if packaged.is_file() else CONTINUES.get(name)
+    if packaged.is_file() or parent:
         source = PROGRESS / f"{parent or name}.safetensors"
         record = json.loads(source.with_suffix(".json").read_text())
-        at, planned = _last_epoch(record), int(RECIPES[name][RECIPES[name].index("--epochs") + 1])
+        at, planned = _last_epoch(record), _planned_epochs(name)
         if at >= planned:
             raise SystemExit(f"{name} is complete ({at} of {planned} epochs, packaged in {source}); "
                              f"nothing to continue. `curve` plots it; a new run needs a new name in RECIPES")

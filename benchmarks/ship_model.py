@@ -56,44 +56,47 @@ def write_weights(checkpoint: Path, target: Path) -> dict:
     facts = package_teacher(checkpoint, target)
     size = target.stat().st_size
     if size > MAX_BYTES:
+        Path(target).unlink()
         raise SystemExit(f"{target}: {size / 2**20:.1f} MB is over the 25 MB limit; ship a smaller head or model")
     return {**facts, "steps": facts["step"]}
 
 
-def measure(weights: Path, sizes: list[int]) -> dict:
-    from dinoserve.models import backbone_card, load_backbone
+def measure(weights: Path, sizes: list[int], rival: Path | None = None) -> dict:
+    """k-NN of ``weights`` and raw pixels at each size, both protocols; at the best size also
+    of ``rival`` (the file it would replace, when there), on the same prepared images."""
+    from dinoserve.models import backbone_card, file_sha256, load_backbone
+    from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
     model = load_backbone(str(weights)).eval()
     card = backbone_card(model)
-    knn = {str(size): protocols(model, size) for size in sizes}
+    knn, sets = {}, {}
+    for size in sizes:
+        sets[size] = prepare_knn_set(OPENCLIPART_CSV, size)
+        knn[str(size)] = {**figures("model", evaluate_knn_protocols(model, sets[size])),
+                          **figures("raw_pixels", evaluate_knn_protocols(None, sets[size]))}
     best = max(knn, key=lambda k: knn[k]["model"])
     out = {"arch": card.arch, "knn_by_eval_size": knn, "image_size": int(best),
            "knn_top1": knn[best]["model"], "raw_pixels_top1": knn[best]["raw_pixels"],
            "knn_loo_top1": knn[best]["model_loo"], "raw_pixels_loo_top1": knn[best]["raw_pixels_loo"]}
+    if rival is not None and rival.is_file():
+        old = evaluate_knn_protocols(load_backbone(str(rival)).eval(), sets[int(best)])
+        out["replaced"] = {"sha256": file_sha256(rival), "at_image_size": int(best), **figures("model", old)}
     if card.family == "vit":
         out["attention"] = attention(model, int(best))
     return out
 
 
-def protocols(model, size: int) -> dict:
-    """k-NN top-1 of ``model`` and of raw pixels at ``size`` on the fixed split and
-    leave-one-out, each with its standard error (``model`` None: raw pixels only)."""
-    from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
-
-    s = prepare_knn_set(OPENCLIPART_CSV, size)
-    out = {}
-    for who, result in (("model", evaluate_knn_protocols(model, s) if model is not None else None),
-                        ("raw_pixels", evaluate_knn_protocols(None, s))):
-        if result is None:
-            continue
-        out |= {who: round(result["split"].top1, 2), f"{who}_se": round(result["split"].top1_se, 2),
-                f"{who}_loo": round(result["loo"].top1, 2), f"{who}_loo_se": round(result["loo"].top1_se, 2)}
-    return out
+def figures(who: str, results: dict) -> dict:
+    """``evaluate_knn_protocols``' results as ``who``, ``who_se``, ``who_loo``, ``who_loo_se``."""
+    split, loo = results["split"], results["loo"]
+    return {who: round(split.top1, 2), f"{who}_se": round(split.top1_se, 2),
+            f"{who}_loo": round(loo.top1, 2), f"{who}_loo_se": round(loo.top1_se, 2)}
 
 
 def wins(new: dict, old: dict) -> list[str]:
-    """Why ``new`` may not replace ``old`` (both :func:`protocols` at one size): empty when it
-    beats the shipped model and raw pixels on both protocols by more than twice the error."""
+    """Why ``new`` (one size of ``knn_by_eval_size``) may not replace ``old`` (its ``replaced``
+    figures): empty when it beats the shipped model and raw pixels on both protocols by more
+    than twice the error."""
     reasons = []
     for suffix, protocol in (("", "fixed split"), ("_loo", "leave-one-out")):
         two_se = 2 * new[f"model{suffix}_se"]
@@ -106,15 +109,18 @@ def wins(new: dict, old: dict) -> list[str]:
 
 def long_run_lineage(name: str) -> dict:
     """What a long run's packaged record says about how its teacher was made."""
-    from benchmarks.long_run import PROGRESS
+    from benchmarks.long_run import PROGRESS, _read_record, _shown, curve_points
 
-    record = json.loads((PROGRESS / f"{name}.json").read_text())
+    record = _read_record(name)
+    if record is None:
+        raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `python -m benchmarks.long_run package {name}`")
     segments = [*record["earlier_segments"], record]
-    return {"long_run": name, "record": f"weights/progress/{name}.json", "recipe": record["recipe"],
+    _, _, hours = curve_points(record)
+    return {"long_run": name, "record": _shown(PROGRESS / f"{name}.json"), "recipe": record["recipe"],
             "started_from": segments[0].get("segment_started_from"),
             "segments": [{k: seg.get(k) for k in ("segment", "first_epoch", "epochs_this_segment",
                                                   "cpu_hours_this_segment")} for seg in segments],
-            "cpu_hours": round(sum(seg["cpu_hours_this_segment"] for seg in segments), 2)}
+            "cpu_hours": round(hours, 2)}
 
 
 def attention(model, size: int) -> dict:
@@ -154,6 +160,7 @@ def main() -> None:
         args.out, args.skip_training = run_dir(args.long_run), True
     if args.out is None:
         ap.error("give --out (a training run folder) or --long-run NAME")
+    lineage = long_run_lineage(args.long_run) if args.long_run else {}  # before anything is written
     train_args = [a for a in args.train_args if a != "--"]
     command, minutes = (None, 0.0) if args.skip_training else train(args.out, train_args)
     log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
@@ -163,14 +170,9 @@ def main() -> None:
     facts = write_weights(args.out / "checkpoint.pth", candidate)
     from dinoserve.models import file_sha256
 
-    measured = measure(candidate, args.eval_sizes)
-    if target.is_file():
-        from dinoserve.models import load_backbone
-
-        size = measured["image_size"]
-        old = protocols(load_backbone(str(target)).eval(), size)
-        reasons = wins(measured["knn_by_eval_size"][str(size)], old)
-        measured["replaced"] = {"sha256": file_sha256(target), "at_image_size": size, **old}
+    measured = measure(candidate, args.eval_sizes, rival=target)
+    if "replaced" in measured:
+        reasons = wins(measured["knn_by_eval_size"][str(measured["image_size"])], measured["replaced"])
         if reasons and not args.force:
             candidate.unlink()
             raise SystemExit(f"{target} stays: the new model does not win ({'; '.join(reasons)}); --force ships it anyway")
@@ -184,7 +186,7 @@ def main() -> None:
         "invocations": sum(1 for r in log if r["event"] == "start"),  # the same command, resumed after a time limit
         "train_minutes_total": round(train_seconds(log) / 60, 1),
         "device": log[0].get("device"), "precision": log[0].get("precision"),
-        **(long_run_lineage(args.long_run) if args.long_run else {}),
+        **lineage,
         **measured,
         "machine": machine(),
         "note": "image_size is the evaluation size with the best k-NN top-1 among eval sizes on knn_val",
