@@ -11,8 +11,10 @@ One prepared script, so a long CPU run or a few GPU minutes are not wasted:
    with their standard errors, at each ``--eval-sizes`` next to raw pixels at the same size,
    and the attention Jaccard against alpha masks next to random init and a centred box (ViTs);
 4. replaces ``weights/<name>.safetensors`` only when the candidate beats the file there and
-   raw pixels on both protocols by more than twice the standard error (``--force`` to
-   override), and writes ``weights/<name>.json`` (command, commit, device, wall time,
+   raw pixels on both protocols by more than twice the standard error of the gain
+   (``--force`` to override). All three are scored on the same queries, so the gain's error
+   is the paired one (:func:`dinoserve.training.knn.paired_gap`), not the two models' errors
+   added as if they were independent; both go into the record. Then it writes ``weights/<name>.json`` (command, commit, device, wall time,
    epochs, final loss, k-NN, a long run's segments, the figures of the model it replaced)
    and the same record plus the machine to ``results/shipped_model.json``.
 
@@ -69,18 +71,21 @@ def measure(weights: Path, sizes: list[int], rival: Path | None = None) -> dict:
 
     model = load_backbone(str(weights)).eval()
     card = backbone_card(model)
-    knn, sets = {}, {}
+    knn, sets, results = {}, {}, {}
     for size in sizes:
         sets[size] = prepare_knn_set(OPENCLIPART_CSV, size)
-        knn[str(size)] = {**figures("model", evaluate_knn_protocols(model, sets[size])),
-                          **figures("raw_pixels", evaluate_knn_protocols(None, sets[size]))}
+        results[size] = evaluate_knn_protocols(model, sets[size])
+        raw = evaluate_knn_protocols(None, sets[size])
+        knn[str(size)] = {**figures("model", results[size]), **figures("raw_pixels", raw),
+                          "gain_over_raw_pixels": gains(results[size], raw)}
     best = max(knn, key=lambda k: knn[k]["model"])
     out = {"arch": card.arch, "knn_by_eval_size": knn, "image_size": int(best),
            "knn_top1": knn[best]["model"], "raw_pixels_top1": knn[best]["raw_pixels"],
            "knn_loo_top1": knn[best]["model_loo"], "raw_pixels_loo_top1": knn[best]["raw_pixels_loo"]}
     if rival is not None and rival.is_file():
         old = evaluate_knn_protocols(load_backbone(str(rival)).eval(), sets[int(best)])
-        out["replaced"] = {"sha256": file_sha256(rival), "at_image_size": int(best), **figures("model", old)}
+        out["replaced"] = {"sha256": file_sha256(rival), "at_image_size": int(best), **figures("model", old),
+                           "gain_over_it": gains(results[int(best)], old)}
     if card.family == "vit":
         out["attention"] = attention(model, int(best))
     return out
@@ -93,17 +98,29 @@ def figures(who: str, results: dict) -> dict:
             f"{who}_loo": round(loo.top1, 2), f"{who}_loo_se": round(loo.top1_se, 2)}
 
 
+def gains(new: dict, rival: dict) -> dict:
+    """Per protocol, ``new``'s top-1 minus ``rival``'s on the same queries and the paired
+    standard error of that gain (:func:`~dinoserve.training.knn.paired_gap`)."""
+    from dinoserve.training.knn import paired_gap
+
+    out = {}
+    for protocol in new:
+        gap, se = paired_gap(new[protocol], rival[protocol])
+        out[protocol] = {"gain": round(gap, 2), "se": round(se, 2)}
+    return out
+
+
 def wins(new: dict, old: dict) -> list[str]:
     """Why ``new`` (one size of ``knn_by_eval_size``) may not replace ``old`` (its ``replaced``
     figures): empty when it beats the shipped model and raw pixels on both protocols by more
-    than twice the error."""
+    than twice the standard error of the gain."""
     reasons = []
-    for suffix, protocol in (("", "fixed split"), ("_loo", "leave-one-out")):
-        two_se = 2 * new[f"model{suffix}_se"]
-        for rival, score in (("the shipped model", old[f"model{suffix}"]), ("raw pixels", new[f"raw_pixels{suffix}"])):
-            if new[f"model{suffix}"] - score <= two_se:
-                reasons.append(f"{protocol}: {new[f'model{suffix}']:.1f} is not more than {two_se:.1f} "
-                               f"(2 standard errors) above {rival} ({score:.1f})")
+    for key, protocol in (("split", "fixed split"), ("loo", "leave-one-out")):
+        for rival, gain in (("the shipped model", old["gain_over_it"][key]),
+                            ("raw pixels", new["gain_over_raw_pixels"][key])):
+            if gain["gain"] <= 2 * gain["se"]:
+                reasons.append(f"{protocol}: {gain['gain']:+.1f} points over {rival} is not more than twice "
+                               f"the gain's paired standard error ({2 * gain['se']:.1f})")
     return reasons
 
 

@@ -18,12 +18,14 @@ from dinoserve.errors import DataError
 from dinoserve.images import normalize, preprocess
 from dinoserve.models import create_backbone, load_backbone
 from dinoserve.training.knn import (
+    KnnResult,
     evaluate_knn,
     evaluate_knn_set,
     extract_features,
     knn_classify,
     knn_classify_leave_one_out,
     knn_scores,
+    paired_gap,
     prepare_knn_set,
     raw_pixel_features,
     standard_error,
@@ -121,6 +123,52 @@ def test_loo_protocol_pools_bank_and_queries_and_reports_its_error(tiny_vit, knn
     assert knn_scores(bank, queries, knn_set, k=3).protocol == "split"
     with pytest.raises(ValueError, match="protocol"):
         knn_scores(bank, queries, knn_set, protocol="kfold")
+
+
+def test_hits_are_the_queries_top1_got_right(tiny_vit, knn_folder):
+    knn_set = prepare_knn_set(knn_folder, SIZE)
+    bank = torch.randn(len(knn_set.bank_labels), 5, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(len(knn_set.query_labels), 5, generator=torch.Generator().manual_seed(1))
+    for protocol in ("split", "loo"):
+        r = knn_scores(bank, queries, knn_set, k=3, protocol=protocol)
+        assert r.hits.dtype == bool and len(r.hits) == r.n_query
+        assert 100.0 * r.hits.mean() == pytest.approx(r.top1)
+        assert "hits" not in r.to_dict()  # records stay JSON
+
+
+def _result(hits: list[int], protocol: str = "loo") -> KnnResult:
+    h = np.array(hits, dtype=bool)
+    return KnnResult(100.0 * h.mean(), 100.0, 10, len(h), 0, protocol=protocol, hits=h)
+
+
+def test_paired_gap_is_the_mean_and_error_of_per_query_differences():
+    a, b = _result([1, 1, 0, 1, 0, 1]), _result([1, 0, 0, 0, 1, 1])
+    gap, se = paired_gap(a, b)
+    d = [0, 1, 0, 1, -1, 0]  # brute force: the sample mean and its standard error, in points
+    mean = sum(d) / 6
+    var = sum((x - mean) ** 2 for x in d) / 5
+    assert gap == pytest.approx(100 * mean) and se == pytest.approx(100 * math.sqrt(var / 6))
+    assert paired_gap(a, a) == (0.0, 0.0)
+
+
+def test_paired_error_is_smaller_than_quadrature_when_models_agree():
+    # 400 queries; the models share 300 right answers, a gets 30 more, b 10 more: a gap of 5
+    # points that twice the quadrature error (5.6) cannot resolve and twice the paired one (3.1) can
+    shared = [1] * 300 + [0] * 60
+    a = _result(shared + [1] * 30 + [0] * 10)
+    b = _result(shared + [0] * 30 + [1] * 10)
+    gap, se = paired_gap(a, b)
+    assert gap == pytest.approx(5.0)
+    assert 2 * se < gap < 2 * math.hypot(a.top1_se, b.top1_se)
+
+
+def test_paired_gap_refuses_results_on_other_queries():
+    with pytest.raises(ValueError, match="same queries"):
+        paired_gap(_result([1, 0, 1]), _result([1, 0]))
+    with pytest.raises(ValueError, match="same queries"):
+        paired_gap(_result([1, 0], "split"), _result([1, 0], "loo"))
+    with pytest.raises(ValueError, match="per-query hits"):
+        paired_gap(KnnResult(50.0, 50.0, 1, 2, 0), _result([1, 0]))
 
 
 def test_standard_error_is_the_binomial_one():

@@ -1,28 +1,47 @@
 """benchmarks/ship_model.py's rule for replacing weights/: beat the shipped model and raw
-pixels on both k-NN protocols by more than twice the standard error."""
+pixels on both k-NN protocols by more than twice the standard error of the gain."""
 
 from __future__ import annotations
 
-from benchmarks.ship_model import wins
+import numpy as np
+import pytest
+
+from benchmarks.ship_model import gains, wins
+from dinoserve.training.knn import KnnResult
 
 
-def _figures(model: float, model_loo: float, raw: float = 53.4, raw_loo: float = 59.0) -> dict:
-    return {"model": model, "model_se": 2.65, "model_loo": model_loo, "model_loo_se": 1.18,
-            "raw_pixels": raw, "raw_pixels_loo": raw_loo}
+def _gain(split: float, loo: float, se: float = 1.0) -> dict:
+    return {"split": {"gain": split, "se": 2 * se}, "loo": {"gain": loo, "se": se}}
 
 
 def test_a_model_that_wins_on_both_protocols_replaces_the_shipped_one():
-    assert wins(_figures(59.5, 63.0), _figures(45.5, 47.9)) == []
+    assert wins({"gain_over_raw_pixels": _gain(6.1, 4.0)}, {"gain_over_it": _gain(14.0, 15.1)}) == []
 
 
 def test_a_gain_within_two_errors_is_not_a_win():
-    # 5.0 points over raw pixels on the split is less than 2 x 2.65: refused, and the reason says so
-    reasons = wins(_figures(58.4, 63.0), _figures(45.5, 47.9))
-    assert len(reasons) == 1 and reasons[0].startswith("fixed split: 58.4") and "raw pixels (53.4)" in reasons[0]
+    # 3.9 points over raw pixels on the split is less than 2 x 2.0: refused, and the reason says so
+    reasons = wins({"gain_over_raw_pixels": _gain(3.9, 4.0)}, {"gain_over_it": _gain(14.0, 15.1)})
+    assert reasons == ["fixed split: +3.9 points over raw pixels is not more than twice the gain's "
+                       "paired standard error (4.0)"]
 
 
 def test_each_rival_and_protocol_is_checked():
     # leave-one-out below the old model and within two errors of raw pixels: two reasons
-    reasons = wins(_figures(60.0, 60.0), _figures(45.5, 61.0))
+    reasons = wins({"gain_over_raw_pixels": _gain(6.0, 1.5)}, {"gain_over_it": _gain(14.0, -1.0)})
     assert [r.split(":")[0] for r in reasons] == ["leave-one-out", "leave-one-out"]
-    assert "the shipped model (61.0)" in reasons[0] and "raw pixels (59.0)" in reasons[1]
+    assert "the shipped model" in reasons[0] and "raw pixels" in reasons[1]
+
+
+def _results(split_hits: list[int], loo_hits: list[int]) -> dict:
+    def one(hits: list[int], protocol: str) -> KnnResult:
+        h = np.array(hits, dtype=bool)
+        return KnnResult(100.0 * h.mean(), 100.0, 5, len(h), 0, protocol=protocol, hits=h)
+    return {"split": one(split_hits, "split"), "loo": one(loo_hits, "loo")}
+
+
+def test_gains_pair_the_same_queries_of_each_protocol():
+    new = _results([1, 1, 1, 0], [1, 1, 0, 1, 1, 0])
+    old = _results([1, 0, 1, 0], [1, 1, 0, 1, 1, 0])
+    g = gains(new, old)
+    assert g["split"]["gain"] == 25.0 and g["split"]["se"] == pytest.approx(25.0)  # d = 0,1,0,0
+    assert g["loo"] == {"gain": 0.0, "se": 0.0}  # the same answers: no gain, and no doubt about it

@@ -14,8 +14,11 @@ without decoding again. :func:`evaluate_knn` does both steps at once.
 Two protocols over one labelled set: ``"split"`` (bank = ``knn_train``, queries =
 ``knn_val``: the fixed protocol every earlier number used) and ``"loo"`` (leave-one-out:
 every labelled image is a query against all the others, five times as many queries, so
-a standard error about half as large). Every result carries its binomial standard error;
-two models differ only when their gap is larger than twice it.
+a standard error about half as large). Every result carries its binomial standard error
+and which queries it got right, so that two models scored on the same queries are compared
+by :func:`paired_gap`: the gap and the standard error of the gap itself, which is smaller
+than the two errors added in quadrature because both models get the easy queries right. Two
+models differ only when their gap is larger than twice its standard error.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "evaluate_knn_protocols",
     "knn_classify_leave_one_out",
     "standard_error",
+    "paired_gap",
     "PROTOCOLS",
 ]
 
@@ -80,6 +84,8 @@ class KnnResult:
     k: int = 20
     temperature: float = 0.07
     protocol: str = "split"
+    #: per query (in protocol order), whether its top-1 class was right; for :func:`paired_gap`
+    hits: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def top1_se(self) -> float:
@@ -87,7 +93,7 @@ class KnnResult:
         return standard_error(self.top1, self.n_query)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "top1_se": round(self.top1_se, 2)}
+        return {**{k: v for k, v in self.__dict__.items() if k != "hits"}, "top1_se": round(self.top1_se, 2)}
 
 
 def standard_error(percent: float, n: int) -> float:
@@ -96,6 +102,25 @@ def standard_error(percent: float, n: int) -> float:
         return float("nan")
     p = percent / 100.0
     return 100.0 * float(np.sqrt(p * (1.0 - p) / n))
+
+
+def paired_gap(a: KnnResult, b: KnnResult) -> tuple[float, float]:
+    """``(gap, standard error of the gap)`` in points: top-1 of ``a`` minus ``b``, both
+    scored on the same queries.
+
+    Each query contributes ``d = hit_a - hit_b`` (-1, 0 or 1); the gap is the mean of ``d``
+    and its error ``std(d) / sqrt(n)`` (sample std), the paired test for two classifiers on
+    one test set. Queries both get right, or both wrong, add nothing to it.
+    """
+    if a.hits is None or b.hits is None:
+        raise ValueError("paired_gap needs per-query hits: results from knn_scores")
+    if (a.protocol, len(a.hits)) != (b.protocol, len(b.hits)):
+        raise ValueError(f"paired_gap compares results on the same queries; got {a.protocol} with {len(a.hits)} "
+                         f"queries and {b.protocol} with {len(b.hits)}")
+    d = a.hits.astype(np.float64) - b.hits.astype(np.float64)
+    if len(d) < 2:
+        return 100.0 * float(d.mean()) if len(d) else float("nan"), float("nan")
+    return 100.0 * float(d.mean()), 100.0 * float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 @dataclass
@@ -272,12 +297,14 @@ def knn_classify_leave_one_out(
     return torch.cat(scores)
 
 
-def _accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
-    if len(labels) == 0:
-        return float("nan")
+def _hits(scores: torch.Tensor, labels: torch.Tensor, top: int) -> torch.Tensor:
+    """Per query, whether its label is among its ``top`` best-scored classes."""
     top = min(top, scores.shape[1])
-    hits = (scores.topk(top, dim=1).indices == labels.view(-1, 1)).any(dim=1)
-    return 100.0 * hits.float().mean().item()
+    return (scores.topk(top, dim=1).indices == labels.view(-1, 1)).any(dim=1)
+
+
+def _accuracy(hits: torch.Tensor) -> float:
+    return 100.0 * hits.float().mean().item() if len(hits) else float("nan")
 
 
 # --------------------------------------------------------------------------------------
@@ -372,8 +399,9 @@ def knn_scores(bank: torch.Tensor, queries: torch.Tensor, s: KnnSet, k: int = 20
     else:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     n_bank = len(bank) if protocol == "split" else len(labels) - 1
-    return KnnResult(_accuracy(scores, labels, 1), _accuracy(scores, labels, 5), n_bank, len(labels),
-                     len(s.skipped), k, temperature, protocol)
+    top1 = _hits(scores, labels, 1)
+    return KnnResult(_accuracy(top1), _accuracy(_hits(scores, labels, 5)), n_bank, len(labels),
+                     len(s.skipped), k, temperature, protocol, hits=top1.numpy())
 
 
 def evaluate_knn_set(
