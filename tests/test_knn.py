@@ -292,6 +292,33 @@ def test_cli_eval_knn_on_a_saved_checkpoint(tiny_vit, knn_folder, tmp_path):
     assert ", split: top-1" in text.output and ", loo: top-1" in text.output and "±" in text.output
 
 
+def test_cli_eval_knn_against_pixels_and_a_second_model(tiny_vit, knn_folder, tmp_path):
+    ckpt = tmp_path / "checkpoint.pth"
+    _save_dinoserve_checkpoint(tiny_vit, ckpt)
+    torch.manual_seed(3)
+    other = tmp_path / "other.pth"
+    _save_dinoserve_checkpoint(create_backbone("vit_tiny_patch16_224", depth=2, img_size=SIZE), other)
+    base = ["eval", "knn", "-w", str(ckpt), "-d", str(knn_folder), "--device", "cpu", "-k", "3"]
+    res = CliRunner().invoke(cli, [*base, "--against", "pixels", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    knn_set = prepare_knn_set(knn_folder, SIZE)
+    mine = evaluate_knn_set(load_backbone(ckpt), knn_set, k=3, protocol="loo")
+    raw = evaluate_knn_set(None, knn_set, k=3, protocol="loo")
+    gap, se = paired_gap(mine, raw)
+    loo = out["against"]["protocols"]["loo"]
+    assert out["against"]["weights"] == "pixels" and loo["top1"] == raw.top1
+    assert (loo["gain"], loo["gain_se"], loo["beyond_2se"]) == (round(gap, 2), round(se, 2), abs(gap) > 2 * se)
+    # a second model: its figures are its own, the gain is ours minus its, on the same queries
+    res = CliRunner().invoke(cli, [*base, "--against", str(other), "--protocol", "split"])
+    assert res.exit_code == 0, res.output
+    theirs = evaluate_knn_set(load_backbone(other), knn_set, k=3)
+    gap, se = paired_gap(evaluate_knn_set(load_backbone(ckpt), knn_set, k=3), theirs)
+    assert f"against {other}: top-1 {theirs.top1:.2f} %; gain {gap:+.2f} ± {se:.2f} points (paired)" in res.output
+    res = CliRunner().invoke(cli, [*base, "--against", str(tmp_path / "none.pth")])
+    assert res.exit_code == 1 and "none.pth: no such file" in res.output
+
+
 def test_cli_eval_knn_bad_inputs_exit_1_with_message(tiny_vit, tmp_path):
     ckpt = tmp_path / "checkpoint.pth"
     _save_dinoserve_checkpoint(tiny_vit, ckpt)

@@ -36,22 +36,27 @@ def eval_() -> None:
 @click.option("--protocol", type=click.Choice(["split", "loo", "both"]), default="both", show_default=True,
               help="split: bank = train, queries = val (the fixed protocol); loo: leave-one-out over every "
                    "labelled image (about 2x smaller standard error on openclipart); both.")
+@click.option("--against", default=None, metavar="WEIGHTS|pixels",
+              help="A second model (any weight source, its teacher) or 'pixels' (the raw-pixel baseline), "
+                   "scored on the same prepared images: prints the gain over it with its paired standard error.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_root: str | None,
         image_size: int | None, k: int, temperature: float, batch_size: int, device: str,
-        protocol: str, as_json: bool) -> None:
+        protocol: str, against: str | None, as_json: bool) -> None:
     """k-NN top-1/top-5 of backbone features on a labelled set (the DINO protocol:
     L2-normalised features, cosine top-k, votes weighted exp(sim / T)), each top-1 with its
-    standard error: a gap between two models smaller than twice it is noise.
+    standard error. To tell two models apart, score them on the same queries with
+    ``--against``: the gain counts only when it is larger than twice its paired standard error.
 
     \b
     Example:
-      dinoserve eval knn --weights runs/clipart --data openclipart_knn.csv
+      dinoserve eval knn --weights runs/clipart --data openclipart_knn.csv --against pixels
+      dinoserve eval knn -w runs/new -d openclipart_knn.csv --against weights/old.safetensors
       dinoserve eval knn -w dino_vits16 -d my_labelled_folder --image-size 224 --json
     """
     from dinoserve.models import backbone_card, load_backbone
     from dinoserve.training.distributed import resolve_device
-    from dinoserve.training.knn import PROTOCOLS, evaluate_knn_protocols, prepare_knn_set
+    from dinoserve.training.knn import PROTOCOLS, evaluate_knn_protocols, paired_gap, prepare_knn_set
 
     device = resolve_device(device)  # the resolver training uses
     model = load_backbone(weights, arch, checkpoint_key=checkpoint_key).to(device)
@@ -59,16 +64,32 @@ def knn(weights: str, arch: str | None, checkpoint_key: str, data: str, data_roo
     size = image_size or card.image_size
     protocols = PROTOCOLS if protocol == "both" else (protocol,)
     knn_set = prepare_knn_set(data, size, root=data_root, fit=card.fit)
-    results = evaluate_knn_protocols(model, knn_set, protocols, k=k, temperature=temperature,
-                                     batch_size=batch_size, device=device)
+    options = dict(k=k, temperature=temperature, batch_size=batch_size, device=device)
+    results = evaluate_knn_protocols(model, knn_set, protocols, **options)
+    rival = None
+    if against is not None:
+        # the rival sees the very same prepared images, so its hits pair with ours query by query
+        other = None if against == "pixels" else load_backbone(against, checkpoint_key=checkpoint_key).to(device)
+        rival = evaluate_knn_protocols(other, knn_set, protocols, **options)
+    gains = {p: paired_gap(results[p], rival[p]) for p in protocols} if rival else {}
     if as_json:
         first = results[protocols[0]]  # the top level keeps the single-protocol layout
-        click.echo(json.dumps({"weights": weights, "arch": card.arch, "image_size": size, "data": data,
-                               **first.to_dict(), "protocols": {p: r.to_dict() for p, r in results.items()}}))
+        out = {"weights": weights, "arch": card.arch, "image_size": size, "data": data,
+               **first.to_dict(), "protocols": {p: r.to_dict() for p, r in results.items()}}
+        if rival:
+            out["against"] = {"weights": against, "protocols": {
+                p: {**rival[p].to_dict(), "gain": round(g, 2), "gain_se": round(se, 2), "beyond_2se": abs(g) > 2 * se}
+                for p, (g, se) in gains.items()}}
+        click.echo(json.dumps(out))
         return
     for p, r in results.items():
         click.echo(f"{card.arch} @ {size}px, k={k}, T={temperature}, {p}: top-1 {r.top1:.2f} ± {r.top1_se:.2f} %  "
                    f"top-5 {r.top5:.2f} %  (bank {r.n_bank}, queries {r.n_query}, skipped {r.skipped})")
+        if rival:
+            g, se = gains[p]
+            verdict = "a difference" if abs(g) > 2 * se else "within twice its error: not a difference"
+            click.echo(f"  against {against}: top-1 {rival[p].top1:.2f} %; gain {g:+.2f} ± {se:.2f} points "
+                       f"(paired), {verdict}")
 
 
 @eval_.command("attention")
