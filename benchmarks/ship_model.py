@@ -185,6 +185,7 @@ def main() -> None:
     target = REPO / "weights" / f"{args.name}.safetensors"
     candidate = target.with_name(f".{target.stem}.candidate.safetensors")  # weights/ changes only for a winner
     facts = write_weights(args.out / "checkpoint.pth", candidate)
+    from dinoserve.atomic import atomic_write_text
     from dinoserve.models import file_sha256
 
     measured = measure(candidate, args.eval_sizes, rival=target)
@@ -193,10 +194,9 @@ def main() -> None:
         if reasons and not args.force:
             candidate.unlink()
             raise SystemExit(f"{target} stays: the new model does not win ({'; '.join(reasons)}); --force ships it anyway")
-    candidate.replace(target)
     record = {
-        "name": args.name, "file": f"weights/{target.name}", "file_sha256": file_sha256(target),
-        "megabytes": round(target.stat().st_size / 2**20, 2),
+        "name": args.name, "file": f"weights/{target.name}", "file_sha256": file_sha256(candidate),
+        "megabytes": round(candidate.stat().st_size / 2**20, 2),
         "command": shlex.join(command) if command else None, "train_args": facts["args"],
         "epochs": facts["epoch"], "steps": facts["steps"],
         "final_loss": ends[-1]["final_loss"] if ends else None,
@@ -208,7 +208,10 @@ def main() -> None:
         "machine": machine(),
         "note": "image_size is the evaluation size with the best k-NN top-1 among eval sizes on knn_val",
     }
-    target.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    # the record is complete before the weights move, and both moves are renames: an
+    # interruption leaves the old pair, or new weights the demo refuses by their sha256
+    candidate.replace(target)
+    atomic_write_text(target.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_json("shipped_model", record)
     print(json.dumps({k: record[k] for k in ("file", "megabytes", "epochs", "knn_top1", "raw_pixels_top1",
                                              "knn_loo_top1", "raw_pixels_loo_top1")}))
