@@ -4,7 +4,6 @@ labelled folder, compare, export, index, search; then reuse every step."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +151,14 @@ def test_demo_without_openclipart_or_data_says_what_to_install(tmp_path, monkeyp
     result = CliRunner().invoke(cli, ["demo", "--no-app", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "apt-get install -y openclipart-png" in result.output and "--data" in result.output
+
+
+def test_training_minutes_skip_fine_tuning_only_on_the_shipped_models_own_images(tmp_path):
+    from dinoserve.commands.demo_pipeline import DEFAULT_MINUTES, DemoConfig, training_minutes
+
+    minutes, why = training_minutes(DemoConfig())  # openclipart with the shipped model
+    assert minutes == 0 and "trained on these very images" in why and "--minutes 6 fine-tunes" in why
+    assert training_minutes(DemoConfig(minutes=2.5)) == (2.5, "")  # the user's word wins
+    assert training_minutes(DemoConfig(data=str(tmp_path))) == (DEFAULT_MINUTES, "")  # their own images
+    assert training_minutes(DemoConfig(from_scratch=True)) == (DEFAULT_MINUTES, "")
+    assert training_minutes(DemoConfig(shipped=str(tmp_path / "other.safetensors"))) == (DEFAULT_MINUTES, "")
