@@ -49,7 +49,7 @@ def prepare(work: Path) -> None:
     import torch
 
     from dinoserve.export import export_onnx
-    from dinoserve.models import create_backbone, load_backbone
+    from dinoserve.models import create_backbone, file_sha256, load_backbone
     from dinoserve.quantize import calibration_batch, quantize_int8
 
     torch.manual_seed(0)
@@ -68,6 +68,9 @@ def prepare(work: Path) -> None:
             quantize_int8(fp32, d / f"{scheme}.onnx", batch, family=family, scheme=scheme)
             print(f"{key}: {scheme} quantised in {time.perf_counter() - t:.0f} s ({source})", flush=True)
         (d / "source.txt").write_text(source)
+        # which model: the shipped file changes when a better one is trained
+        (d / "weights.txt").write_text(f"{Path(weights).name} sha256 {file_sha256(weights)}" if weights
+                                       else f"{arch}, random init (seed 0)")
 
 
 def _session(path: Path, threads: int):
@@ -101,7 +104,8 @@ def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, referenc
                                      for i in range(0, len(calib), 16)]).astype(np.float64)
             np.save(d / f"emb_{tag}_{g}.npy", emb[g])
             print(f"{tag} {key} {g}: embedded {len(calib)} in {time.perf_counter() - t:.0f} s", flush=True)
-        row = {"images": int(len(calib)), "calibration": (d / "source.txt").read_text(), "schemes": {}}
+        row = {"images": int(len(calib)), "weights": (d / "weights.txt").read_text(),
+               "calibration": (d / "source.txt").read_text(), "schemes": {}}
         for scheme in INT8_SCHEMES:
             cos = row_cosines(emb["fp32"], emb[scheme])
             row["schemes"][scheme] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5),
