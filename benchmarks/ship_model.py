@@ -14,9 +14,10 @@ One prepared script, so a long CPU run or a few GPU minutes are not wasted:
    raw pixels on both protocols by more than twice the standard error of the gain
    (``--force`` to override). All three are scored on the same queries, so the gain's error
    is the paired one (:func:`dinoserve.training.knn.paired_gap`), not the two models' errors
-   added as if they were independent; both go into the record. Then it writes ``weights/<name>.json`` (command, commit, device, wall time,
-   epochs, final loss, k-NN, a long run's segments, the figures of the model it replaced)
-   and the same record plus the machine to ``results/shipped_model.json``.
+   added as if they were independent; both go into the record. Then it writes
+   ``weights/<name>.json`` (command, commit, device, wall time, epochs, final loss, k-NN, a
+   long run's segments, the figures of the model it replaced) and the same record plus the
+   machine to ``results/shipped_model.json``.
 
 Examples (the shipped model's own provenance is in its record)::
 

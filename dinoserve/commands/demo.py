@@ -43,7 +43,7 @@ def demo(data, out, repo, name, minutes, from_scratch, base, weights, arch, imag
 
     \b
     Examples:
-      dinoserve demo                       # openclipart, the shipped model, about 3 minutes, then the app
+      dinoserve demo                       # openclipart, the shipped model, about 2 minutes, then the app
       dinoserve demo --no-app --minutes 2 --data my_photos/
       dinoserve demo --from-scratch --minutes 10
       dinoserve demo --weights timm:vit_small_patch16_224.dino --arch vit_small_patch16_224

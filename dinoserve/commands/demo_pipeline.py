@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,7 +152,6 @@ class DemoRun:
     out: Path
     cache: StepCache
     echo: Echo
-    why_no_training: str = ""  # training_minutes' reason, when it chose 0
     candidates: list[Candidate] = field(default_factory=list)
     raw: dict[str, Any] | None = None  # raw pixels' k-NN, and the query counts
     served: Candidate | None = None
@@ -173,12 +172,13 @@ def _train(run: DemoRun) -> bool:
         size = cfg.image_size or card.image_size
         run.candidates = [Candidate("--weights", cfg.weights, cfg.arch, size, fit=card.fit)]
         return False
+    minutes, why = training_minutes(cfg)
     base: dict[str, Any] = dict(data=d.train_source, split=d.train_splits, data_root=d.root,
-                                out=str(run.out / "train"), time_limit=cfg.minutes, progress=True, save_every=50)
+                                out=str(run.out / "train"), time_limit=minutes, progress=True, save_every=50)
     n_images = len(find_images(d.train_source, d.train_splits, d.root))
     checkpoint = str(run.out / "train" / "checkpoint.pth")
     if cfg.from_scratch:
-        echo(f"[1/5] train: from scratch on {_where(d)} for at most {cfg.minutes:g} min")
+        echo(f"[1/5] train: from scratch on {_where(d)} for at most {minutes:g} min")
         arch = {"arch": cfg.arch} if cfg.arch else {}
         train_cfg = _training_config("cpu_small", n_images, **base, **arch)
         run.candidates = [Candidate("from scratch", checkpoint, None, cfg.image_size or train_cfg.global_crop_size,
@@ -188,14 +188,14 @@ def _train(run: DemoRun) -> bool:
     size = cfg.image_size or int(record["image_size"])
     fit = record["train_args"].get("fit", "crop")
     shipped = Candidate("shipped", cfg.shipped, record["arch"], size, fit=fit)
-    if cfg.minutes <= 0:
+    if minutes <= 0:
         echo(f"[1/5] train: none; serving the shipped model {Path(cfg.shipped).name} as it is: "
-             f"{run.why_no_training or '--minutes 0'}")
+             f"{why or '--minutes 0'}")
         run.candidates = [shipped]
         return False
     known = f" (k-NN {record['knn_top1']:.1f} % on openclipart)" if record.get("knn_top1") is not None else ""
     echo(f"[1/5] train: fine-tuning the shipped model {Path(cfg.shipped).name}{known} "
-         f"on {_where(d)} for at most {cfg.minutes:g} min")
+         f"on {_where(d)} for at most {minutes:g} min")
     args = record["train_args"]
     kept = {k: args[k] for k in (*NETWORK_OPTIONS, *CROP_OPTIONS) if k in args}  # the network and its crops
     train_cfg = _training_config("finetune", n_images, **base, **kept, pretrained=cfg.shipped)
@@ -366,11 +366,9 @@ def run_demo(cfg: DemoConfig, echo: Echo = print) -> DemoResult:
         raise ConfigError(f"--minutes must not be negative, got {cfg.minutes}")
     if cfg.minutes == 0 and cfg.from_scratch:
         raise ConfigError("--from-scratch needs training time: give --minutes above 0")
-    minutes, why = training_minutes(cfg)
-    cfg = replace(cfg, minutes=minutes)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = DemoRun(cfg, resolve_data(cfg.data), out, StepCache(out / "demo.json", cfg.fresh), echo, why)
+    run = DemoRun(cfg, resolve_data(cfg.data), out, StepCache(out / "demo.json", cfg.fresh), echo)
     reused, seconds = [], {}
     try:
         for name, step in STEPS:
