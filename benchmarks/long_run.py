@@ -190,6 +190,12 @@ def package(name: str) -> Path | None:
     from dinoserve.errors import DinoserveError
 
     target = PROGRESS / f"{name}.safetensors"
+    rows = _log_rows(out)
+    if target.is_file() and not any(r.get("event") == "epoch" for r in rows):
+        # a segment stopped before its first epoch ended holds nothing the packaged pair
+        # lacks; packaging it would replace the record's k-NN figures with none
+        print(f"{name}: no epoch finished since this segment began; the packaged weights stay as they were")
+        return None
     try:
         # the head too, so that a continuation does not begin with a random one; the record
         # follows, until then the old one names fewer epochs
@@ -198,7 +204,6 @@ def package(name: str) -> Path | None:
         print(f"{name}: not packaged, the packaged weights stay as they were: {e}", flush=True)
         return None
     segments = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
-    rows = _log_rows(out)
     knn = [r for r in rows if r.get("event") == "knn"]
     record = {
         # what `dinoserve demo --base` reads of a shipped model's record, so the demo can serve

@@ -111,3 +111,17 @@ def test_a_packaged_teacher_is_served_by_the_demo_as_it_is(progress, tmp_path):
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["served"] == str(target) and set(summary["knn_top1"]) == {"shipped", "raw pixels"}
     assert (tmp_path / "repo" / "dino_demo" / "1" / "model.onnx").is_file()
+
+
+def test_a_segment_stopped_before_its_first_epoch_keeps_the_packaged_pair(progress):
+    """Stopped mid-epoch right after a restart: nothing new to keep, and the record's k-NN
+    figures must not be replaced by a record of no epochs."""
+    record = _record(58, 4, [59, 61], 0.2)
+    (progress / "r18_sgd_64.json").write_text(json.dumps(record))
+    out = long_run.run_dir("r18_sgd_64")
+    (out / "checkpoint.pth").write_bytes(b"saved mid-epoch")
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"event": "start", "time": 1.0}, {"event": "step", "time": 2.0, "step": 10, "epoch": 62})))
+    assert long_run.package("r18_sgd_64") is None
+    assert json.loads((progress / "r18_sgd_64.json").read_text()) == record
+    assert (progress / "r18_sgd_64.safetensors").read_bytes() == b"weights"
