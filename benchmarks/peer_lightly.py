@@ -76,8 +76,12 @@ NOTES = [
     "feature extraction and both protocols; dinoserve's first knn_seconds also include the trainer "
     "decoding the labelled set (the benchmark decodes its own copy once for lightly)",
     "both trainers share 2 CPU cores with other jobs (load average in machine): compare epochs, not seconds",
-    "gaps: dinoserve minus lightly; se is the two standard errors added in quadrature (conservative: "
-    "both are scored on the same queries); a gap counts only beyond 2 se",
+    "gaps: dinoserve minus lightly; se is the paired standard error of the gap (std of per-query "
+    "differences / sqrt(queries), both scored on the same queries) where both runs kept the per-query hits "
+    "of that epoch (the last one), else the two errors in quadrature (se_kind says which); a gap counts "
+    "only beyond 2 se. Neither error covers seed-to-seed spread (random inits alone span 35-44 % at epoch "
+    "0): compare seeds, not one run",
+    "hits: per query, in protocol order, 1 if its top-1 class was right: the last epoch's, for the paired error",
 ]
 
 if TYPE_CHECKING:
@@ -132,6 +136,22 @@ def knn_row(results: dict) -> dict[str, float]:
     split, loo = results["split"], results["loo"]
     return {"split_top1": round(split.top1, 2), "split_se": round(split.top1_se, 2),
             "loo_top1": round(loo.top1, 2), "loo_se": round(loo.top1_se, 2)}
+
+
+def hits_row(results: dict) -> dict[str, str]:
+    """Each protocol's per-query hits as a string of 0s and 1s (compact in JSON, exact)."""
+    return {p: "".join("1" if h else "0" for h in r.hits) for p, r in results.items()}
+
+
+def _as_result(hits: str, protocol: str):
+    """A :class:`KnnResult` that carries only what :func:`paired_gap` reads."""
+    import numpy as np
+
+    from dinoserve.training.knn import KnnResult
+
+    h = np.frombuffer(hits.encode(), dtype=np.uint8) == ord("1")
+    return KnnResult(top1=100.0 * float(h.mean()), top5=float("nan"), n_bank=0, n_query=len(h), skipped=0,
+                     protocol=protocol, hits=h)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,9 +222,11 @@ def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
             scheduler.step()
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        scores = knn_row(evaluate_knn_protocols(teacher_backbone, knn_set))
-        epochs.append({"epoch": epoch + 1, **scores, "loss": round(loss_sum / steps_per_epoch, 4),
+        knn = evaluate_knn_protocols(teacher_backbone, knn_set)
+        epochs.append({"epoch": epoch + 1, **knn_row(knn), "loss": round(loss_sum / steps_per_epoch, 4),
                        "train_seconds": round(train_s, 1), "knn_seconds": round(time.perf_counter() - t1, 1)})
+        if epoch + 1 == cfg.epochs:
+            epochs[-1]["hits"] = hits_row(knn)
         log.info("lightly seed %d epoch %d: %s", seed, epoch + 1, json.dumps(epochs[-1]))
     return {"seed": seed, "precision": "fp32", "images": len(store), "steps_per_epoch": steps_per_epoch,
             "epochs": epochs}
@@ -235,15 +257,26 @@ def lightly_step(crops, epoch: int, backbone, head, teacher_backbone, teacher_he
 # --------------------------------------------------------------------------------------
 
 
-def run_dinoserve(cfg, seed: int) -> dict[str, Any]:
-    """``dinoserve.training.train(cfg)``; the per-epoch numbers come from its log.jsonl."""
+def run_dinoserve(cfg, seed: int, knn_set) -> dict[str, Any]:
+    """``dinoserve.training.train(cfg)``; the per-epoch numbers come from its log.jsonl, the
+    last epoch's per-query hits from its final teacher, scored again by this benchmark."""
+    from dinoserve.models import load_backbone
     from dinoserve.training import train
+    from dinoserve.training.knn import evaluate_knn_protocols
 
     result = train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    epochs = epochs_from_log(rows)
+    knn = evaluate_knn_protocols(load_backbone(result.checkpoint).eval(), knn_set)
+    again = knn_row(knn)
+    if epochs and any(abs(again[k] - epochs[-1][k]) > 0.01 for k in ("split_top1", "loo_top1")):
+        # the trainer's own k-NN and ours must agree, or the paired gap would mix two evaluators
+        raise RuntimeError(f"the final teacher scores {again}, the trainer's log {epochs[-1]}")
+    if epochs:
+        epochs[-1]["hits"] = hits_row(knn)
     return {"seed": seed, "precision": result.precision, "images": next(r["images"] for r in rows if r["event"] == "start"),
             "steps_per_epoch": next(r["steps_per_epoch"] for r in rows if r["event"] == "start"),
-            "epochs": epochs_from_log(rows)}
+            "epochs": epochs}
 
 
 def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
@@ -268,8 +301,11 @@ def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
 
 def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """dinoserve minus lightly per seed, epoch and protocol, with the standard error of the
-    difference (the two errors added in quadrature: conservative, since both are scored on
-    the same queries) and whether the gap exceeds twice it."""
+    gap and whether the gap exceeds twice it. The error is paired where both epochs kept
+    their per-query hits, else the two errors in quadrature (larger: it ignores that both
+    are scored on the same queries)."""
+    from dinoserve.training.knn import paired_gap
+
     out = []
     pairs = {(r["seed"], e["epoch"]): e for r in runs.get("lightly", []) for e in r["epochs"]}
     for r in runs.get("dinoserve", []):
@@ -278,10 +314,14 @@ def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
             if peer is None:
                 continue
             for p in ("split", "loo"):
-                gap = e[f"{p}_top1"] - peer[f"{p}_top1"]
-                se = math.hypot(e[f"{p}_se"], peer[f"{p}_se"])
+                if "hits" in e and "hits" in peer:
+                    gap, se = paired_gap(_as_result(e["hits"][p], p), _as_result(peer["hits"][p], p))
+                    kind = "paired"
+                else:
+                    gap, se = e[f"{p}_top1"] - peer[f"{p}_top1"], math.hypot(e[f"{p}_se"], peer[f"{p}_se"])
+                    kind = "quadrature"
                 out.append({"seed": r["seed"], "epoch": e["epoch"], "protocol": p, "dinoserve_minus_lightly": round(gap, 2),
-                            "se": round(se, 2), "beyond_2se": abs(gap) > 2 * se})
+                            "se": round(se, 2), "se_kind": kind, "beyond_2se": abs(gap) > 2 * se})
     return out
 
 
@@ -395,7 +435,7 @@ def main() -> None:
             for trainer in args.trainers:
                 cfg = dinoserve_config(data, args.out / f"{stamp}-seed{seed}", args.epochs, seed)
                 results["dinoserve_config"] = cfg.to_dict()
-                run = run_lightly(cfg, seed, knn_set) if trainer == "lightly" else run_dinoserve(cfg, seed)
+                run = run_lightly(cfg, seed, knn_set) if trainer == "lightly" else run_dinoserve(cfg, seed, knn_set)
                 run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
                 results["runs"].setdefault(trainer, []).append(run)
                 save(results)  # after every run, so a stopped benchmark keeps what it measured
