@@ -19,7 +19,8 @@ Three steps, one work folder:
 seeded openclipart calibration images. ``measure`` runs the gate's comparison (mean/min
 cosine to fp32, top-10 neighbour agreement) for each and, with ``--speed``, times batch 32
 on one thread with fp32 and the schemes interleaved round by round. ``report`` writes
-``benchmarks/results/int8_portable.json`` and ``.png``.
+``benchmarks/results/int8_portable.json`` and ``.png``, keeping the runs that file already
+holds from other CPUs (earlier sessions) for the same weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import OPENCLIPART_CSV, REPO, machine, median_seconds_in_turns, plot_path, write_json
+from benchmarks.harness import OPENCLIPART_CSV, REPO, RESULTS, machine, median_seconds_in_turns, plot_path, write_json
 from dinoserve.contract import EMBEDDING, INPUT
 from dinoserve.cpu import INT8_SCHEMES, cpu_features, cpu_name, int8_problem
 
@@ -129,8 +130,21 @@ def _speed(graphs: dict[str, Path], calib: np.ndarray, rounds: int, batch: int) 
             "speedup_vs_fp32": {g: round(med["fp32"] / v, 2) for g, v in med.items() if g != "fp32"}}
 
 
+def _earlier_runs(work: Path, measured: set[str]) -> dict:
+    """The committed JSON's runs on other CPUs (earlier sessions, other machines) of the very
+    same models, so that one file holds every CPU measured; a tag measured again replaces its
+    old run, and a run of other weights (the shipped model changed) is dropped."""
+    path = RESULTS / f"{NAME}.json"
+    if not path.exists():
+        return {}
+    now = {key: (work / key / "weights.txt").read_text() for key in MODELS}
+    return {tag: run for tag, run in json.loads(path.read_text()).get("runs", {}).items()
+            if tag not in measured and {k: r["weights"] for k, r in run["models"].items()} == now}
+
+
 def report(work: Path, gate_cosine: float = 0.99, gate_agreement: float = 0.8) -> None:
     runs = {p.stem.removeprefix("measure_"): json.loads(p.read_text()) for p in sorted(work.glob("measure_*.json"))}
+    runs = {**_earlier_runs(work, set(runs)), **runs}
     verdicts = {}
     for tag, run in runs.items():
         for key, row in run["models"].items():
