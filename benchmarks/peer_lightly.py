@@ -30,9 +30,17 @@ features) and ``results/peer_lightly.png`` (k-NN against epochs with 2-SE bars).
 counts only when it is larger than twice the standard error of the difference::
 
     pip install -e ".[bench]"
-    nice -n 5 .venv/bin/python -m benchmarks.peer_lightly --epochs 2
+    nice -n 5 .venv/bin/python -m benchmarks.peer_lightly --epochs 5 --seeds 2
     .venv/bin/python -m benchmarks.peer_lightly --epochs 1 --limit-images 256   # a smoke run
     .venv/bin/python -m benchmarks.peer_lightly --replot   # redraw the PNG from the JSON
+
+A run of many epochs spans sessions: both trainers keep their state in a run folder outside
+the repository (``$DINOSERVE_RUNS`` or ``~/.cache/dinoserve/runs``, then
+``peer_lightly_<epochs>e``), lightly's after every epoch, ours as ``dinoserve train`` does;
+``--minutes`` stops cleanly and ``--resume`` continues exactly where it stopped::
+
+    .venv/bin/python -m benchmarks.peer_lightly --epochs 50 --minutes 120            # first session
+    .venv/bin/python -m benchmarks.peer_lightly --epochs 50 --minutes 120 --resume   # every later one
 
 lightly is a benchmark-only dependency (the ``bench`` extra); without it the script says so
 and exits with status 2.
@@ -42,16 +50,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.harness import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json
+from benchmarks.long_run import run_dir
 
 NAME = "peer_lightly"
 TRAINERS = ("lightly", "dinoserve")
@@ -182,9 +192,13 @@ def lightly_models(seed: int):
     return backbone, head, teacher_backbone, teacher_head
 
 
-def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
+def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
+                on_epoch=lambda run: None) -> dict[str, Any]:
     """Train lightly's recipe on the crops our trainer would make for ``cfg``; k-NN of the
-    teacher backbone after every epoch."""
+    teacher backbone after every epoch. Its state goes to ``ckpt`` after every epoch, and a
+    run that finds ``ckpt`` continues from it, so a run of many epochs spans sessions. Stops
+    after the epoch during which ``time.time()`` passes ``deadline`` (``complete`` False);
+    ``on_epoch`` sees the run after each epoch."""
     import torch
     from lightly.loss import DINOLoss
     from lightly.models.utils import update_momentum
@@ -204,32 +218,58 @@ def run_lightly(cfg, seed: int, knn_set) -> dict[str, Any]:
     batches = TensorBatches(store.pixels, augment, sampler, cfg.batch_size, cfg.seed, 0, torch.device("cpu"))
     steps_per_epoch = len(sampler) // cfg.batch_size
 
-    backbone, head, teacher_backbone, teacher_head = lightly_models(seed)
-    params = list(backbone.parameters()) + list(head.parameters())
+    nets = dict(zip(("student", "head", "teacher", "teacher_head"), lightly_models(seed)))
+    params = list(nets["student"].parameters()) + list(nets["head"].parameters())
     optimizer = torch.optim.SGD(params, lr=LIGHTLY_RECIPE["lr"], momentum=LIGHTLY_RECIPE["momentum"],
                                 weight_decay=LIGHTLY_RECIPE["weight_decay"])
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=0, max_epochs=cfg.epochs * steps_per_epoch)
     criterion = DINOLoss(output_dim=2048)
+    stateful = {**nets, "optimizer": optimizer, "scheduler": scheduler, "criterion": criterion}
+    run = {"seed": seed, "precision": "fp32", "images": len(store), "steps_per_epoch": steps_per_epoch,
+           "epochs": [], "complete": False}
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if (saved["epochs_planned"], saved["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
+            raise SystemExit(f"{ckpt}: a run of {saved['epochs_planned']} epochs x {saved['steps_per_epoch']} steps, "
+                             f"this one {cfg.epochs} x {steps_per_epoch}; remove it or use its --epochs")
+        for name, obj in stateful.items():
+            obj.load_state_dict(saved[name])
+        run["epochs"] = saved["rows"]
+        log.info("lightly seed %d: continued from %s after epoch %d", seed, ckpt, len(run["epochs"]))
 
-    epochs = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(len(run["epochs"]), cfg.epochs):
+        if time.time() > deadline:
+            return run
         t0 = time.perf_counter()
         loss_sum = 0.0
-        backbone.train(), head.train(), teacher_backbone.train(), teacher_head.train()
+        for net in nets.values():
+            net.train()
         for batch in batches.epoch(epoch):
-            loss_sum += lightly_step(batch.crops, epoch, backbone, head, teacher_backbone, teacher_head,
-                                     criterion, optimizer, update_momentum)
+            loss_sum += lightly_step(batch.crops, epoch, *nets.values(), criterion, optimizer, update_momentum)
             scheduler.step()
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        knn = evaluate_knn_protocols(teacher_backbone, knn_set)
-        epochs.append({"epoch": epoch + 1, **knn_row(knn), "loss": round(loss_sum / steps_per_epoch, 4),
-                       "train_seconds": round(train_s, 1), "knn_seconds": round(time.perf_counter() - t1, 1)})
+        knn = evaluate_knn_protocols(nets["teacher"], knn_set)
+        run["epochs"].append({"epoch": epoch + 1, **knn_row(knn), "loss": round(loss_sum / steps_per_epoch, 4),
+                              "train_seconds": round(train_s, 1), "knn_seconds": round(time.perf_counter() - t1, 1)})
         if epoch + 1 == cfg.epochs:
-            epochs[-1]["hits"] = hits_row(knn)
-        log.info("lightly seed %d epoch %d: %s", seed, epoch + 1, json.dumps(epochs[-1]))
-    return {"seed": seed, "precision": "fp32", "images": len(store), "steps_per_epoch": steps_per_epoch,
-            "epochs": epochs}
+            run["epochs"][-1]["hits"] = hits_row(knn)
+        _save_atomically({**{k: v.state_dict() for k, v in stateful.items()}, "rows": run["epochs"],
+                          "epochs_planned": cfg.epochs, "steps_per_epoch": steps_per_epoch}, ckpt)
+        log.info("lightly seed %d epoch %d: %s", seed, epoch + 1,
+                 json.dumps({k: v for k, v in run["epochs"][-1].items() if k != "hits"}))
+        on_epoch(run)
+    run["complete"] = True
+    return run
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a stop mid-write keeps the last epoch's."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def lightly_step(crops, epoch: int, backbone, head, teacher_backbone, teacher_head, criterion, optimizer,
@@ -257,40 +297,65 @@ def lightly_step(crops, epoch: int, backbone, head, teacher_backbone, teacher_he
 # --------------------------------------------------------------------------------------
 
 
-def run_dinoserve(cfg, seed: int, knn_set) -> dict[str, Any]:
-    """``dinoserve.training.train(cfg)``; the per-epoch numbers come from its log.jsonl, the
-    last epoch's per-query hits from its final teacher, scored again by this benchmark."""
+def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf) -> dict[str, Any]:
+    """``dinoserve.training.train(cfg)``, resumed (``--resume``, bit-exactly) when ``cfg.out``
+    holds its checkpoint, and stopped cleanly at ``deadline`` (the trainer's
+    ``--time-limit``). The per-epoch numbers come from its log.jsonl; the last epoch's
+    per-query hits from its final teacher, scored again by this benchmark."""
     from dinoserve.models import load_backbone
     from dinoserve.training import train
     from dinoserve.training.knn import evaluate_knn_protocols
 
-    result = train(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    out = Path(cfg.out)
+    log_file, hits_file = out / "log.jsonl", out / "final_hits.json"
+    rows = _log(log_file)
+    if len(epochs_from_log(rows)) < cfg.epochs:
+        minutes = (deadline - time.time()) / 60
+        if minutes <= 0:
+            return _dinoserve_run(seed, rows, cfg.epochs) if rows else {"seed": seed, "epochs": [], "complete": False}
+        resume = (out / "checkpoint.pth").is_file()
+        train(dataclasses.replace(cfg, resume=resume, time_limit=None if math.isinf(minutes) else minutes))
+        rows = _log(log_file)
+    run = _dinoserve_run(seed, rows, cfg.epochs)
+    if run["complete"]:
+        if not hits_file.is_file():
+            knn = evaluate_knn_protocols(load_backbone(out / "checkpoint.pth").eval(), knn_set)
+            again = knn_row(knn)
+            if any(abs(again[k] - run["epochs"][-1][k]) > 0.01 for k in ("split_top1", "loo_top1")):
+                # the trainer's own k-NN and ours must agree, or the paired gap would mix two evaluators
+                raise RuntimeError(f"the final teacher scores {again}, the trainer's log {run['epochs'][-1]}")
+            hits_file.write_text(json.dumps(hits_row(knn)))
+        run["epochs"][-1]["hits"] = json.loads(hits_file.read_text())
+    return run
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _dinoserve_run(seed: int, rows: list[dict], planned: int) -> dict[str, Any]:
+    start = next(r for r in rows if r["event"] == "start")
     epochs = epochs_from_log(rows)
-    knn = evaluate_knn_protocols(load_backbone(result.checkpoint).eval(), knn_set)
-    again = knn_row(knn)
-    if epochs and any(abs(again[k] - epochs[-1][k]) > 0.01 for k in ("split_top1", "loo_top1")):
-        # the trainer's own k-NN and ours must agree, or the paired gap would mix two evaluators
-        raise RuntimeError(f"the final teacher scores {again}, the trainer's log {epochs[-1]}")
-    if epochs:
-        epochs[-1]["hits"] = hits_row(knn)
-    return {"seed": seed, "precision": result.precision, "images": next(r["images"] for r in rows if r["event"] == "start"),
-            "steps_per_epoch": next(r["steps_per_epoch"] for r in rows if r["event"] == "start"),
-            "epochs": epochs}
+    precision = next((r["precision"] for r in reversed(rows) if r["event"] == "end"), start.get("precision"))
+    return {"seed": seed, "precision": precision, "images": start["images"], "steps_per_epoch": start["steps_per_epoch"],
+            "epochs": epochs, "complete": len(epochs) == planned}
 
 
 def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
     """Per-epoch rows from the trainer's log: training time runs from the end of the
-    previous k-NN (or the start) to the epoch's end, evaluation time is the k-NN's own."""
-    mark = next(r["time"] for r in rows if r["event"] == "start")
-    losses = {r["epoch"]: r for r in rows if r["event"] == "epoch"}
-    out = []
-    for r in (r for r in rows if r["event"] == "knn"):
-        end = losses[r["epoch"]]
-        out.append({"epoch": r["epoch"] + 1, "split_top1": round(r["top1"], 2), "split_se": r["top1_se"],
-                    "loo_top1": round(r["loo_top1"], 2), "loo_se": r["loo_top1_se"], "loss": round(end["loss"], 4),
-                    "train_seconds": round(end["time"] - mark, 1), "knn_seconds": r["seconds"]})
-        mark = r["time"]
+    previous k-NN (or the latest start: a resumed run's pause is not training) to the
+    epoch's end, evaluation time is the k-NN's own."""
+    mark, end, out = None, {}, []
+    for r in rows:
+        if r["event"] == "start":
+            mark = r["time"]
+        elif r["event"] == "epoch":
+            end = r
+        elif r["event"] == "knn" and end.get("epoch") == r["epoch"]:
+            out.append({"epoch": r["epoch"] + 1, "split_top1": round(r["top1"], 2), "split_se": r["top1_se"],
+                        "loo_top1": round(r["loo_top1"], 2), "loo_se": r["loo_top1_se"], "loss": round(end["loss"], 4),
+                        "train_seconds": round(end["time"] - mark, 1), "knn_seconds": r["seconds"]})
+            mark = r["time"]
     return out
 
 
@@ -402,7 +467,15 @@ def main() -> None:
     ap.add_argument("--limit-images", type=int, default=None,
                     help="train on only the first N images of the list (smoke runs; the JSON says so). The list is "
                          "sorted by folder, so they come from a few topics only; the k-NN set stays whole")
-    ap.add_argument("--out", type=Path, default=Path("runs/peer_lightly"), help="where our trainer's runs go")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the run folder: both trainers' checkpoints and logs, per seed (default: $DINOSERVE_RUNS "
+                         "or ~/.cache/dinoserve/runs, then peer_lightly_<epochs>e[_first<N>])")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the runs in the run folder where they stopped (both trainers resume exactly); "
+                         "without it, a folder that holds runs is refused")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="stop cleanly after about this many minutes (after lightly's current epoch, or at our "
+                         "trainer's --time-limit); --resume continues: a run of many epochs spans sessions")
     ap.add_argument("--replot", action="store_true",
                     help="redraw results/peer_lightly.png (and refresh gaps and notes) from the JSON; trains nothing")
     args = ap.parse_args()
@@ -418,27 +491,42 @@ def main() -> None:
 
     from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
+    out = args.out or run_dir(f"peer_lightly_{args.epochs}e" + (f"_first{args.limit_images}" if args.limit_images else ""))
+    held = sorted(out.glob("lightly_seed*.pth")) + sorted(out.glob("dinoserve_seed*/checkpoint.pth"))
+    if held and not args.resume:
+        raise SystemExit(f"{out} holds runs ({held[0].relative_to(out)}); --resume continues them, or remove the folder")
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
+
     knn_set = prepare_knn_set(OPENCLIPART_CSV, KNN_SIZE)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = training_list(args.limit_images, Path(tmp))
-        results: dict[str, Any] = previous if previous is not None else {
-            "smoke": args.limit_images is not None, "limit_images": args.limit_images, "epochs": args.epochs,
-            "seeds": args.seeds, "torch_threads": torch.get_num_threads(),
-            "shared": {"data": f"{OPENCLIPART_CSV.name} splits {'+'.join(SPLITS)}", "store_px": 96, "fit": "crop",
-                       "crops": "2 x 64 px (scale 0.25-1) + 6 x 32 px (scale 0.05-0.25), BatchMultiCrop",
-                       "batch": 64, "knn": f"k 20, T 0.07, teacher backbone at {KNN_SIZE} px"},
-            "lightly_recipe": LIGHTLY_RECIPE, "raw_pixels": knn_row(evaluate_knn_protocols(None, knn_set)),
-            "runs": {t: [] for t in args.trainers},
-        }
-        stamp = int(time.time())
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for trainer in args.trainers:
-                cfg = dinoserve_config(data, args.out / f"{stamp}-seed{seed}", args.epochs, seed)
-                results["dinoserve_config"] = cfg.to_dict()
-                run = run_lightly(cfg, seed, knn_set) if trainer == "lightly" else run_dinoserve(cfg, seed, knn_set)
-                run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
-                results["runs"].setdefault(trainer, []).append(run)
-                save(results)  # after every run, so a stopped benchmark keeps what it measured
+    data = training_list(args.limit_images, out)  # in the run folder: a resumed trainer must see the same file
+    results: dict[str, Any] = previous if previous is not None else {
+        "smoke": args.limit_images is not None, "limit_images": args.limit_images, "epochs": args.epochs,
+        "seeds": args.seeds, "torch_threads": torch.get_num_threads(),
+        "shared": {"data": f"{OPENCLIPART_CSV.name} splits {'+'.join(SPLITS)}", "store_px": 96, "fit": "crop",
+                   "crops": "2 x 64 px (scale 0.25-1) + 6 x 32 px (scale 0.05-0.25), BatchMultiCrop",
+                   "batch": 64, "knn": f"k 20, T 0.07, teacher backbone at {KNN_SIZE} px"},
+        "lightly_recipe": LIGHTLY_RECIPE, "raw_pixels": knn_row(evaluate_knn_protocols(None, knn_set)),
+        "runs": {t: [] for t in args.trainers},
+    }
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for trainer in args.trainers:
+            cfg = dinoserve_config(data, out / f"dinoserve_seed{seed}", args.epochs, seed)
+            results["dinoserve_config"] = cfg.to_dict()
+            done = results["runs"].setdefault(trainer, [])
+            if trainer == "lightly":
+                # the JSON after every epoch: a run of many epochs shows its curve while it runs
+                run = run_lightly(cfg, seed, knn_set, out / f"lightly_seed{seed}.pth", deadline,
+                                  on_epoch=lambda r: save({**results, "runs": {**results["runs"], trainer: [*done, r]}}))
+            else:
+                run = run_dinoserve(cfg, seed, knn_set, deadline)
+            run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
+            done.append(run)
+            save(results)  # after every run, so a stopped benchmark keeps what it measured
+            if not run["complete"]:
+                log.info("--minutes %s reached: %s seed %d stopped after epoch %d of %d; --resume continues it",
+                         args.minutes, trainer, seed, len(run["epochs"]), args.epochs)
+                return
     for g in results["gaps"]:
         log.info("seed %d epoch %d %s: dinoserve - lightly = %+.2f (SE %.2f)%s", g["seed"], g["epoch"], g["protocol"],
                  g["dinoserve_minus_lightly"], g["se"], "  > 2 SE" if g["beyond_2se"] else "")

@@ -67,3 +67,71 @@ def test_gaps_are_paired_when_both_runs_kept_their_hits_else_in_quadrature():
             paired = rows[0]["se"]
         else:
             assert rows[0]["se"] > 2 * paired  # quadrature ignores that both scored the same queries
+
+
+def test_a_resumed_trainer_log_counts_training_time_not_the_pause():
+    """Our trainer's log after a stop and a --resume holds two starts; the epoch that
+    straddles them counts only from the restart, and no epoch is lost or doubled."""
+    from benchmarks.peer_lightly import epochs_from_log
+
+    knn = {"top1": 40.0, "top1_se": 2.6, "loo_top1": 45.0, "loo_top1_se": 1.2, "seconds": 3.0}
+    rows = [{"event": "start", "time": 0.0},
+            {"event": "epoch", "epoch": 0, "time": 100.0, "loss": 7.0}, {"event": "knn", "epoch": 0, "time": 103.0, **knn},
+            {"event": "step", "epoch": 1, "time": 150.0},  # stopped here; a later session resumes
+            {"event": "start", "time": 10_000.0},
+            {"event": "epoch", "epoch": 1, "time": 10_060.0, "loss": 6.5}, {"event": "knn", "epoch": 1, "time": 10_063.0, **knn}]
+    got = epochs_from_log(rows)
+    assert [(e["epoch"], e["train_seconds"], e["loss"]) for e in got] == [(1, 100.0, 7.0), (2, 60.0, 6.5)]
+
+
+def test_a_run_folder_that_holds_runs_is_refused_without_resume(tmp_path):
+    (tmp_path / "dinoserve_seed0").mkdir()
+    (tmp_path / "dinoserve_seed0" / "checkpoint.pth").write_bytes(b"x")
+    done = _run("--epochs", "1", "--trainers", "dinoserve", "--out", str(tmp_path))
+    assert done.returncode != 0
+    assert "dinoserve_seed0/checkpoint.pth" in done.stderr and "--resume" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_lightly_recipe_resumes_exactly_where_it_stopped(tmp_path):
+    """A lightly run killed after its first epoch's checkpoint, then resumed, ends with the
+    same rows and the same teacher as one run straight through."""
+    import pytest
+
+    pytest.importorskip("lightly")
+    import torch
+
+    from benchmarks.peer_lightly import run_lightly
+    from benchmarks.synthetic import make_image_folder
+    from dinoserve.training import make_config
+    from dinoserve.training.knn import prepare_knn_set
+
+    make_image_folder(tmp_path / "shapes" / "train", per_class=4, size=48, seed=1)
+    make_image_folder(tmp_path / "shapes" / "val", per_class=2, size=48, seed=2)
+    knn_set = prepare_knn_set(tmp_path / "shapes", 32)
+    cfg = make_config("cpu_small", data=str(tmp_path / "shapes" / "train"), out=str(tmp_path / "unused"), epochs=2,
+                      global_crop_size=32, local_crop_size=16, local_crops=2, batch_size=8, seed=0, progress=False)
+
+    late = run_lightly(cfg, 0, knn_set, tmp_path / "late.pth", deadline=0.0)  # --minutes already spent
+    assert (late["complete"], late["epochs"], (tmp_path / "late.pth").exists()) == (False, [], False)
+    straight = run_lightly(cfg, 0, knn_set, tmp_path / "straight.pth")
+
+    def kill(run):
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        run_lightly(cfg, 0, knn_set, tmp_path / "resumed.pth", on_epoch=kill)
+    assert len(torch.load(tmp_path / "resumed.pth", weights_only=True)["rows"]) == 1
+    resumed = run_lightly(cfg, 0, knn_set, tmp_path / "resumed.pth")
+
+    def scores(run):
+        return [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in run["epochs"]]
+
+    assert straight["complete"] and resumed["complete"]
+    assert scores(resumed) == scores(straight)
+    a, b = (torch.load(tmp_path / f, weights_only=True)["teacher"] for f in ("straight.pth", "resumed.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
