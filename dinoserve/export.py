@@ -48,6 +48,7 @@ from dinoserve.errors import DinoserveError, ExportError, ModelFileError
 from dinoserve.images import DEFAULT_CROP_PCT, ImageInput, check_fit, normalize, preprocess_batch, walk_images
 from dinoserve.models import backbone_card, backbone_outputs, forward_outputs, load_backbone, patch_token_error
 from dinoserve.onnx_attention import use_onnx_attention
+from dinoserve.onnx_files import model_files, needs_external_data, save_model
 from dinoserve.ort_session import open_session
 from dinoserve.registry import not_exportable
 from dinoserve.repository import (ONNX_FILENAME, check_writable, commit_version, latest_version, staging_folder,
@@ -86,6 +87,7 @@ class ExportResult:
     sizes_checked: tuple[tuple[int, int], ...] = ()
     int8: Any = None  # dinoserve.quantize.Int8Quality of an int8 export, None otherwise
     calibration: str = ""  # where an int8 export's calibration images came from
+    files: tuple[Path, ...] = ()  # model.onnx, then model.onnx.data when the weights are kept outside it
 
 
 class ExportWrapper(nn.Module):
@@ -183,7 +185,7 @@ def export_onnx(
     checkpoint_key: str = "teacher", crop_pct: float = DEFAULT_CROP_PCT, fit: str | None = None,
     int8: bool = False, calibration: Sequence[str] | str | os.PathLike | None = None,
     min_cosine: float | None = None, min_agreement: float | None = None, int8_scheme: str | None = None,
-    patch_tokens: bool = False,
+    patch_tokens: bool = False, external_data: bool | None = None,
 ) -> ExportResult:
     """Export a backbone as the next version of ``<repo>/<name>`` and verify it.
 
@@ -219,6 +221,10 @@ def export_onnx(
             refuses it elsewhere); recorded in the card (:mod:`dinoserve.cpu`).
         patch_tokens: add the ``patch_tokens`` output, float32 ``[B, N, D]``: the final-normed
             patch tokens in row-major order (a ViT's CLS and register tokens left out).
+        external_data: keep the weights in ``model.onnx.data`` beside ``model.onnx``. By
+            default only when they are over
+            :data:`~dinoserve.onnx_files.SINGLE_FILE_MAX_BYTES` (protobuf caps one file at
+            2 GiB: DINOv2 ViT-g, DINOv3 ViT-H+).
 
     Raises:
         ExportError: bad arguments, an unwritable repository, an export or a verification
@@ -243,16 +249,30 @@ def export_onnx(
     with staging_folder(repo) as stage:
         onnx_path = stage / name / str(version) / ONNX_FILENAME
         onnx_path.parent.mkdir(parents=True)
-        _torch_export(model, card, onnx_path, fp16=fp16, size=card.image_size, patch_tokens=patch_tokens)
+        if external_data is None:
+            external_data = needs_external_data(weight_bytes(model, fp16))
+        _torch_export(model, card, onnx_path, fp16=fp16, size=card.image_size, patch_tokens=patch_tokens,
+                      external_data=external_data)
         diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images, patch_tokens)
         quality = gate.quantize(onnx_path, card.family) if gate is not None else None
         write_model_config(stage / name, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
                            patch_tokens=patch_tokens)
-        fsync_path(onnx_path)
+        names = [p.name for p in model_files(onnx_path)]
+        for path in model_files(onnx_path):
+            fsync_path(path)
         commit_version(stage / name, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
-    return ExportResult(model_dir, version, model_dir / str(version) / ONNX_FILENAME, diff, card,
-                        card.image_size, tol, sizes, quality, gate.source if gate is not None else "")
+    final = model_dir / str(version)
+    return ExportResult(model_dir, version, final / ONNX_FILENAME, diff, card, card.image_size, tol, sizes,
+                        quality, gate.source if gate is not None else "", tuple(final / n for n in names))
+
+
+def weight_bytes(model: nn.Module, fp16: bool = False) -> int:
+    """Bytes of ``model``'s parameters and buffers as an exported graph stores them."""
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size())
+
+    return sum(size(t) for t in [*model.parameters(), *model.buffers()])
 
 
 def _load_exportable(weights: Any, arch: str | None, checkpoint_key: str) -> nn.Module:
@@ -310,7 +330,14 @@ class _Int8Gate:
             raise ExportError(f"int8 model refused: {quality.describe()} ({self.source}); the repository is "
                               f"unchanged; export without --int8, or try other --calibration images")
         log.info("int8 gate passed: %s", quality.describe())
-        os.replace(int8_path, onnx_path)
+        if len(model_files(onnx_path)) == 1:
+            os.replace(int8_path, onnx_path)
+        else:  # int8 weights are a quarter of fp32's: often one file again, named as export names it
+            import onnx
+
+            save_model(onnx.load(str(int8_path)), onnx_path)
+            for path in model_files(int8_path):
+                path.unlink()
         return quality
 
 
@@ -389,7 +416,7 @@ def _check_size(card: ModelCard, size: int) -> None:
 
 
 def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, size: int,
-                  patch_tokens: bool = False) -> None:
+                  patch_tokens: bool = False, external_data: bool = False) -> None:
     # Traced on the CPU whatever the model's device: the graph itself is device-free.
     wrapper = ExportWrapper(copy.deepcopy(model).cpu().float().eval(), fp16=fp16, patch_tokens=patch_tokens).eval()
     # Batch 2 and a patch grid of at least 2 x 2: the exporter specialises any axis of size 1.
@@ -413,7 +440,7 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper, (example,), str(path), dynamo=True, opset_version=OPSET,
-                external_data=False, input_names=[INPUT], output_names=outputs,
+                external_data=external_data, input_names=[INPUT], output_names=outputs,
                 dynamic_shapes=dynamic, optimize=True, verbose=False,
             )
     except DinoserveError:
@@ -429,9 +456,15 @@ def _torch_export(model: nn.Module, card: ModelCard, path: Path, *, fp16: bool, 
 def _reference(model: nn.Module, card: ModelCard, batch: np.ndarray, patch_tokens: bool = False) -> list[np.ndarray]:
     # The reference is the exact float32 model on the CPU: on a GPU, cuDNN's default TF32
     # convolutions alone differ from float32 by ~1e-4.
-    model = copy.deepcopy(model).cpu().float().eval()
+    on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    # No copy when there is nothing to convert: a ViT-g is 4.5 GB per copy.
+    reference = model if on_cpu else copy.deepcopy(model).cpu().float()
+    training = reference.training
     x = torch.from_numpy(normalize(batch, card.mean, card.std))
-    return [t.numpy() for t in forward_outputs(model, x, patch_tokens).values()]
+    try:
+        return [t.numpy() for t in forward_outputs(reference.eval(), x, patch_tokens).values()]
+    finally:
+        reference.train(training)
 
 
 def _verify(model: nn.Module, card: ModelCard, onnx_path: Path, batch: np.ndarray, tol: float,

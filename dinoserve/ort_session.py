@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dinoserve.errors import ConfigError, ModelFileError
+from dinoserve.onnx_files import missing_files_problem
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,9 @@ def open_session(path: str | os.PathLike, *, device: str = "auto", providers: Se
     chosen = list(providers) if providers is not None else execution_providers(device)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=_with_options(chosen, trt_fp16))
-    except (ort_errors.InvalidProtobuf, ort_errors.InvalidArgument, ort_errors.InvalidGraph) as e:
-        raise ModelFileError(
-            f"{path}: not a loadable ONNX model, the file is truncated or damaged ({_first_line(e)}); {hint}"
-        ) from None
-    except (ort_errors.NoSuchFile, ort_errors.Fail) as e:
-        raise ModelFileError(f"{path}: onnxruntime cannot load it ({_first_line(e)}); {hint}") from None
+    except (ort_errors.InvalidProtobuf, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
+            ort_errors.NoSuchFile, ort_errors.Fail) as e:
+        raise _load_error(path, e, hint) from None
     got = session_provider(session)
     if got != chosen[0] and not (device == "gpu" and providers is None and got in GPU_PROVIDERS):
         # onnxruntime fell back by itself (a GPU provider compiled in but unable to start).
@@ -184,6 +182,19 @@ def open_runtime_session(path: str | os.PathLike, runtime: str = "onnxruntime", 
             raise ConfigError("onnxruntime providers were given for runtime 'openvino'")
         return OpenVINOSession(path, threads=threads, hint=hint)
     return open_session(path, device=device, providers=providers, threads=threads, hint=hint)
+
+
+def _load_error(path: Path, e: BaseException, hint: str) -> ModelFileError:
+    """What to tell the user when onnxruntime cannot load ``path``."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    missing = missing_files_problem(path)
+    if missing:  # onnxruntime's own message names neither the file nor why it matters
+        return ModelFileError(f"{path}: {missing}; {hint}")
+    if isinstance(e, (ort_errors.NoSuchFile, ort_errors.Fail)):
+        return ModelFileError(f"{path}: onnxruntime cannot load it ({_first_line(e)}); {hint}")
+    return ModelFileError(f"{path}: not a loadable ONNX model, the file is truncated or damaged "
+                          f"({_first_line(e)}); {hint}")
 
 
 def _first_line(e: BaseException) -> str:

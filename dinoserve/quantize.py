@@ -45,6 +45,7 @@ from dinoserve.cpu import INT8_SCHEMES, PORTABLE, cpu_features, cpu_name
 from dinoserve.errors import DataError, DinoserveError, ExportError
 from dinoserve.filelist import find_images
 from dinoserve.images import DEFAULT_CROP_PCT, l2_normalize, preprocess_batch
+from dinoserve.onnx_files import model_files
 
 __all__ = ["PORTABLE", "INT8_SCHEMES", "Int8Quality", "calibration_batch", "calibration_paths", "quantize_int8", "int8_quality",
            "weight_products", "neighbour_agreement", "row_cosines", "MIN_CALIBRATION", "VIT_OPS", "DEFAULT_CALIBRATION",
@@ -200,12 +201,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    external = len(model_files(fp32_path)) > 1  # over protobuf's 2 GiB: every copy keeps its weights outside
     with tempfile.TemporaryDirectory(prefix="dinoserve-quant-", dir=out_path.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         try:
             # Folds constants and fuses patterns first, so fewer QDQ pairs are needed. The
             # symbolic shape pass is skipped: it cannot follow a ViT's dynamic spatial axes.
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True, save_as_external_data=external)
         except Exception as e:  # noqa: BLE001 - a graph the pre-pass cannot handle is quantised as is
             log.info("quantisation pre-processing skipped for %s (%s)", fp32_path, e)
             pre = fp32_path
@@ -218,6 +220,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
                 op_types_to_quantize=list(VIT_OPS) if family == "vit" else None,
                 nodes_to_quantize=weight_products(pre) if family == "vit" else None,
+                use_external_data_format=external,
             )
         except DinoserveError:
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from dataclasses import dataclass
 
 from dinoserve.card import family_of
@@ -59,9 +60,13 @@ ALIASES: dict[str, AliasConfig] = {
 }
 
 
-#: Architectures too large for one ONNX file (protobuf caps a file at 2 GB and export writes
-#: the weights inside it): timm name fragment -> parameters, for the reason shown.
-_TOO_LARGE = {"_giant_": "1.1B", "_huge_plus_": "0.84B", "_7b_": "6.7B"}
+#: The largest DINO architectures: timm name fragment -> parameters. Their weights go to
+#: ``model.onnx.data`` (over protobuf's 2 GB), and exporting them needs memory to match.
+_LARGE = {"_giant_": 1.14e9, "_huge_plus_": 0.84e9, "_7b_": 6.7e9}
+
+#: Peak memory of an export (trace, write, verify) per byte of fp32 weights: 3.31 measured
+#: for DINOv2 ViT-g (15.1 GB for 4.5 GB of weights, benchmarks/results/export_large.json).
+EXPORT_MEMORY_PER_WEIGHT_BYTE = 3.5
 
 
 def is_dinov3_vit(arch: str) -> bool:
@@ -86,12 +91,20 @@ def generation_of(arch: str) -> str:
     return "DINOv2 ViT" if arch.endswith("_dinov2") else "DINO ViT"
 
 
-def not_exportable(name: str) -> str:
-    """Why ``name`` cannot be exported on this kind of machine; ``""`` when it can."""
-    for part, params in _TOO_LARGE.items():
-        if part in name:
-            return (f"not exportable here: {params} parameters are over ONNX's 2 GB single-file limit "
-                    f"(external-data export is not built) and this machine's memory")
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def not_exportable(name: str, memory: int | None = None) -> str:
+    """Why ``name`` cannot be exported on a machine with ``memory`` bytes (default: this
+    one's); ``""`` when it can."""
+    memory = machine_memory() if memory is None else memory
+    for part, params in _LARGE.items():
+        need = params * 4 * EXPORT_MEMORY_PER_WEIGHT_BYTE
+        if part in name and need > memory:
+            return (f"not exportable here: its {params / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB "
+                    f"of memory to export, this machine has {memory / 2**30:.0f} GiB")
     return ""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dinoserve.errors import ServerError
+from dinoserve.onnx_files import model_files
 from dinoserve.pbtxt import Word, as_list, format_pbtxt, parse_pbtxt
 from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, choose_models, list_versions, read_model_config,
                                   string_parameters)
@@ -76,7 +77,7 @@ def prepare_serving_repository(
 
     Each ONNX model (``backend: "onnxruntime"``) gets the same ``config.pbtxt`` with
     ``backend: "python"``, and per version a ``model.py`` runner next to a link to the
-    original ``model.onnx``. Other models are linked as they are. ``repo`` is not touched.
+    original ``model.onnx`` (and to its ``model.onnx.data``, when it has one). Other models are linked as they are. ``repo`` is not touched.
     Returns the model names written.
     """
     repo, target = Path(repo).absolute(), Path(target)
@@ -97,7 +98,9 @@ def prepare_serving_repository(
                 continue  # Triton would reject the version; the latest complete one serves
             (dst / str(version)).mkdir()
             shutil.copyfile(RUNNER_TEMPLATE, dst / str(version) / "model.py")
-            os.symlink(onnx, dst / str(version) / ONNX_FILENAME)
+            # model.onnx names its external data file relative to itself: link them side by side.
+            for path in model_files(onnx):
+                os.symlink(path, dst / str(version) / path.name)
     return names
 
 

@@ -48,8 +48,12 @@ import click
 @click.option("--patch-tokens", is_flag=True,
               help="Add the `patch_tokens` output [B, N, D]: final-normed patch features (ViT CLS and register "
                    "tokens left out; a ConvNeXt's last feature map), for dense features.")
+@click.option("--external-data", is_flag=True, default=None,
+              help="Keep the weights in model.onnx.data beside model.onnx. Default: only when they are "
+                   "over 1.8 GB (one ONNX file holds at most 2 GB: DINOv2 ViT-g, DINOv3 ViT-H+).")
 def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, calibration, int8_scheme, min_cosine,
-           min_agreement, device, trt_fp16, verify_images, tolerance, checkpoint_key, crop_pct, fit, patch_tokens):
+           min_agreement, device, trt_fp16, verify_images, tolerance, checkpoint_key, crop_pct, fit, patch_tokens,
+           external_data):
     """Export a DINO backbone as the next version of REPO/NAME and verify it.
 
     The ONNX graph takes uint8 images [B, 3, H, W], normalises inside, and returns
@@ -76,7 +80,8 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
                       fp16=fp16, device=device, trt_fp16=trt_fp16, verify_images=verify_images,
                       tolerance=tolerance, checkpoint_key=checkpoint_key, crop_pct=crop_pct, fit=fit, int8=int8,
                       calibration=calibration, min_cosine=min_cosine, min_agreement=min_agreement,
-                      int8_scheme=int8_scheme, patch_tokens=patch_tokens)
+                      int8_scheme=int8_scheme, patch_tokens=patch_tokens,
+                      external_data=True if external_data else None)  # not given: decided by size
     click.echo(f"verified: max abs difference onnxruntime vs PyTorch {res.max_abs_diff:.3g} "
                f"(allowed {res.tolerance:g} per unit of magnitude) at sizes {list(res.sizes_checked)}", err=True)
     if res.int8:
@@ -86,7 +91,7 @@ def export(onnx_, weights, arch, name, repo, image_size, max_batch, fp16, int8, 
         "arch": res.card.arch, "family": res.card.family, "embed_dim": res.card.embed_dim,
         "image_size": res.image_size, "fit": res.card.fit, "max_abs_diff": res.max_abs_diff,
         "sizes_checked": [list(s) for s in res.sizes_checked], "precision": res.card.precision,
-        "patch_tokens": patch_tokens,
+        "patch_tokens": patch_tokens, "files": [str(p) for p in res.files],
         **({"int8_scheme": res.card.int8_scheme, "int8_gate": res.int8.to_dict(), "calibration": res.calibration}
            if res.int8 else {}),
     }))

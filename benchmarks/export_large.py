@@ -1,0 +1,126 @@
+"""Export and serve a DINO model over ONNX's 2 GB single-file limit: memory, time, files.
+
+DINOv2 ViT-g (1.1B parameters, 4.5 GB in fp32) and DINOv3 ViT-H+ (0.84B) keep their weights
+in ``model.onnx.data`` beside ``model.onnx``. For each architecture (random init: memory
+and time do not depend on the weights; no hub here), in a fresh process so its peak memory
+is its own:
+
+- ``export_onnx`` with the default layout (decided by size): seconds, peak resident memory
+  (VmHWM) against the fp32 weights' bytes, the files written, verification's max difference;
+- the same images embedded in-process (onnxruntime) and through a real ``tritonserver``
+  (HTTP): max difference between the two, and seconds per image in each.
+
+    .venv/bin/python -m benchmarks.export_large
+    .venv/bin/python -m benchmarks.export_large --arch vit_huge_plus_patch16_dinov3 --image-size 224
+
+Writes benchmarks/results/export_large.json. Needs about 3x the fp32 weights in free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import machine, write_json
+
+DEFAULT_ARCH = "vit_giant_patch14_reg4_dinov2"
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_export(arch: str, size: int, repo: Path) -> dict:
+    """Build ``arch``, export it into ``repo`` and say what it cost (run in a fresh process)."""
+    import torch
+
+    from dinoserve.export import export_onnx, weight_bytes
+    from dinoserve.models import create_backbone
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = create_backbone(arch).eval()
+    built_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters())
+    fp32_bytes = weight_bytes(model)
+    t0 = time.perf_counter()
+    res = export_onnx(model=model, name="large", repo=repo, image_size=size)
+    export_s = time.perf_counter() - t0
+    peak = _peak_rss_bytes()
+    return {
+        "arch": arch, "image_size": size, "parameters": params, "fp32_weight_bytes": fp32_bytes,
+        "build_seconds": round(built_s, 1), "export_and_verify_seconds": round(export_s, 1),
+        "peak_rss_bytes": peak, "peak_rss_over_weights": round(peak / fp32_bytes, 2),
+        "files": {p.name: p.stat().st_size for p in res.files},
+        "max_abs_diff_vs_pytorch": res.max_abs_diff, "sizes_checked": [list(s) for s in res.sizes_checked],
+    }
+
+
+def measure_serving(repo: Path, images: int) -> dict:
+    """The exported model embedded in-process and through tritonserver, on the same images."""
+    from dinoserve.client import Client
+    from dinoserve.triton import TritonServer
+
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(images)]
+    local = Client(repo=repo, model="large")
+    t0 = time.perf_counter()
+    e_local = local.embed(batch)
+    local_s = (time.perf_counter() - t0) / images
+    del local  # one session at a time: each holds the weights
+    with TritonServer(repo, startup_timeout=900) as server:
+        remote = Client(server.http_url, model="large", timeout=600)
+        t0 = time.perf_counter()
+        e_remote = remote.embed(batch)
+        remote_s = (time.perf_counter() - t0) / images
+    return {
+        "images": images, "embed_dim": int(e_local.shape[1]),
+        "max_abs_diff_triton_vs_in_process": float(np.max(np.abs(e_remote - e_local))),
+        "seconds_per_image_in_process": round(local_s, 2), "seconds_per_image_triton": round(remote_s, 2),
+    }
+
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=[DEFAULT_ARCH])
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=4, help="images embedded in-process and through Triton")
+    ap.add_argument("--no-triton", action="store_true", help="measure the export only")
+    ap.add_argument("--export-into", help=argparse.SUPPRESS)  # the fresh process's job
+    args = ap.parse_args()
+    if args.export_into:
+        print(json.dumps(measure_export(args.arch[0], args.image_size, Path(args.export_into))), flush=True)
+        return
+    rows = []
+    for arch in args.arch:
+        with tempfile.TemporaryDirectory(prefix="dinoserve-large-") as tmp:
+            repo = Path(tmp) / "model_repository"
+            cmd = [sys.executable, "-m", "benchmarks.export_large", "--arch", arch, "--image-size",
+                   str(args.image_size), "--export-into", str(repo)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if out.returncode != 0:
+                raise SystemExit(f"{arch}: export failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if not args.no_triton:
+                row["serving"] = measure_serving(repo, args.images)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    path = write_json("export_large", {"machine": machine(), "runs": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
