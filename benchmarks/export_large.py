@@ -13,7 +13,8 @@ is its own:
     .venv/bin/python -m benchmarks.export_large
     .venv/bin/python -m benchmarks.export_large --arch vit_huge_plus_patch16_dinov3 --image-size 224
 
-Writes benchmarks/results/export_large.json. Needs about 3x the fp32 weights in free memory.
+Writes benchmarks/results/export_large.json (runs of other architectures already there are
+kept). Needs about 3.5x the fp32 weights in free memory.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import machine, write_json
+from benchmarks.harness import RESULTS, machine, write_json
 
 DEFAULT_ARCH = "vit_giant_patch14_reg4_dinov2"
 
@@ -93,6 +94,15 @@ def measure_serving(repo: Path, images: int) -> dict:
 
 
 
+def _merged(rows: list[dict]) -> list[dict]:
+    """Earlier runs of other architectures (each with its own machine record), then ``rows``:
+    one architecture at a time fits in memory, so the file is filled over several calls."""
+    path = RESULTS / "export_large.json"
+    earlier = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+    done = {r["arch"] for r in rows}
+    return [r for r in earlier if r.get("arch") not in done and "machine" in r] + rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=[DEFAULT_ARCH])
@@ -116,9 +126,10 @@ def main() -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             if not args.no_triton:
                 row["serving"] = measure_serving(repo, args.images)
+            row["machine"] = machine()
             rows.append(row)
             print(json.dumps(row), flush=True)
-    path = write_json("export_large", {"machine": machine(), "runs": rows})
+    path = write_json("export_large", {"runs": _merged(rows)})
     print(f"wrote {path}")
 
 

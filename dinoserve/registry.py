@@ -64,8 +64,8 @@ ALIASES: dict[str, AliasConfig] = {
 #: ``model.onnx.data`` (over protobuf's 2 GB), and exporting them needs memory to match.
 _LARGE = {"_giant_": 1.14e9, "_huge_plus_": 0.84e9, "_7b_": 6.7e9}
 
-#: Peak memory of an export (trace, write, verify) per byte of fp32 weights: 3.31 measured
-#: for DINOv2 ViT-g (15.1 GB for 4.5 GB of weights, benchmarks/results/export_large.json).
+#: Peak memory of an export (trace, write, verify) per byte of fp32 weights, measured 3.31 for
+#: DINOv2 ViT-g (15.1 GB) and 3.40 for DINOv3 ViT-H+ (benchmarks/results/export_large.json).
 EXPORT_MEMORY_PER_WEIGHT_BYTE = 3.5
 
 
