@@ -42,9 +42,16 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
-def measure_export(arch: str, size: int, repo: Path) -> dict:
-    """Build ``arch``, export it into ``repo`` and say what it cost (run in a fresh process)."""
+def measure_export(arch: str, size: int, repo: Path, int8_images: int = 0, external_data: bool | None = None) -> dict:
+    """Build ``arch``, export it into ``repo`` and say what it cost (run in a fresh process).
+
+    With ``int8_images`` the export is int8, calibrated on that many generated photos, and
+    starts from a weights file as the CLI does (so the export can free the model before
+    quantising). Its gate is opened: random weights say nothing of int8's quality, so the
+    measured cosine and agreement are recorded, not judged.
+    """
     import torch
+    from safetensors.torch import save_file
 
     from dinoserve.export import export_onnx, weight_bytes
     from dinoserve.models import create_backbone
@@ -55,11 +62,23 @@ def measure_export(arch: str, size: int, repo: Path) -> dict:
     built_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     fp32_bytes = weight_bytes(model)
+    source: dict = {"model": model}
+    int8: dict = {}
+    if int8_images:
+        from benchmarks.client_throughput import make_jpegs
+
+        weights = repo.parent / "weights.safetensors"
+        save_file(model.state_dict(), str(weights))
+        source, model = {"weights": weights, "arch": arch}, None
+        photos = repo.parent / "calibration"
+        make_jpegs(photos, int8_images)
+        int8 = {"int8": True, "calibration": str(photos), "min_cosine": -1.0, "min_agreement": 0.0}
     t0 = time.perf_counter()
-    res = export_onnx(model=model, name="large", repo=repo, image_size=size)
+    res = export_onnx(**source, name="large", repo=repo, image_size=size, external_data=external_data, **int8)
     export_s = time.perf_counter() - t0
     peak = _peak_rss_bytes()
-    return {
+    extra = {"int8_calibration_images": int8_images, "int8_quality_random_weights": res.int8.to_dict()} if int8 else {}
+    return {**extra, "precision": res.card.precision, "external_data_forced": bool(external_data),
         "arch": arch, "image_size": size, "parameters": params, "fp32_weight_bytes": fp32_bytes,
         "build_seconds": round(built_s, 1), "export_and_verify_seconds": round(export_s, 1),
         "peak_rss_bytes": peak, "peak_rss_over_weights": round(peak / fp32_bytes, 2),
@@ -99,8 +118,11 @@ def _merged(rows: list[dict]) -> list[dict]:
     one architecture at a time fits in memory, so the file is filled over several calls."""
     path = RESULTS / "export_large.json"
     earlier = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
-    done = {r["arch"] for r in rows}
-    return [r for r in earlier if r.get("arch") not in done and "machine" in r] + rows
+    def key(row: dict) -> tuple:
+        return row.get("arch"), row.get("precision", "fp32"), row.get("external_data_forced", False)
+
+    done = {key(r) for r in rows}
+    return [r for r in earlier if key(r) not in done and "machine" in r] + rows
 
 
 def main() -> None:
@@ -109,17 +131,24 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--images", type=int, default=4, help="images embedded in-process and through Triton")
     ap.add_argument("--no-triton", action="store_true", help="measure the export only")
+    ap.add_argument("--int8", type=int, default=0, metavar="N",
+                    help="export int8, calibrated on N generated photos (a row of its own, precision int8)")
+    ap.add_argument("--external-data", action="store_true",
+                    help="weights in model.onnx.data whatever their size (to measure a smaller model the same way)")
     ap.add_argument("--export-into", help=argparse.SUPPRESS)  # the fresh process's job
     args = ap.parse_args()
     if args.export_into:
-        print(json.dumps(measure_export(args.arch[0], args.image_size, Path(args.export_into))), flush=True)
+        row = measure_export(args.arch[0], args.image_size, Path(args.export_into), args.int8,
+                             True if args.external_data else None)
+        print(json.dumps(row), flush=True)
         return
     rows = []
     for arch in args.arch:
         with tempfile.TemporaryDirectory(prefix="dinoserve-large-") as tmp:
             repo = Path(tmp) / "model_repository"
             cmd = [sys.executable, "-m", "benchmarks.export_large", "--arch", arch, "--image-size",
-                   str(args.image_size), "--export-into", str(repo)]
+                   str(args.image_size), "--export-into", str(repo), "--int8", str(args.int8),
+                   *(["--external-data"] if args.external_data else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if out.returncode != 0:
                 raise SystemExit(f"{arch}: export failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

@@ -26,6 +26,7 @@ images (mean cosine, top-10 neighbour agreement). A graph that fails is never wr
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import logging
 import os
@@ -50,7 +51,7 @@ from dinoserve.models import backbone_card, backbone_outputs, forward_outputs, l
 from dinoserve.onnx_attention import use_onnx_attention
 from dinoserve.onnx_files import model_files, needs_external_data, save_model
 from dinoserve.ort_session import open_session
-from dinoserve.registry import not_exportable
+from dinoserve.registry import memory_shortfall, not_exportable
 from dinoserve.repository import (ONNX_FILENAME, check_writable, commit_version, latest_version, staging_folder,
                                   write_model_config)
 
@@ -238,6 +239,10 @@ def export_onnx(
         int8_scheme = _check_int8_scheme(int8_scheme)
         calibration = calibration if calibration is not None else _training_data_of(weights)
     model = model if model is not None else _load_exportable(weights, arch, checkpoint_key)
+    short = memory_shortfall(weight_bytes(model), int8=int8)
+    if short:  # refused now, not after minutes of work and the machine swapping
+        fix = "export it without --int8 (fp32 or --fp16) here, or" if int8 else "export it"
+        raise ExportError(f"{backbone_card(model).arch}: {short}; {fix} on a machine with more memory")
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     card = _export_card(model, image_size, crop_pct, fit, precision, int8_scheme or "", patch_tokens)
     tol = tolerance if tolerance is not None else (TOLERANCE_FP16 if fp16 else TOLERANCE_FP32)
@@ -254,7 +259,11 @@ def export_onnx(
         _torch_export(model, card, onnx_path, fp16=fp16, size=card.image_size, patch_tokens=patch_tokens,
                       external_data=external_data)
         diff, sizes = _verify(model, card, onnx_path, batch, tol, device, crop_pct, verify_images, patch_tokens)
-        quality = gate.quantize(onnx_path, card.family) if gate is not None else None
+        quality = None
+        if gate is not None:
+            del model  # the quantiser holds the graph several times over; a ViT-g is 4.5 GB per copy
+            gc.collect()
+            quality = gate.quantize(onnx_path, card.family)
         write_model_config(stage / name, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
                            patch_tokens=patch_tokens)
         names = [p.name for p in model_files(onnx_path)]

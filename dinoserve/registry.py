@@ -19,7 +19,7 @@ from dinoserve.card import family_of
 from dinoserve.errors import UnknownModelError
 
 __all__ = ["AliasConfig", "ALIASES", "family_of_name", "generation_of", "is_dinov3_vit", "list_models",
-           "not_exportable", "resolve_name"]
+           "memory_shortfall", "not_exportable", "resolve_name"]
 
 _FB = "https://dl.fbaipublicfiles.com/dino"
 
@@ -67,6 +67,9 @@ _LARGE = {"_giant_": 1.14e9, "_huge_plus_": 0.84e9, "_7b_": 6.7e9}
 #: Peak memory of an export (trace, write, verify) per byte of fp32 weights, measured 3.31 for
 #: DINOv2 ViT-g (15.1 GB) and 3.40 for DINOv3 ViT-H+ (benchmarks/results/export_large.json).
 EXPORT_MEMORY_PER_WEIGHT_BYTE = 3.5
+#: The same for an int8 export, whose quantiser holds the graph several times over: 6.02
+#: measured for DINOv3 ViT-L (7.3 GB for 1.2 GB of weights, export_large.json).
+INT8_EXPORT_MEMORY_PER_WEIGHT_BYTE = 6.5
 
 
 def is_dinov3_vit(arch: str) -> bool:
@@ -96,15 +99,25 @@ def machine_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory_shortfall(weight_bytes: int, int8: bool = False, memory: int | None = None) -> str:
+    """Why exporting a model of ``weight_bytes`` fp32 weights would run out of ``memory``
+    (default: this machine's), in words; ``""`` when it fits."""
+    memory = machine_memory() if memory is None else memory
+    factor = INT8_EXPORT_MEMORY_PER_WEIGHT_BYTE if int8 else EXPORT_MEMORY_PER_WEIGHT_BYTE
+    need = weight_bytes * factor
+    if need <= memory:
+        return ""
+    return (f"{'an int8 ' if int8 else ''}export of {weight_bytes / 2**30:.1f} GiB of fp32 weights needs about "
+            f"{need / 2**30:.0f} GiB of memory ({factor:g} x), this machine has {memory / 2**30:.0f} GiB")
+
+
 def not_exportable(name: str, memory: int | None = None) -> str:
     """Why ``name`` cannot be exported on a machine with ``memory`` bytes (default: this
     one's); ``""`` when it can."""
-    memory = machine_memory() if memory is None else memory
     for part, params in _LARGE.items():
-        need = params * 4 * EXPORT_MEMORY_PER_WEIGHT_BYTE
-        if part in name and need > memory:
-            return (f"not exportable here: its {params / 1e9:.1f}B parameters need about {need / 2**30:.0f} GiB "
-                    f"of memory to export, this machine has {memory / 2**30:.0f} GiB")
+        short = memory_shortfall(int(params * 4), memory=memory) if part in name else ""
+        if short:
+            return f"not exportable here: {params / 1e9:.1f}B parameters; {short}"
     return ""
 
 

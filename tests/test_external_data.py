@@ -137,3 +137,23 @@ def test_layout_is_chosen_by_size_and_int8_follows_it(tmp_path, image_folder, mo
     q = Client(repo=tmp_path / "d", model="m").embed(images)
     ref = Client(repo=tmp_path / "b", model="m").embed(images)
     assert float(np.mean(np.sum(q * ref, axis=1))) > 0.99  # really the int8 copy of this model
+
+
+def test_an_export_the_memory_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
+    from dinoserve import registry
+    from dinoserve.errors import ExportError
+
+    model = _tiny()
+    fp32 = weight_bytes(model)
+    # Between what an fp32 export needs (3.5 x the weights) and what an int8 one needs (6.5 x).
+    monkeypatch.setattr(registry, "machine_memory", lambda: 5 * fp32)
+    with pytest.raises(ExportError, match=r"an int8 export of .* needs about .* \(6.5 x\).*without --int8"):
+        export_onnx(model=model, name="m", repo=tmp_path / "r", image_size=SIZE, int8=True, calibration=str(tmp_path))
+    assert not (tmp_path / "r").exists()
+    res = export_onnx(model=model, name="m", repo=tmp_path / "r", image_size=SIZE)  # fp32 fits
+    assert res.files and res.card.precision == "fp32"
+    monkeypatch.setattr(registry, "machine_memory", lambda: 2 * fp32)
+    with pytest.raises(ExportError, match=r"export of .* needs about .* \(3.5 x\)"):
+        export_onnx(model=model, name="m", repo=tmp_path / "r", image_size=SIZE)
+    assert registry.memory_shortfall(10**9, memory=4 * 10**9) == ""
+    assert "28 GiB" in registry.memory_shortfall(4_545_935_360, int8=True, memory=24 * 2**30)  # ViT-g int8

@@ -307,3 +307,21 @@ def test_serve_on_gpu_without_one_fails_naming_what_is_missing(int8_repo):
         server.start()
     assert "device 'gpu'" in str(e.value) and "onnxruntime-gpu" in str(e.value)
     assert not server.is_running()
+
+
+def test_calibration_in_small_runs_gives_the_same_int8_graph(tmp_path, calib_folder, monkeypatch):
+    """Calibration runs a few images at a time (its memory grows with the run); min/max
+    ranges merge exactly, so the int8 graph is the one a single run over every image gives."""
+    from dinoserve import quantize
+
+    repo = tmp_path / "r"
+    fp32 = export_onnx(model=build_tiny_backbone("vit_tiny"), name="v", repo=repo, image_size=32).onnx_path
+    batch, _ = calibration_batch(calib_folder, 32)
+    graphs, small = {}, quantize._CALIBRATION_BATCH
+    for step in (small, len(batch)):
+        monkeypatch.setattr(quantize, "_CALIBRATION_BATCH", step)
+        out = quantize_int8(fp32, tmp_path / f"int8_{step}.onnx", batch, family="vit")
+        graphs[step] = out.read_bytes()
+    assert len(batch) > 2 * small and len(set(graphs.values())) == 1
+    scales = [t for t in onnx.load_from_string(graphs[len(batch)]).graph.initializer if "scale" in t.name]
+    assert scales  # really quantised
