@@ -54,19 +54,21 @@ def _locations(onnx_path: Path) -> list[str]:
 
 
 def model_files(onnx_path: str | os.PathLike) -> list[Path]:
-    """``onnx_path`` followed by every external data file it names (paths beside it)."""
+    """``onnx_path`` followed by every external data file it names (paths beside it). A file
+    that cannot be read as ONNX names none: reporting the damage is the loader's job, with
+    its own words, when the model is opened."""
     onnx_path = Path(onnx_path)
-    return [onnx_path, *(onnx_path.parent / loc for loc in _locations(onnx_path))]
+    try:
+        locations = _locations(onnx_path)
+    except Exception:  # noqa: BLE001 - protobuf and onnx raise many types for a damaged file
+        locations = []
+    return [onnx_path, *(onnx_path.parent / loc for loc in locations)]
 
 
 def missing_files(onnx_path: str | os.PathLike) -> list[Path]:
     """The external data files ``onnx_path`` names that are not there; ``[]`` when the model
-    is whole (or cannot be read as ONNX at all: that is the loader's error to report)."""
-    try:
-        files = model_files(onnx_path)
-    except Exception:  # noqa: BLE001 - not parseable: the caller reports the loader's own error
-        return []
-    return [p for p in files[1:] if not p.is_file()]
+    is whole (or cannot be read as ONNX at all)."""
+    return [p for p in model_files(onnx_path)[1:] if not p.is_file()]
 
 
 def missing_files_problem(onnx_path: str | os.PathLike) -> str:
