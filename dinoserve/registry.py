@@ -19,7 +19,7 @@ from dinoserve.card import family_of
 from dinoserve.errors import UnknownModelError
 
 __all__ = ["AliasConfig", "ALIASES", "family_of_name", "generation_of", "is_dinov3_vit", "list_models",
-           "memory_shortfall", "not_exportable", "resolve_name"]
+           "large_model_note", "memory_shortfall", "not_exportable", "resolve_name"]
 
 _FB = "https://dl.fbaipublicfiles.com/dino"
 
@@ -109,6 +109,18 @@ def memory_shortfall(weight_bytes: int, int8: bool = False, memory: int | None =
         return ""
     return (f"{'an int8 ' if int8 else ''}export of {weight_bytes / 2**30:.1f} GiB of fp32 weights needs about "
             f"{need / 2**30:.0f} GiB of memory ({factor:g} x), this machine has {memory / 2**30:.0f} GiB")
+
+
+def large_model_note(name: str, memory: int | None = None) -> str:
+    """What to know before exporting ``name`` when it is one of the largest DINO models, in
+    words (its weights go to ``model.onnx.data``; int8 where memory does not allow it); ``""``
+    for any other model."""
+    for part, params in _LARGE.items():
+        if part in name:
+            int8 = memory_shortfall(int(params * 4), int8=True, memory=memory)
+            note = f"{params / 1e9:.1f}B parameters: weights exported to model.onnx.data (over 2 GB)"
+            return note + (f"; no int8 here: {int8}" if int8 else "")
+    return ""
 
 
 def not_exportable(name: str, memory: int | None = None) -> str:

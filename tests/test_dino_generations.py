@@ -297,6 +297,9 @@ def test_models_dino_lists_the_generations_and_what_cannot_be_exported():
     assert res.exit_code == 0
     seven_b = [line for line in res.output.splitlines() if line.startswith("vit_7b_patch16_dinov3")]
     assert seven_b and ("not exportable here" in seven_b[0]) == bool(not_exportable("vit_7b_patch16_dinov3"))
+    giant = [line for line in res.output.splitlines() if line.startswith("vit_giant_patch14_reg4_dinov2 ")]
+    assert giant and "1.1B parameters: weights exported to model.onnx.data" in giant[0]
+    assert "vit_large_patch16_dinov3" in res.output.splitlines()  # one file: the bare name, no note
     rows = [json.loads(line) for line in CliRunner().invoke(cli, ["models", "dinov3", "--json"]).output.splitlines()]
     assert {r["name"] for r in rows} >= {"vit_small_patch16_dinov3", "convnext_tiny"}
     assert all(r["generation"] in ("DINOv3 ViT", "DINOv3 ConvNeXt") for r in rows)
