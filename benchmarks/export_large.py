@@ -78,8 +78,9 @@ def measure_export(arch: str, size: int, repo: Path, int8_images: int = 0, exter
     export_s = time.perf_counter() - t0
     peak = _peak_rss_bytes()
     extra = {"int8_calibration_images": int8_images, "int8_quality_random_weights": res.int8.to_dict()} if int8 else {}
-    return {**extra, "precision": res.card.precision, "external_data_forced": bool(external_data),
-        "arch": arch, "image_size": size, "parameters": params, "fp32_weight_bytes": fp32_bytes,
+    return {
+        **extra, "precision": res.card.precision, "external_data_forced": bool(external_data), "arch": arch,
+        "image_size": size, "parameters": params, "fp32_weight_bytes": fp32_bytes,
         "build_seconds": round(built_s, 1), "export_and_verify_seconds": round(export_s, 1),
         "peak_rss_bytes": peak, "peak_rss_over_weights": round(peak / fp32_bytes, 2),
         "files": {p.name: p.stat().st_size for p in res.files},
@@ -111,13 +112,12 @@ def measure_serving(repo: Path, images: int) -> dict:
     }
 
 
-
-
 def _merged(rows: list[dict]) -> list[dict]:
     """Earlier runs of other architectures (each with its own machine record), then ``rows``:
     one architecture at a time fits in memory, so the file is filled over several calls."""
     path = RESULTS / "export_large.json"
     earlier = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+
     def key(row: dict) -> tuple:
         return row.get("arch"), row.get("precision", "fp32"), row.get("external_data_forced", False)
 

@@ -267,8 +267,8 @@ def export_onnx(
         write_model_config(stage / name, name, card, max_batch=max_batch, device=device, trt_fp16=trt_fp16,
                            patch_tokens=patch_tokens)
         names = [p.name for p in model_files(onnx_path)]
-        for path in model_files(onnx_path):
-            fsync_path(path)
+        for n in names:
+            fsync_path(onnx_path.parent / n)
         commit_version(stage / name, model_dir, version)
     log.info("exported %s version %d to %s (max abs diff %.3g)", name, version, model_dir, diff)
     final = model_dir / str(version)

@@ -48,7 +48,7 @@ def _locations(onnx_path: Path) -> list[str]:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    # Only the graph is read (tensors' data stays on disk), so this is cheap for any size.
+    # External data stays on disk; a single-file model's weights are parsed with its graph.
     model = onnx.load(str(onnx_path), load_external_data=False)
     return sorted({ExternalDataInfo(t).location for t in _tensors(model.graph) if uses_external_data(t)})
 

@@ -54,8 +54,9 @@ class OpenVINOSession:
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            if missing_files_problem(path):
-                raise ModelFileError(f"{path}: {missing_files_problem(path)}; {hint}") from None
+            missing = missing_files_problem(path)
+            if missing:
+                raise ModelFileError(f"{path}: {missing}; {hint}") from None
             raise ModelFileError(f"{path}: OpenVINO cannot load it, the file is truncated or damaged ({first}); "
                                  f"{hint}") from None
         self._outputs = {o.get_any_name(): o for o in self._compiled.outputs}

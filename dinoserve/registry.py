@@ -111,26 +111,29 @@ def memory_shortfall(weight_bytes: int, int8: bool = False, memory: int | None =
             f"{need / 2**30:.0f} GiB of memory ({factor:g} x), this machine has {memory / 2**30:.0f} GiB")
 
 
+def _large_params(name: str) -> float:
+    """Parameters of ``name`` when it is one of :data:`_LARGE`; 0 otherwise."""
+    return next((params for part, params in _LARGE.items() if part in name), 0)
+
+
 def large_model_note(name: str, memory: int | None = None) -> str:
     """What to know before exporting ``name`` when it is one of the largest DINO models, in
     words (its weights go to ``model.onnx.data``; int8 where memory does not allow it); ``""``
     for any other model."""
-    for part, params in _LARGE.items():
-        if part in name:
-            int8 = memory_shortfall(int(params * 4), int8=True, memory=memory)
-            note = f"{params / 1e9:.1f}B parameters: weights exported to model.onnx.data (over 2 GB)"
-            return note + (f"; no int8 here: {int8}" if int8 else "")
-    return ""
+    params = _large_params(name)
+    if not params:
+        return ""
+    int8 = memory_shortfall(int(params * 4), int8=True, memory=memory)
+    note = f"{params / 1e9:.1f}B parameters: weights exported to model.onnx.data (over 2 GB)"
+    return note + (f"; no int8 here: {int8}" if int8 else "")
 
 
 def not_exportable(name: str, memory: int | None = None) -> str:
     """Why ``name`` cannot be exported on a machine with ``memory`` bytes (default: this
     one's); ``""`` when it can."""
-    for part, params in _LARGE.items():
-        short = memory_shortfall(int(params * 4), memory=memory) if part in name else ""
-        if short:
-            return f"not exportable here: {params / 1e9:.1f}B parameters; {short}"
-    return ""
+    params = _large_params(name)
+    short = memory_shortfall(int(params * 4), memory=memory) if params else ""
+    return f"not exportable here: {params / 1e9:.1f}B parameters; {short}" if short else ""
 
 
 def _dino_tags(name: str) -> list[str]:

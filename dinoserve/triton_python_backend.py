@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Sequence
 
 from dinoserve.errors import ServerError
-from dinoserve.onnx_files import model_files
 from dinoserve.pbtxt import Word, as_list, format_pbtxt, parse_pbtxt
 from dinoserve.repository import (CONFIG_FILENAME, ONNX_FILENAME, choose_models, list_versions, read_model_config,
                                   string_parameters)
@@ -77,7 +76,8 @@ def prepare_serving_repository(
 
     Each ONNX model (``backend: "onnxruntime"``) gets the same ``config.pbtxt`` with
     ``backend: "python"``, and per version a ``model.py`` runner next to a link to the
-    original ``model.onnx`` (and to its ``model.onnx.data``, when it has one). Other models are linked as they are. ``repo`` is not touched.
+    original ``model.onnx`` (and to the version's other files: ``model.onnx.data`` holds the
+    weights of a model over 2 GB). Other models are linked as they are. ``repo`` is not touched.
     Returns the model names written.
     """
     repo, target = Path(repo).absolute(), Path(target)
@@ -98,9 +98,11 @@ def prepare_serving_repository(
                 continue  # Triton would reject the version; the latest complete one serves
             (dst / str(version)).mkdir()
             shutil.copyfile(RUNNER_TEMPLATE, dst / str(version) / "model.py")
-            # model.onnx names its external data file relative to itself: link them side by side.
-            for path in model_files(onnx):
-                os.symlink(path, dst / str(version) / path.name)
+            # model.onnx names its external data file (model.onnx.data) relative to itself, so
+            # every file of the version is linked side by side; no graph is parsed at start-up.
+            for path in sorted(onnx.parent.iterdir()):
+                if path.is_file() and path.name != "model.py":
+                    os.symlink(path, dst / str(version) / path.name)
     return names
 
 
