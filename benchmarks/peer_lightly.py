@@ -19,20 +19,23 @@ optimiser) differs:
   :class:`~dinoserve.training.tensor_augment.BatchMultiCrop` (2 x 64 px global, 6 x 32 px
   local) with the same seed, so both see the same images in the same order with the same
   crop parameters;
-* batch 64, the epoch count, the seed, fp32 on a CPU without AMX (the precision is recorded);
+* batch 64, the epoch count, the seed, and fp32 arithmetic for both, also on CPUs with AMX
+  where our trainer's ``--precision auto`` would pick bf16 (a run that spans sessions may
+  meet both kinds of CPU);
 * the evaluator: the teacher backbone's features after every epoch, k-NN (k 20, T 0.07) at
   64 px with :func:`~dinoserve.training.knn.evaluate_knn_protocols`, on the fixed split and
   leave-one-out, each with its binomial standard error.
 
-Results go to ``results/peer_lightly.json`` (per trainer, seed and epoch: both protocols
+Results go to ``results/peer_lightly_<epochs>e.json`` (per trainer, seed and epoch: both protocols
 with their errors, loss, training and evaluation seconds, plus the machine and its CPU
-features) and ``results/peer_lightly.png`` (k-NN against epochs with 2-SE bars). A gap
+features) and its ``.png`` (k-NN against epochs with 2-SE bars), one pair per epoch count, so a
+long comparison never overwrites a short one. A gap
 counts only when it is larger than twice the standard error of the difference::
 
     pip install -e ".[bench]"
     nice -n 5 .venv/bin/python -m benchmarks.peer_lightly --epochs 5 --seeds 2
     .venv/bin/python -m benchmarks.peer_lightly --epochs 1 --limit-images 256   # a smoke run
-    .venv/bin/python -m benchmarks.peer_lightly --replot   # redraw the PNG from the JSON
+    .venv/bin/python -m benchmarks.peer_lightly --epochs 5 --replot   # redraw the PNG from the JSON
 
 A run of many epochs spans sessions: both trainers keep their state in a run folder outside
 the repository (``$DINOSERVE_RUNS`` or ``~/.cache/dinoserve/runs``, then
@@ -138,7 +141,12 @@ def dinoserve_config(data: Path, out: Path, epochs: int, seed: int) -> "TrainCon
     split = SPLITS if data == OPENCLIPART_CSV else ("pool",)
     return make_config("cpu_small", local_crops=6, data=str(data), split=split, out=str(out), epochs=epochs,
                        seed=seed, knn_data=str(OPENCLIPART_CSV), knn_every=1, knn_image_size=KNN_SIZE,
-                       progress=False, plan_to_time_limit=False)
+                       progress=False, plan_to_time_limit=False, precision="fp32")
+
+
+def result_name(epochs: int, limit_images: int | None) -> str:
+    """The results' file name (no suffix): one per epoch count, smoke runs apart."""
+    return f"{NAME}_{epochs}e" + (f"_first{limit_images}" if limit_images else "")
 
 
 def knn_row(results: dict) -> dict[str, float]:
@@ -396,6 +404,7 @@ def plot(results: dict[str, Any]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, (p, title) in zip(axes, (("split", "fixed split (knn_train -> knn_val)"), ("loo", "leave-one-out"))):
@@ -411,7 +420,7 @@ def plot(results: dict[str, Any]) -> Path:
             ax.axhline(raw, color="gray", ls="--", label=f"raw pixels ({raw:.1f} %)")
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.set_xticks(range(1, results["epochs"] + 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
         ax.set_xlim(0.5, results["epochs"] + 0.5)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"k-NN top-1 at {KNN_SIZE} px (%), bars 2 SE")
@@ -419,7 +428,7 @@ def plot(results: dict[str, Any]) -> Path:
     smoke = f"\nSMOKE RUN: only {results['limit_images']} training images, a few steps per epoch" if results["smoke"] else ""
     fig.suptitle(f"DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch{smoke}")
     fig.tight_layout()
-    path = plot_path(NAME)
+    path = plot_path(result_name(results["epochs"], results["limit_images"]))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -432,13 +441,13 @@ def save(results: dict[str, Any], measured: bool = True) -> None:
     results["notes"] = NOTES
     if measured:
         results["machine"] = machine()
-    write_json(NAME, results)
+    write_json(result_name(results["epochs"], results["limit_images"]), results)
     plot(results)
 
 
 def previous_results(args: argparse.Namespace) -> dict[str, Any]:
     """The JSON that ``--append`` adds to; refused when it measured something else."""
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{result_name(args.epochs, args.limit_images)}.json"
     if not path.is_file():
         raise SystemExit(f"--append: {path} does not exist yet; run once without --append")
     results = json.loads(path.read_text())
@@ -477,10 +486,14 @@ def main() -> None:
                     help="stop cleanly after about this many minutes (after lightly's current epoch, or at our "
                          "trainer's --time-limit); --resume continues: a run of many epochs spans sessions")
     ap.add_argument("--replot", action="store_true",
-                    help="redraw results/peer_lightly.png (and refresh gaps and notes) from the JSON; trains nothing")
+                    help="redraw results/peer_lightly_<epochs>e.png (and refresh gaps and notes) from the JSON of "
+                         "--epochs (and --limit-images); trains nothing")
     args = ap.parse_args()
     if args.replot:
-        save(json.loads((RESULTS / f"{NAME}.json").read_text()), measured=False)
+        path = RESULTS / f"{result_name(args.epochs, args.limit_images)}.json"
+        if not path.is_file():
+            raise SystemExit(f"--replot: {path} does not exist; --epochs picks which comparison to redraw")
+        save(json.loads(path.read_text()), measured=False)
         return
     if "lightly" in args.trainers:
         require_lightly()
@@ -491,7 +504,7 @@ def main() -> None:
 
     from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
-    out = args.out or run_dir(f"peer_lightly_{args.epochs}e" + (f"_first{args.limit_images}" if args.limit_images else ""))
+    out = args.out or run_dir(result_name(args.epochs, args.limit_images))
     held = sorted(out.glob("lightly_seed*.pth")) + sorted(out.glob("dinoserve_seed*/checkpoint.pth"))
     if held and not args.resume:
         raise SystemExit(f"{out} holds runs ({held[0].relative_to(out)}); --resume continues them, or remove the folder")

@@ -31,6 +31,16 @@ def test_peer_lightly_help_needs_no_lightly():
     assert "--limit-images" in done.stdout
 
 
+def test_each_epoch_count_keeps_its_own_results_file():
+    from benchmarks.peer_lightly import result_name
+
+    # a 50-epoch comparison must not overwrite the committed 5-epoch one
+    assert len({result_name(5, None), result_name(50, None), result_name(5, 256)}) == 3
+    done = _run("--epochs", "999", "--replot")
+    assert done.returncode != 0
+    assert "peer_lightly_999e.json does not exist" in done.stderr
+
+
 def _epoch(split_hits: str, loo_hits: str, with_hits: bool) -> dict:
     row = {"epoch": 1}
     for p, h in (("split", split_hits), ("loo", loo_hits)):
