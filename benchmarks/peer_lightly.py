@@ -40,7 +40,13 @@ counts only when it is larger than twice the standard error of the difference::
 A run of many epochs spans sessions: both trainers keep their state in a run folder outside
 the repository (``$DINOSERVE_RUNS`` or ``~/.cache/dinoserve/runs``, then
 ``peer_lightly_<epochs>e``), lightly's after every epoch, ours as ``dinoserve train`` does;
-``--minutes`` stops cleanly and ``--resume`` continues exactly where it stopped::
+``--minutes`` stops cleanly and ``--resume`` continues exactly where it stopped. A later
+session usually runs on a fresh machine without that folder, so full-data runs also package
+each trainer's teacher into ``weights/progress/peer_lightly_<epochs>e_<trainer>_seed<N>.*``
+(lightly's after every epoch, ours when it stops; commit them), and ``--resume`` without the
+run folder continues from those (:mod:`benchmarks.peer_state`: student and teacher from the
+packaged teacher, the schedules where the plan has them; the optimizer's momentum and the
+loss's center are rebuilt; each run's ``segments`` in the JSON say where that happened)::
 
     .venv/bin/python -m benchmarks.peer_lightly --epochs 50 --minutes 120            # first session
     .venv/bin/python -m benchmarks.peer_lightly --epochs 50 --minutes 120 --resume   # every later one
@@ -65,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.harness import OPENCLIPART_CSV, RESULTS, machine, plot_path, write_json
 from benchmarks.long_run import run_dir
+from benchmarks.peer_state import load_lightly, package_dinoserve, package_lightly, packaged_path, read_record, segment
 
 NAME = "peer_lightly"
 TRAINERS = ("lightly", "dinoserve")
@@ -95,6 +102,8 @@ NOTES = [
     "only beyond 2 se. Neither error covers seed-to-seed spread (random inits alone span 35-44 % at epoch "
     "0): compare seeds, not one run",
     "hits: per query, in protocol order, 1 if its top-1 class was right: the last epoch's, for the paired error",
+    "segments: where a run began, was resumed exactly, or was continued on another machine from its packaged fp16 "
+    "teacher (optimizer momentum and loss center rebuilt), with the epochs each covered and its CPU",
 ]
 
 if TYPE_CHECKING:
@@ -201,12 +210,16 @@ def lightly_models(seed: int):
 
 
 def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
-                on_epoch=lambda run: None) -> dict[str, Any]:
+                on_epoch=lambda run: None, packaged: Path | None = None) -> dict[str, Any]:
     """Train lightly's recipe on the crops our trainer would make for ``cfg``; k-NN of the
     teacher backbone after every epoch. Its state goes to ``ckpt`` after every epoch, and a
-    run that finds ``ckpt`` continues from it, so a run of many epochs spans sessions. Stops
-    after the epoch during which ``time.time()`` passes ``deadline`` (``complete`` False);
-    ``on_epoch`` sees the run after each epoch."""
+    run that finds ``ckpt`` continues from it exactly, so a run of many epochs spans sessions.
+    With ``packaged``, the teacher is also packaged there after every epoch
+    (:mod:`benchmarks.peer_state`), and a run without ``ckpt`` (a new machine) continues from
+    that package. Stops after the epoch during which ``time.time()`` passes ``deadline``
+    (``complete`` False); ``on_epoch`` sees the run after each epoch."""
+    import warnings
+
     import torch
     from lightly.loss import DINOLoss
     from lightly.models.utils import update_momentum
@@ -243,7 +256,25 @@ def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
         for name, obj in stateful.items():
             obj.load_state_dict(saved[name])
         run["epochs"] = saved["rows"]
+        # checkpoints written before segments were kept began at epoch 0 on one machine
+        segments = saved.get("segments") or [{"how": "started", "first_epoch": 0}]
         log.info("lightly seed %d: continued from %s after epoch %d", seed, ckpt, len(run["epochs"]))
+    elif packaged is not None and (record := read_record(packaged)) is not None:
+        if (record["epochs_planned"], record["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
+            raise SystemExit(f"{packaged}: a run of {record['epochs_planned']} epochs x {record['steps_per_epoch']} "
+                             f"steps, this one {cfg.epochs} x {steps_per_epoch}; remove it and its .json to start over")
+        load_lightly(packaged, nets)
+        with warnings.catch_warnings():  # a fresh scheduler stepped to where the plan is, before any optimizer step
+            warnings.simplefilter("ignore")
+            for _ in range(record["epochs_done"] * steps_per_epoch):
+                scheduler.step()
+        run["epochs"] = record["rows"]
+        segments = [*record["segments"], segment("continued from the packaged teacher", record["epochs_done"])]
+        log.info("lightly seed %d: continued from the packaged teacher %s after epoch %d", seed, packaged,
+                 record["epochs_done"])
+    else:
+        segments = [segment("started", 0)]
+    run["segments"] = segments  # the same list: each epoch moves its last one's end
 
     for epoch in range(len(run["epochs"]), cfg.epochs):
         if time.time() > deadline:
@@ -262,8 +293,11 @@ def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
                               "train_seconds": round(train_s, 1), "knn_seconds": round(time.perf_counter() - t1, 1)})
         if epoch + 1 == cfg.epochs:
             run["epochs"][-1]["hits"] = hits_row(knn)
+        segments[-1]["last_epoch"] = epoch + 1
         _save_atomically({**{k: v.state_dict() for k, v in stateful.items()}, "rows": run["epochs"],
-                          "epochs_planned": cfg.epochs, "steps_per_epoch": steps_per_epoch}, ckpt)
+                          "epochs_planned": cfg.epochs, "steps_per_epoch": steps_per_epoch, "segments": segments}, ckpt)
+        if packaged is not None:
+            package_lightly(ckpt, packaged)
         log.info("lightly seed %d epoch %d: %s", seed, epoch + 1,
                  json.dumps({k: v for k, v in run["epochs"][-1].items() if k != "hits"}))
         on_epoch(run)
@@ -305,26 +339,41 @@ def lightly_step(crops, epoch: int, backbone, head, teacher_backbone, teacher_he
 # --------------------------------------------------------------------------------------
 
 
-def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf) -> dict[str, Any]:
+def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf, packaged: Path | None = None) -> dict[str, Any]:
     """``dinoserve.training.train(cfg)``, resumed (``--resume``, bit-exactly) when ``cfg.out``
     holds its checkpoint, and stopped cleanly at ``deadline`` (the trainer's
     ``--time-limit``). The per-epoch numbers come from its log.jsonl; the last epoch's
-    per-query hits from its final teacher, scored again by this benchmark."""
+    per-query hits from its final teacher, scored again by this benchmark. With
+    ``packaged``, the teacher is packaged there when the trainer stops
+    (:mod:`benchmarks.peer_state`), and a run folder without a checkpoint (a new machine)
+    continues from that package with ``--pretrained`` and ``--start-epoch``."""
     from dinoserve.models import load_backbone
     from dinoserve.training import train
     from dinoserve.training.knn import evaluate_knn_protocols
 
     out = Path(cfg.out)
-    log_file, hits_file = out / "log.jsonl", out / "final_hits.json"
+    out.mkdir(parents=True, exist_ok=True)
+    log_file, hits_file, origin = out / "log.jsonl", out / "final_hits.json", out / "continued_from.json"
+    if packaged is not None and not (out / "checkpoint.pth").is_file() and not origin.is_file():
+        record = read_record(packaged)
+        if record is not None:
+            origin.write_text(json.dumps(record))
+    earlier = json.loads(origin.read_text()) if origin.is_file() else None
+    if earlier is not None:
+        if earlier["epochs_done"] >= cfg.epochs:
+            return {"seed": seed, "epochs": earlier["rows"], "complete": True, "segments": earlier["segments"]}
+        # every segment on this machine keeps the options the first one began with, so --resume accepts them
+        cfg = dataclasses.replace(cfg, pretrained=str(packaged), start_epoch=earlier["epochs_done"])
     rows = _log(log_file)
-    if len(epochs_from_log(rows)) < cfg.epochs:
+    if len(epochs_from_log(rows)) + (earlier or {}).get("epochs_done", 0) < cfg.epochs:
         minutes = (deadline - time.time()) / 60
         if minutes <= 0:
-            return _dinoserve_run(seed, rows, cfg.epochs) if rows else {"seed": seed, "epochs": [], "complete": False}
+            return (_dinoserve_run(seed, rows, cfg.epochs, earlier) if rows
+                    else {"seed": seed, "epochs": (earlier or {}).get("rows", []), "complete": False})
         resume = (out / "checkpoint.pth").is_file()
         train(dataclasses.replace(cfg, resume=resume, time_limit=None if math.isinf(minutes) else minutes))
         rows = _log(log_file)
-    run = _dinoserve_run(seed, rows, cfg.epochs)
+    run = _dinoserve_run(seed, rows, cfg.epochs, earlier)
     if run["complete"]:
         if not hits_file.is_file():
             knn = evaluate_knn_protocols(load_backbone(out / "checkpoint.pth").eval(), knn_set)
@@ -334,6 +383,8 @@ def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf) -> dict[s
                 raise RuntimeError(f"the final teacher scores {again}, the trainer's log {run['epochs'][-1]}")
             hits_file.write_text(json.dumps(hits_row(knn)))
         run["epochs"][-1]["hits"] = json.loads(hits_file.read_text())
+    if packaged is not None and (out / "checkpoint.pth").is_file():
+        package_dinoserve(out, packaged, run["epochs"], run["segments"], cfg.epochs)
     return run
 
 
@@ -341,12 +392,18 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _dinoserve_run(seed: int, rows: list[dict], planned: int) -> dict[str, Any]:
+def _dinoserve_run(seed: int, rows: list[dict], planned: int, earlier: dict | None = None) -> dict[str, Any]:
+    """The run as the JSON keeps it: this machine's log, after the packaged record's rows
+    and segments when it was continued from one."""
     start = next(r for r in rows if r["event"] == "start")
-    epochs = epochs_from_log(rows)
+    epochs = [*(earlier or {}).get("rows", []), *epochs_from_log(rows)]
     precision = next((r["precision"] for r in reversed(rows) if r["event"] == "end"), start.get("precision"))
+    first = (earlier or {}).get("epochs_done", 0)
+    here = {"how": "continued from the packaged teacher" if earlier else "started", "first_epoch": first,
+            "last_epoch": len(epochs), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start["time"]))}
     return {"seed": seed, "precision": precision, "images": start["images"], "steps_per_epoch": start["steps_per_epoch"],
-            "epochs": epochs, "complete": len(epochs) == planned}
+            "epochs": epochs, "complete": len(epochs) == planned,
+            "segments": [*(earlier or {}).get("segments", []), here]}
 
 
 def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
@@ -504,10 +561,19 @@ def main() -> None:
 
     from dinoserve.training.knn import evaluate_knn_protocols, prepare_knn_set
 
-    out = args.out or run_dir(result_name(args.epochs, args.limit_images))
-    held = sorted(out.glob("lightly_seed*.pth")) + sorted(out.glob("dinoserve_seed*/checkpoint.pth"))
+    name = result_name(args.epochs, args.limit_images)
+
+    def packaged(trainer: str, seed: int) -> Path | None:
+        """Full-data runs carry their teachers in weights/progress to the next machine; smoke runs are short."""
+        return None if args.limit_images else packaged_path(name, trainer, seed)
+
+    out = args.out or run_dir(name)
+    held = sorted(out.glob("lightly_seed*.pth")) + sorted(out.glob("dinoserve_seed*/checkpoint.pth")) + [
+        p for t in args.trainers for s in range(args.first_seed, args.first_seed + args.seeds)
+        if (p := packaged(t, s)) is not None and p.is_file()]
     if held and not args.resume:
-        raise SystemExit(f"{out} holds runs ({held[0].relative_to(out)}); --resume continues them, or remove the folder")
+        raise SystemExit(f"{held[0]} holds a run of this comparison; --resume continues it, or remove it "
+                         f"(and its .json) to start over")
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes if args.minutes else math.inf
 
@@ -530,9 +596,10 @@ def main() -> None:
             if trainer == "lightly":
                 # the JSON after every epoch: a run of many epochs shows its curve while it runs
                 run = run_lightly(cfg, seed, knn_set, out / f"lightly_seed{seed}.pth", deadline,
-                                  on_epoch=lambda r: save({**results, "runs": {**results["runs"], trainer: [*done, r]}}))
+                                  on_epoch=lambda r: save({**results, "runs": {**results["runs"], trainer: [*done, r]}}),
+                                  packaged=packaged(trainer, seed))
             else:
-                run = run_dinoserve(cfg, seed, knn_set, deadline)
+                run = run_dinoserve(cfg, seed, knn_set, deadline, packaged=packaged(trainer, seed))
             run["load_avg_after"] = machine()["load_avg_1_5_15"]  # each run's own, as appended runs share one JSON
             done.append(run)
             save(results)  # after every run, so a stopped benchmark keeps what it measured

@@ -145,3 +145,84 @@ def test_lightly_recipe_resumes_exactly_where_it_stopped(tmp_path):
     assert scores(resumed) == scores(straight)
     a, b = (torch.load(tmp_path / f, weights_only=True)["teacher"] for f in ("straight.pth", "resumed.pth"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny(tmp_path):
+    """A small labelled folder, its k-NN set and a 2-epoch config over it (12 images, 1 step an epoch)."""
+    from benchmarks.synthetic import make_image_folder
+    from dinoserve.training import make_config
+    from dinoserve.training.knn import prepare_knn_set
+
+    make_image_folder(tmp_path / "shapes" / "train", per_class=4, size=48, seed=1)
+    make_image_folder(tmp_path / "shapes" / "val", per_class=2, size=48, seed=2)
+    knn_set = prepare_knn_set(tmp_path / "shapes", 32)
+    cfg = make_config("cpu_small", data=str(tmp_path / "shapes" / "train"), out=str(tmp_path / "run"), epochs=2,
+                      global_crop_size=32, local_crop_size=16, local_crops=2, batch_size=8, seed=0, progress=False,
+                      precision="fp32", knn_data=str(tmp_path / "shapes"), knn_every=1, knn_image_size=32,
+                      plan_to_time_limit=False)
+    return knn_set, cfg
+
+
+def test_lightly_recipe_continues_on_a_new_machine_from_its_packaged_teacher(tmp_path):
+    """The run folder lost after epoch 1 (a fresh machine): the packaged teacher and record
+    carry the run on; the rows of epoch 1 survive, and the record says where it was continued."""
+    import pytest
+
+    pytest.importorskip("lightly")
+    import torch
+
+    from benchmarks.peer_lightly import lightly_models, run_lightly
+    from benchmarks.peer_state import load_lightly, read_record
+
+    knn_set, cfg = _tiny(tmp_path)
+    packaged = tmp_path / "progress" / "peer_seed0.safetensors"
+    packaged.parent.mkdir()
+
+    def kill(run):
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        run_lightly(cfg, 0, knn_set, tmp_path / "lost.pth", on_epoch=kill, packaged=packaged)
+    first = torch.load(tmp_path / "lost.pth", weights_only=True)
+    (tmp_path / "lost.pth").unlink()
+    assert read_record(packaged)["epochs_done"] == 1
+
+    nets = dict(zip(("student", "head", "teacher", "teacher_head"), lightly_models(seed=5)))
+    load_lightly(packaged, nets)
+    for student, teacher in (("student", "teacher"), ("head", "teacher_head")):
+        for k, v in first[teacher].items():  # both start from the teacher, to fp16's precision
+            assert torch.allclose(nets[student].state_dict()[k].float(), v.float(), rtol=1e-3, atol=1e-3), k
+            assert torch.allclose(nets[teacher].state_dict()[k].float(), v.float(), rtol=1e-3, atol=1e-3), k
+
+    run = run_lightly(cfg, 0, knn_set, tmp_path / "new.pth", packaged=packaged)
+    assert run["complete"] and [e["epoch"] for e in run["epochs"]] == [1, 2]
+    assert run["epochs"][0] == first["rows"][0]
+    assert [(s["how"], s["first_epoch"], s["last_epoch"]) for s in run["segments"]] == [
+        ("started", 0, 1), ("continued from the packaged teacher", 1, 2)]
+    assert read_record(packaged)["epochs_done"] == 2 and "hits" in read_record(packaged)["rows"][-1]
+
+
+def test_our_trainer_continues_on_a_new_machine_from_its_packaged_teacher(tmp_path):
+    """Ours stopped after epoch 1 and its run folder lost: the next run goes on from the
+    packaged teacher at epoch 1 (--pretrained, --start-epoch) and keeps epoch 1's row."""
+    import dataclasses
+    import shutil
+
+    from benchmarks.peer_lightly import run_dinoserve
+    from benchmarks.peer_state import read_record
+
+    knn_set, cfg = _tiny(tmp_path)
+    packaged = tmp_path / "progress" / "ours_seed0.safetensors"
+    packaged.parent.mkdir()
+    stopped = run_dinoserve(dataclasses.replace(cfg, max_steps=1), 0, knn_set, packaged=packaged)
+    assert not stopped["complete"] and [e["epoch"] for e in stopped["epochs"]] == [1]
+    assert read_record(packaged)["epochs_done"] == 1
+    shutil.rmtree(cfg.out)
+
+    run = run_dinoserve(cfg, 0, knn_set, packaged=packaged)
+    assert run["complete"] and [e["epoch"] for e in run["epochs"]] == [1, 2]
+    assert run["epochs"][0] == stopped["epochs"][0]
+    assert "hits" in run["epochs"][-1]
+    assert [(s["how"], s["first_epoch"], s["last_epoch"]) for s in run["segments"]] == [
+        ("started", 0, 1), ("continued from the packaged teacher", 1, 2)]
+    assert read_record(packaged)["epochs_done"] == 2
