@@ -8,7 +8,6 @@ import os
 import socket
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -144,17 +143,9 @@ def _git_sha() -> str | None:
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` atomically; return its path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix=f".{name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are for everyone to read
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return target
+    from dinoserve.atomic import atomic_write_text
+
+    return atomic_write_text(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
 
 
 def scrape_metrics(metrics_url: str, model: str) -> dict[str, float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -30,13 +31,39 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` can
+    only be read by setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` gets: an existing file's own, else what ``open()`` would give
+    a new one (0666 less the umask). mkstemp's 0600 would hide a model repository's files
+    from a Triton server that runs as another user, and an exported file from its readers."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(f)`` on a temp file beside ``path``, then put it in place atomically."""
+    """Call ``write(f)`` on a temp file beside ``path``, then put it in place atomically,
+    with the permissions a plain write would leave (see :func:`_mode_for`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode_for(path))
             write(f)
             f.flush()
             os.fsync(f.fileno())

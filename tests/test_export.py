@@ -3,6 +3,8 @@ sources, versions, config.pbtxt, and failures that leave the repository unchange
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 import shutil
@@ -203,6 +205,17 @@ def repo_copy(tiny_repo, tmp_path) -> Path:
     repo = tmp_path / "model_repository"
     shutil.copytree(tiny_repo, repo, symlinks=True)
     return repo
+
+
+def test_repository_files_are_readable_as_a_plain_write_leaves_them(tiny_repo):
+    """A Triton server running as another user must read config.pbtxt and the graph: every
+    file of the repository has the umask's permissions, not a temp file's 0600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [p for p in tiny_repo.rglob("*") if p.is_file()]
+    assert any(p.name == "config.pbtxt" for p in files) and any(p.suffix == ".onnx" for p in files)
+    assert {p.relative_to(tiny_repo): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tiny_repo): oct(0o666 & ~umask) for p in files}
 
 
 def test_unknown_arch_is_a_clear_error(tiny_repo, repo_copy):
