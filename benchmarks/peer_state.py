@@ -74,14 +74,16 @@ def load_lightly(target: Path, nets: dict) -> None:
     """Student and teacher (backbone and head) both from the packaged teacher in ``target``."""
     from safetensors.torch import load_file
 
-    from dinoserve.errors import DinoserveError
-
-    tensors = load_file(target)
+    fix = f"restore it (git checkout -- {target.name}) or remove it and its .json to start this trainer over"
+    try:
+        tensors = load_file(target)
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        raise SystemExit(f"{target}: not readable as safetensors ({e}); {fix}") from None
     for part, prefix in LIGHTLY_PARTS.items():
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
-            raise DinoserveError(f"{target}: no '{prefix}' tensors; not a packaged lightly teacher "
-                                 f"(format {LIGHTLY_FORMAT}); remove it and its .json to start over")
+            raise SystemExit(f"{target}: no '{prefix}' tensors, not a packaged lightly teacher "
+                             f"(format {LIGHTLY_FORMAT}); {fix}")
         student = "student" if part == "teacher" else "head"
         for name in (part, student):
             nets[name].load_state_dict(state)  # copies into the fp32 parameters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,19 @@ def test_our_trainer_continues_on_a_new_machine_from_its_packaged_teacher(tmp_pa
     assert [(s["how"], s["first_epoch"], s["last_epoch"]) for s in run["segments"]] == [
         ("started", 0, 1), ("continued from the packaged teacher", 1, 2)]
     assert read_record(packaged)["epochs_done"] == 2
+
+
+def test_a_damaged_packaged_teacher_is_refused_in_one_line_naming_it(tmp_path):
+    import pytest
+
+    pytest.importorskip("lightly")
+    from benchmarks.peer_lightly import run_lightly
+
+    knn_set, cfg = _tiny(tmp_path)
+    packaged = tmp_path / "peer_seed0.safetensors"
+    packaged.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken")  # a header that is not JSON
+    packaged.with_suffix(".json").write_text(json.dumps(
+        {"epochs_planned": 2, "steps_per_epoch": 1, "epochs_done": 1, "rows": [], "segments": []}))
+    with pytest.raises(SystemExit) as e:
+        run_lightly(cfg, 0, knn_set, tmp_path / "new.pth", packaged=packaged)
+    assert str(packaged) in str(e.value) and "remove it" in str(e.value) and "\n" not in str(e.value)
