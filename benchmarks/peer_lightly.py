@@ -361,7 +361,8 @@ def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf, packaged:
     earlier = json.loads(origin.read_text()) if origin.is_file() else None
     if earlier is not None:
         if earlier["epochs_done"] >= cfg.epochs:
-            return {"seed": seed, "epochs": earlier["rows"], "complete": True, "segments": earlier["segments"]}
+            return {"seed": seed, **{k: earlier[k] for k in ("precision", "images", "steps_per_epoch") if k in earlier},
+                    "epochs": earlier["rows"], "complete": True, "segments": earlier["segments"]}
         # every segment on this machine keeps the options the first one began with, so --resume accepts them
         cfg = dataclasses.replace(cfg, pretrained=str(packaged), start_epoch=earlier["epochs_done"])
     rows = _log(log_file)
@@ -384,7 +385,7 @@ def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf, packaged:
             hits_file.write_text(json.dumps(hits_row(knn)))
         run["epochs"][-1]["hits"] = json.loads(hits_file.read_text())
     if packaged is not None and (out / "checkpoint.pth").is_file():
-        package_dinoserve(out, packaged, run["epochs"], run["segments"], cfg.epochs)
+        package_dinoserve(out, packaged, run, cfg.epochs)
     return run
 
 
@@ -472,6 +473,9 @@ def plot(results: dict[str, Any]) -> Path:
                 ax.errorbar(xs, [e[f"{p}_top1"] for e in run["epochs"]], yerr=[2 * e[f"{p}_se"] for e in run["epochs"]],
                             marker="o", capsize=3, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4],
                             label=f"{trainer} (seed {run['seed']})")
+                for seg in run.get("segments", [])[1:]:  # where a new machine went on from the packaged teacher
+                    if seg["how"].startswith("continued"):
+                        ax.axvline(seg["first_epoch"] + 0.5, color=f"C{i}", ls=":", lw=1)
         raw = results.get("raw_pixels", {}).get(f"{p}_top1")
         if raw is not None:
             ax.axhline(raw, color="gray", ls="--", label=f"raw pixels ({raw:.1f} %)")
@@ -483,7 +487,10 @@ def plot(results: dict[str, Any]) -> Path:
     axes[0].set_ylabel(f"k-NN top-1 at {KNN_SIZE} px (%), bars 2 SE")
     axes[0].legend(fontsize=8)
     smoke = f"\nSMOKE RUN: only {results['limit_images']} training images, a few steps per epoch" if results["smoke"] else ""
-    fig.suptitle(f"DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch{smoke}")
+    continued = any(seg["how"].startswith("continued") for runs in results["runs"].values() for r in runs
+                    for seg in r.get("segments", []))
+    note = "\ndotted lines: continued on another machine from the packaged teacher" if continued else ""
+    fig.suptitle(f"DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch{smoke}{note}")
     fig.tight_layout()
     path = plot_path(result_name(results["epochs"], results["limit_images"]))
     fig.savefig(path, dpi=110)

@@ -89,13 +89,15 @@ def load_lightly(target: Path, nets: dict) -> None:
             nets[name].load_state_dict(state)  # copies into the fp32 parameters
 
 
-def package_dinoserve(out: Path, target: Path, rows: list[dict], segments: list[dict], planned: int) -> dict[str, Any]:
+def package_dinoserve(out: Path, target: Path, run: dict[str, Any], planned: int) -> dict[str, Any]:
     """Our trainer's teacher from its checkpoint in ``out`` to fp16 ``target`` (the format
-    ``--pretrained`` reads, with the head) + record. Returns the record."""
+    ``--pretrained`` reads, with the head) + record of ``run`` (as the results JSON keeps it).
+    Returns the record."""
     from dinoserve.training.checkpoint import package_teacher
 
     facts = package_teacher(out / "checkpoint.pth", target, with_head=True)
     record = {"trainer": "dinoserve", "epochs_done": facts["epoch"], "epochs_planned": planned,
-              "segments": segments, "rows": rows}
+              **{k: run[k] for k in ("precision", "images", "steps_per_epoch") if k in run},
+              "segments": run["segments"], "rows": run["epochs"]}
     _write_record(target, record)
     return record

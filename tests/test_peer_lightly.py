@@ -227,6 +227,10 @@ def test_our_trainer_continues_on_a_new_machine_from_its_packaged_teacher(tmp_pa
     assert [(s["how"], s["first_epoch"], s["last_epoch"]) for s in run["segments"]] == [
         ("started", 0, 1), ("continued from the packaged teacher", 1, 2)]
     assert read_record(packaged)["epochs_done"] == 2
+    shutil.rmtree(cfg.out)  # a third machine finds the run complete in its record: nothing to train
+    again = run_dinoserve(cfg, 0, knn_set, packaged=packaged)
+    assert again["complete"] and again["epochs"] == run["epochs"] and again["precision"] == "fp32"
+    assert not (Path(cfg.out) / "checkpoint.pth").exists()
 
 
 def test_a_damaged_packaged_teacher_is_refused_in_one_line_naming_it(tmp_path):
