@@ -255,9 +255,7 @@ def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
                              f"this one {cfg.epochs} x {steps_per_epoch}; remove it or use its --epochs")
         for name, obj in stateful.items():
             obj.load_state_dict(saved[name])
-        run["epochs"] = saved["rows"]
-        # checkpoints written before segments were kept began at epoch 0 on one machine
-        segments = saved.get("segments") or [{"how": "started", "first_epoch": 0}]
+        run["epochs"], segments = saved["rows"], saved["segments"]
         log.info("lightly seed %d: continued from %s after epoch %d", seed, ckpt, len(run["epochs"]))
     elif packaged is not None and (record := read_record(packaged)) is not None:
         if (record["epochs_planned"], record["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
@@ -294,10 +292,11 @@ def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
         if epoch + 1 == cfg.epochs:
             run["epochs"][-1]["hits"] = hits_row(knn)
         segments[-1]["last_epoch"] = epoch + 1
-        _save_atomically({**{k: v.state_dict() for k, v in stateful.items()}, "rows": run["epochs"],
-                          "epochs_planned": cfg.epochs, "steps_per_epoch": steps_per_epoch, "segments": segments}, ckpt)
+        state = {**{k: v.state_dict() for k, v in stateful.items()}, "rows": run["epochs"],
+                 "epochs_planned": cfg.epochs, "steps_per_epoch": steps_per_epoch, "segments": segments}
+        _save_atomically(state, ckpt)
         if packaged is not None:
-            package_lightly(ckpt, packaged)
+            package_lightly(state, packaged)
         log.info("lightly seed %d epoch %d: %s", seed, epoch + 1,
                  json.dumps({k: v for k, v in run["epochs"][-1].items() if k != "hits"}))
         on_epoch(run)
@@ -358,19 +357,19 @@ def run_dinoserve(cfg, seed: int, knn_set, deadline: float = math.inf, packaged:
         record = read_record(packaged)
         if record is not None:
             origin.write_text(json.dumps(record))
-    earlier = json.loads(origin.read_text()) if origin.is_file() else None
-    if earlier is not None:
+    earlier = json.loads(origin.read_text()) if origin.is_file() else {}
+    if earlier:
         if earlier["epochs_done"] >= cfg.epochs:
             return {"seed": seed, **{k: earlier[k] for k in ("precision", "images", "steps_per_epoch") if k in earlier},
                     "epochs": earlier["rows"], "complete": True, "segments": earlier["segments"]}
         # every segment on this machine keeps the options the first one began with, so --resume accepts them
         cfg = dataclasses.replace(cfg, pretrained=str(packaged), start_epoch=earlier["epochs_done"])
     rows = _log(log_file)
-    if len(epochs_from_log(rows)) + (earlier or {}).get("epochs_done", 0) < cfg.epochs:
+    if len(epochs_from_log(rows)) + earlier.get("epochs_done", 0) < cfg.epochs:
         minutes = (deadline - time.time()) / 60
         if minutes <= 0:
             return (_dinoserve_run(seed, rows, cfg.epochs, earlier) if rows
-                    else {"seed": seed, "epochs": (earlier or {}).get("rows", []), "complete": False})
+                    else {"seed": seed, "epochs": earlier.get("rows", []), "complete": False})
         resume = (out / "checkpoint.pth").is_file()
         train(dataclasses.replace(cfg, resume=resume, time_limit=None if math.isinf(minutes) else minutes))
         rows = _log(log_file)
@@ -393,18 +392,18 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _dinoserve_run(seed: int, rows: list[dict], planned: int, earlier: dict | None = None) -> dict[str, Any]:
+def _dinoserve_run(seed: int, rows: list[dict], planned: int, earlier: dict) -> dict[str, Any]:
     """The run as the JSON keeps it: this machine's log, after the packaged record's rows
-    and segments when it was continued from one."""
+    and segments when it was continued from one (``earlier``; empty when it was not)."""
     start = next(r for r in rows if r["event"] == "start")
-    epochs = [*(earlier or {}).get("rows", []), *epochs_from_log(rows)]
+    epochs = [*earlier.get("rows", []), *epochs_from_log(rows)]
     precision = next((r["precision"] for r in reversed(rows) if r["event"] == "end"), start.get("precision"))
-    first = (earlier or {}).get("epochs_done", 0)
-    here = {"how": "continued from the packaged teacher" if earlier else "started", "first_epoch": first,
+    here = {"how": "continued from the packaged teacher" if earlier else "started",
+            "first_epoch": earlier.get("epochs_done", 0),
             "last_epoch": len(epochs), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start["time"]))}
     return {"seed": seed, "precision": precision, "images": start["images"], "steps_per_epoch": start["steps_per_epoch"],
             "epochs": epochs, "complete": len(epochs) == planned,
-            "segments": [*(earlier or {}).get("segments", []), here]}
+            "segments": [*earlier.get("segments", []), here]}
 
 
 def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:

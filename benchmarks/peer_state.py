@@ -50,16 +50,14 @@ def _write_record(target: Path, record: dict[str, Any]) -> None:
     atomic_write_text(target.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
 
 
-def package_lightly(ckpt: Path, target: Path) -> dict[str, Any]:
-    """lightly's teacher from its per-epoch checkpoint ``ckpt`` to fp16 ``target`` + record
-    (the weights first, both written atomically, so a stop between them leaves a record
-    that names fewer epochs, never more). Returns the record."""
-    import torch
+def package_lightly(saved: dict[str, Any], target: Path) -> dict[str, Any]:
+    """lightly's teacher from ``saved`` (the state its per-epoch checkpoint holds) to fp16
+    ``target`` + record (the weights first, both written atomically, so a stop between them
+    leaves a record that names fewer epochs, never more). Returns the record."""
     from safetensors.torch import save
 
     from dinoserve.atomic import atomic_write
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     tensors = {prefix + k: (v.half() if v.is_floating_point() else v).contiguous()
                for part, prefix in LIGHTLY_PARTS.items() for k, v in saved[part].items()}
     data = save(tensors, metadata={"format": LIGHTLY_FORMAT})

@@ -3,10 +3,9 @@ sources, versions, config.pbtxt, and failures that leave the repository unchange
 
 from __future__ import annotations
 
-import os
-
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
