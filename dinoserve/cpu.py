@@ -51,7 +51,7 @@ ALLOW_ENV = "DINOSERVE_INT8_ANY_CPU"
 FLAGS_ENV = "DINOSERVE_CPU_FLAGS"
 
 __all__ = ["CPU_PROVIDERS", "PORTABLE", "VNNI_ONLY", "INT8_SCHEMES", "ISA_FEATURES", "ALLOW_ENV", "FLAGS_ENV",
-           "cpu_flags", "cpu_features", "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
+           "cpu_flags", "proc_cpu_flags", "cpu_features", "cpu_name", "int8_problem", "int8_scheme_of", "check_int8_model"]
 
 #: int8 scheme names as the model card stores them.
 PORTABLE = "u8s7"
@@ -71,6 +71,12 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     or those :data:`FLAGS_ENV` names."""
     if os.environ.get(FLAGS_ENV, "").strip():
         return frozenset(os.environ[FLAGS_ENV].split())
+    return proc_cpu_flags(cpuinfo)
+
+
+def proc_cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags /proc/cpuinfo lists (empty when it cannot be read), whatever
+    :data:`FLAGS_ENV` says."""
     try:
         for line in Path(cpuinfo).read_text().splitlines():
             if line.startswith("flags"):
