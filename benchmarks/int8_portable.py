@@ -32,6 +32,7 @@ holds from other CPUs (earlier sessions) for the same weights.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -120,11 +121,31 @@ def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, referenc
             cos = row_cosines(emb["fp32"], emb[scheme])
             row["schemes"][scheme] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5),
                                       "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
+        row["openvino_schemes"] = _openvino_figures(graphs, calib)
         if speed:
             row["speed"] = _speed(graphs, calib, rounds, batch)
         out["models"][key] = row
         print(json.dumps({key: row}), flush=True)
         (work / f"measure_{tag}.json").write_text(json.dumps(out, indent=2))  # after each model
+
+
+def _openvino_figures(graphs: dict[str, Path], calib: np.ndarray) -> dict:
+    """The gate's figures for each int8 scheme run by OpenVINO's CPU plugin, against OpenVINO's
+    own fp32 (its oneDNN kernels are picked from CPUID like onnxruntime's); empty without it."""
+    if importlib.util.find_spec("openvino") is None:
+        return {}
+    from dinoserve.openvino_session import OpenVINOSession
+    from dinoserve.quantize import neighbour_agreement, row_cosines
+
+    emb = {}
+    for g, path in graphs.items():
+        s = OpenVINOSession(path, threads=2)
+        emb[g] = np.concatenate([s.run([EMBEDDING], {INPUT: calib[i:i + 16]})[0]
+                                 for i in range(0, len(calib), 16)]).astype(np.float64)
+    return {scheme: {"mean_cosine": round(float(row_cosines(emb["fp32"], emb[scheme]).mean()), 5),
+                     "min_cosine": round(float(row_cosines(emb["fp32"], emb[scheme]).min()), 5),
+                     "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
+            for scheme in INT8_SCHEMES}
 
 
 def _speed(graphs: dict[str, Path], calib: np.ndarray, rounds: int, batch: int) -> dict:
@@ -154,12 +175,13 @@ def _earlier_runs(work: Path, measured: set[str]) -> dict:
 def report(work: Path, gate_cosine: float = 0.99, gate_agreement: float = 0.8) -> None:
     runs = {p.stem.removeprefix("measure_"): json.loads(p.read_text()) for p in sorted(work.glob("measure_*.json"))}
     runs = {**_earlier_runs(work, set(runs)), **runs}
-    verdicts = {}
+    verdicts: dict = {"onnxruntime": {}, "openvino": {}}
     for tag, run in runs.items():
         for key, row in run["models"].items():
-            for scheme, q in row["schemes"].items():
-                verdicts.setdefault(key, {}).setdefault(scheme, {})[tag] = (
-                    q["mean_cosine"] >= gate_cosine and q["top10_agreement"] >= gate_agreement)
+            for runtime, figures in (("onnxruntime", row["schemes"]), ("openvino", row.get("openvino_schemes", {}))):
+                for scheme, q in figures.items():
+                    verdicts[runtime].setdefault(key, {}).setdefault(scheme, {})[tag] = (
+                        q["mean_cosine"] >= gate_cosine and q["top10_agreement"] >= gate_agreement)
     flags_avx2 = {"avx2", "fma"}
     out = write_json(NAME, {
         "benchmark": "int8 schemes (u8s7 = reduce_range 7-bit weights, u8u8, u8s8 full range) vs fp32: "

@@ -53,6 +53,14 @@ out = {"features": cpu_features(),
 for scheme in sys.argv[2:]:
     q = int8_quality(f"{work}/fp32.onnx", f"{work}/{scheme}.onnx", images, scheme=scheme)
     out["gate"][scheme] = {"passed": q.passed, "mean_cosine": q.mean_cosine}
+import importlib.util
+if importlib.util.find_spec("openvino"):  # OpenVINO's CPU plugin (oneDNN) picks its kernels from CPUID too
+    from dinoserve.contract import EMBEDDING, INPUT
+    from dinoserve.openvino_session import OpenVINOSession
+    from dinoserve.quantize import row_cosines
+    def ov(name):
+        return OpenVINOSession(f"{work}/{name}.onnx").run([EMBEDDING], {INPUT: images})[0]
+    out["openvino_mean_cosine"] = {s: float(row_cosines(ov("fp32"), ov(s)).mean()) for s in ("u8s7", "u8s8")}
 print(json.dumps(out))
 """
 
@@ -87,9 +95,13 @@ def test_int8_rule_matches_the_kernels_of_each_cpu(profile, graphs):
     got = run_as(profile, graphs, PORTABLE)
     if profile:  # the child decides for the profile's CPU, not this one's
         assert not set(PROFILES[profile][0]) & set(got["features"])
-    assert got["exact"]["u8s8"] == (int8_problem(VNNI_ONLY, flags, "x86_64") is None), got
+    refused = int8_problem(VNNI_ONLY, flags, "x86_64") is not None
+    assert got["exact"]["u8s8"] == (not refused), got
     assert got["exact"]["u8s7"] and got["exact"]["u8u8"], got
     assert got["gate"][PORTABLE]["passed"], got
+    if "openvino_mean_cosine" in got:  # the same rule holds for OpenVINO's kernels
+        ov = got["openvino_mean_cosine"]
+        assert ov[PORTABLE] >= 0.99 and (ov[VNNI_ONLY] >= 0.99) == (not refused), got
 
 
 def test_full_range_weights_drift_where_refused(graphs):
