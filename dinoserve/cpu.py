@@ -16,6 +16,11 @@ OpenVINO's CPU plugin has the same limit (its documentation: 8-bit products on S
 and AVX-512 without VNNI saturate; the workaround is 7-bit weights), so the same rule holds
 for a model that OpenVINO runs on the CPU.
 
+Measured, not assumed: ``tests/test_int8_isa.py`` runs onnxruntime and OpenVINO with the
+kernels of AVX2, AVX-VNNI, AVX512-without-VNNI and AVX512-VNNI CPUs (``benchmarks/isa_mask``
+hides features from CPUID) and checks that u8s8 is exact, or drifts, exactly where
+:func:`int8_problem` says.
+
 So an int8 export records its scheme in the model card (``int8_scheme``):
 
 - ``u8s7`` (:data:`PORTABLE`): 7-bit weights; right on every x86 CPU. The default.
