@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import OPENCLIPART_CSV, REPO, RESULTS, machine, median_seconds_in_turns, plot_path, write_json
-from dinoserve.contract import EMBEDDING, INPUT
 from benchmarks.isa_mask import PROFILES, flags_under
+from dinoserve.contract import EMBEDDING, INPUT
 from dinoserve.cpu import INT8_SCHEMES, VNNI_ONLY, cpu_features, cpu_name, int8_problem
 
 NAME = "int8_portable"
@@ -95,8 +95,6 @@ def _session(path: Path, threads: int):
 def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, reference: str | None) -> None:
     """``reference``: take the fp32 embeddings of that earlier run's tag (fp32 kernels do not
     saturate, and an emulated run saves a quarter of its time)."""
-    from dinoserve.quantize import neighbour_agreement, row_cosines
-
     # under benchmarks.isa_mask, cpu_features() are the profile's (it sets DINOSERVE_CPU_FLAGS)
     out = {"tag": tag, "cpu": cpu_name(), "cpu_features_proc": cpu_features(), "fp32_reference": reference or tag,
            "hidden_from_cpuid": os.environ.get("ISA_MASK_HIDE", "").split(), "models": {}}
@@ -110,17 +108,11 @@ def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, referenc
                 emb[g] = np.load(d / f"emb_{reference}_fp32.npy")
                 continue
             t = time.perf_counter()
-            s = _session(path, threads=2)
-            emb[g] = np.concatenate([s.run([EMBEDDING], {INPUT: calib[i:i + 16]})[0]
-                                     for i in range(0, len(calib), 16)]).astype(np.float64)
+            emb[g] = _embed(_session(path, threads=2), calib)
             np.save(d / f"emb_{tag}_{g}.npy", emb[g])
             print(f"{tag} {key} {g}: embedded {len(calib)} in {time.perf_counter() - t:.0f} s", flush=True)
         row = {"images": int(len(calib)), "weights": (d / "weights.txt").read_text(),
-               "calibration": (d / "source.txt").read_text(), "schemes": {}}
-        for scheme in INT8_SCHEMES:
-            cos = row_cosines(emb["fp32"], emb[scheme])
-            row["schemes"][scheme] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5),
-                                      "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
+               "calibration": (d / "source.txt").read_text(), "schemes": _gate_figures(emb)}
         row["openvino_schemes"] = _openvino_figures(graphs, calib)
         if speed:
             row["speed"] = _speed(graphs, calib, rounds, batch)
@@ -135,17 +127,26 @@ def _openvino_figures(graphs: dict[str, Path], calib: np.ndarray) -> dict:
     if importlib.util.find_spec("openvino") is None:
         return {}
     from dinoserve.openvino_session import OpenVINOSession
+
+    return _gate_figures({g: _embed(OpenVINOSession(path, threads=2), calib) for g, path in graphs.items()})
+
+
+def _embed(session, calib: np.ndarray) -> np.ndarray:
+    """``calib``'s embeddings from an onnxruntime or OpenVINO session, 16 images a run, float64."""
+    return np.concatenate([session.run([EMBEDDING], {INPUT: calib[i:i + 16]})[0]
+                           for i in range(0, len(calib), 16)]).astype(np.float64)
+
+
+def _gate_figures(emb: dict[str, np.ndarray]) -> dict:
+    """Each int8 scheme's gate figures against the fp32 embeddings, both in ``emb``."""
     from dinoserve.quantize import neighbour_agreement, row_cosines
 
-    emb = {}
-    for g, path in graphs.items():
-        s = OpenVINOSession(path, threads=2)
-        emb[g] = np.concatenate([s.run([EMBEDDING], {INPUT: calib[i:i + 16]})[0]
-                                 for i in range(0, len(calib), 16)]).astype(np.float64)
-    return {scheme: {"mean_cosine": round(float(row_cosines(emb["fp32"], emb[scheme]).mean()), 5),
-                     "min_cosine": round(float(row_cosines(emb["fp32"], emb[scheme]).min()), 5),
-                     "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
-            for scheme in INT8_SCHEMES}
+    out = {}
+    for scheme in INT8_SCHEMES:
+        cos = row_cosines(emb["fp32"], emb[scheme])
+        out[scheme] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5),
+                       "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
+    return out
 
 
 def _speed(graphs: dict[str, Path], calib: np.ndarray, rounds: int, batch: int) -> dict:

@@ -60,7 +60,8 @@ if importlib.util.find_spec("openvino"):  # OpenVINO's CPU plugin (oneDNN) picks
     from dinoserve.quantize import row_cosines
     def ov(name):
         return OpenVINOSession(f"{work}/{name}.onnx").run([EMBEDDING], {INPUT: images})[0]
-    out["openvino_mean_cosine"] = {s: float(row_cosines(ov("fp32"), ov(s)).mean()) for s in ("u8s7", "u8s8")}
+    fp32 = ov("fp32")
+    out["openvino_mean_cosine"] = {s: float(row_cosines(fp32, ov(s)).mean()) for s in ("u8s7", "u8s8")}
 print(json.dumps(out))
 """
 
