@@ -267,7 +267,9 @@ def run_lightly(cfg, seed: int, knn_set, ckpt: Path, deadline: float = math.inf,
             for _ in range(record["epochs_done"] * steps_per_epoch):
                 scheduler.step()
         run["epochs"] = record["rows"]
-        segments = [*record["segments"], segment("continued from the packaged teacher", record["epochs_done"])]
+        segments = record["segments"]
+        if record["epochs_done"] < cfg.epochs:  # a finished run is only read, and gains no empty segment
+            segments = [*segments, segment("continued from the packaged teacher", record["epochs_done"])]
         log.info("lightly seed %d: continued from the packaged teacher %s after epoch %d", seed, packaged,
                  record["epochs_done"])
     else:
