@@ -16,16 +16,26 @@ OpenVINO's CPU plugin has the same limit (its documentation: 8-bit products on S
 and AVX-512 without VNNI saturate; the workaround is 7-bit weights), so the same rule holds
 for a model that OpenVINO runs on the CPU.
 
+On ARM64 every scheme is right. Without the dot-product instructions (``asimddp``:
+Cortex-A53/A72, so Raspberry Pi 4 and AWS Graviton 1) MLAS turns uint8 activations into int8
+by flipping their top bit and adds pairs of int8 x int8 products into an int16, which wraps
+only for two pairs of -128 x -128: an activation of 0 against a weight of -128. onnxruntime
+quantises weights symmetrically, to -127..127 (-64..64 for 7 bits), so no dinoserve export
+holds a -128 weight; with ``asimddp`` (Cortex-A76, Neoverse N1 and later) or ``i8mm`` the
+products go into int32 anyway.
+
 Measured, not assumed: ``tests/test_int8_isa.py`` runs onnxruntime and OpenVINO with the
 kernels of AVX2, AVX-VNNI, AVX512-without-VNNI and AVX512-VNNI CPUs (``benchmarks/isa_mask``
-hides features from CPUID) and checks that u8s8 is exact, or drifts, exactly where
-:func:`int8_problem` says.
+hides features from CPUID), and ``tests/test_int8_arm64.py`` the aarch64 builds under
+qemu-user as a Cortex-A72, a Neoverse N1 and an i8mm/SVE CPU (``benchmarks/arm64_qemu``);
+both check that u8s8 is exact, or drifts, exactly where :func:`int8_problem` says.
 
 So an int8 export records its scheme in the model card (``int8_scheme``):
 
-- ``u8s7`` (:data:`PORTABLE`): 7-bit weights; right on every x86 CPU. The default.
+- ``u8s7`` (:data:`PORTABLE`): 7-bit weights; right on every x86 and ARM64 CPU. The default.
 - ``u8u8``: uint8 weights; MLAS's u8u8 kernels widen to int16 first, so right everywhere too.
-- ``u8s8`` (:data:`VNNI_ONLY`): full 8-bit weights; right only with VNNI or AMX-INT8.
+- ``u8s8`` (:data:`VNNI_ONLY`): full 8-bit weights; right on x86 only with VNNI or
+  AMX-INT8, and on every ARM64 CPU.
 
 and the serving side asks :func:`int8_problem` before it loads one. No torch, no onnxruntime
 here: the decision is a pure function of the scheme and the CPU's feature flags.
@@ -66,9 +76,15 @@ INT8_SCHEMES = (PORTABLE, "u8u8", VNNI_ONLY)
 #: Instruction-set features that change what is fast (or right) on a CPU, in /proc/cpuinfo's
 #: spelling; benchmark JSON and the int8 gate record the ones a CPU has.
 ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
-                "amx_tile", "amx_bf16", "amx_int8")
+                "amx_tile", "amx_bf16", "amx_int8",
+                # ARM64 (/proc/cpuinfo's "Features"): NEON, dot product, int8 matrix multiply, SVE
+                "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
 
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+#: ARM's own cores by /proc/cpuinfo "CPU part" (implementer 0x41), for benchmark records;
+#: Linux on ARM64 has no "model name" line.
+_ARM_PARTS = {0xD03: "Cortex-A53", 0xD07: "Cortex-A57", 0xD08: "Cortex-A72", 0xD0B: "Cortex-A76",
+              0xD0C: "Neoverse N1", 0xD40: "Neoverse V1", 0xD49: "Neoverse N2", 0xD4F: "Neoverse V2"}
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
@@ -82,13 +98,19 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
 def proc_cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """The feature flags /proc/cpuinfo lists (empty when it cannot be read), whatever
     :data:`FLAGS_ENV` says."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    for key, value in _cpuinfo_fields(cpuinfo):
+        if key in ("flags", "Features"):  # x86, ARM64
+            return frozenset(value.split())
     return frozenset()
+
+
+def _cpuinfo_fields(cpuinfo: str | Path) -> list[tuple[str, str]]:
+    """(key, value) of each ``key : value`` line of /proc/cpuinfo (empty when unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    return [(k.strip(), v.strip()) for k, sep, v in (line.partition(":") for line in text.splitlines()) if sep]
 
 
 def cpu_features(flags: Iterable[str] | None = None) -> list[str]:
@@ -98,13 +120,15 @@ def cpu_features(flags: Iterable[str] | None = None) -> list[str]:
 
 
 def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name (``platform.processor()`` when /proc/cpuinfo has none)."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    """The CPU's model name: /proc/cpuinfo's, or on ARM64 its core named from "CPU part"
+    (``platform.processor()`` when neither is there)."""
+    fields = dict(reversed(_cpuinfo_fields(cpuinfo)))  # the first CPU's value of each key
+    if "model name" in fields:
+        return fields["model name"]
+    if "CPU part" in fields:
+        implementer, part = int(fields.get("CPU implementer", "0"), 16), int(fields["CPU part"], 16)
+        return (_ARM_PARTS.get(part, f"ARM part {part:#x}") if implementer == 0x41
+                else f"ARM64 implementer {implementer:#x} part {part:#x}")
     return platform.processor() or platform.machine()
 
 
@@ -134,8 +158,9 @@ def int8_problem(scheme: str, flags: Iterable[str], machine: str | None = None) 
     """Why an int8 model quantised with ``scheme`` would give wrong embeddings on a CPU with
     feature ``flags`` (architecture ``machine``, this one's by default), or None if it is fine.
 
-    Only full-range ``u8s8`` models on x86 CPUs without VNNI or AMX-INT8 are a problem. With
-    no flags known (not Linux) or on other architectures nothing is claimed.
+    Only full-range ``u8s8`` models on x86 CPUs without VNNI or AMX-INT8 are a problem
+    (measured right on ARM64 with and without the dot product). With no flags known (not
+    Linux) or on other architectures nothing is claimed.
     """
     if scheme != VNNI_ONLY:
         return None

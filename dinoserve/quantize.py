@@ -225,6 +225,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                 weight_type=QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8, per_channel=per_channel,
                 reduce_range=scheme == PORTABLE,
                 calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
+                # int8 weights symmetric, -127..127 (onnxruntime's default, said here because ARM's
+                # NEON kernel without dot product wraps on a -128 weight against a 0 activation)
+                extra_options={"WeightSymmetric": scheme != "u8u8"},
                 op_types_to_quantize=list(VIT_OPS) if family == "vit" else None,
                 nodes_to_quantize=weight_products(pre) if family == "vit" else None,
                 use_external_data_format=external,

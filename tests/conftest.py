@@ -71,3 +71,27 @@ def triton_server(tiny_repo: Path):
         pytest.skip(f"no tritonserver available: {e}")
     with TritonServer(tiny_repo, startup_timeout=300) as server:  # generous: CI machines are shared
         yield server
+
+
+@pytest.fixture(scope="session")
+def int8_graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped resnet18 at 64 px as ONNX: ``fp32.onnx`` and ``<scheme>.onnx`` for each int8
+    scheme, calibrated on 48 generated pictures (``calibration.npy``), for
+    :mod:`benchmarks.int8_probe` to run on other CPUs' kernels."""
+    import numpy as np
+
+    from dinoserve.cpu import INT8_SCHEMES
+    from dinoserve.export import export_onnx
+    from dinoserve.models import load_backbone
+    from dinoserve.quantize import calibration_batch, quantize_int8
+    from dinoserve.shipped import SHIPPED_WEIGHTS
+
+    work = tmp_path_factory.mktemp("int8_graphs")
+    make_image_folder(work / "images", per_class=16, seed=5)
+    batch, _ = calibration_batch(work / "images", 64)
+    np.save(work / "calibration.npy", batch)
+    res = export_onnx(model=load_backbone(SHIPPED_WEIGHTS), name="m", repo=work / "repo", image_size=64)
+    (work / "fp32.onnx").write_bytes(res.onnx_path.read_bytes())
+    for scheme in INT8_SCHEMES:
+        quantize_int8(work / "fp32.onnx", work / f"{scheme}.onnx", batch, family="resnet", scheme=scheme)
+    return work

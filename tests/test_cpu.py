@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dinoserve.cpu import (ALLOW_ENV, FLAGS_ENV, PORTABLE, VNNI_ONLY, check_int8_model, cpu_features, cpu_flags,
-                           int8_problem, int8_scheme_of)
+                           cpu_name, int8_problem, int8_scheme_of)
 from dinoserve.errors import ModelError
 
 #: Feature sets of CPUs this project has met or users run (subsets of their real flags).
@@ -16,6 +16,10 @@ CASCADE_LAKE = SKYLAKE_SP | {"avx512_vnni"}
 ALDER_LAKE = {"avx", "avx2", "fma", "avx_vnni"}  # AVX-VNNI without AVX512
 SAPPHIRE_RAPIDS = CASCADE_LAKE | {"avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
 GENOA_EPYC = CASCADE_LAKE | {"avx512_bf16"}  # this session's CPU: VNNI, no AMX
+# ARM64 servers, as /proc/cpuinfo's Features line spells them
+CORTEX_A72 = {"fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "cpuid"}  # Graviton 1, Raspberry Pi 4
+NEOVERSE_N1 = CORTEX_A72 | {"atomics", "asimdrdm", "lrcpc", "dcpop", "asimddp", "ssbs"}  # Graviton 2, Ampere Altra
+NEOVERSE_V1 = NEOVERSE_N1 | {"sve", "i8mm", "bf16", "svei8mm"}  # Graviton 3
 
 
 @pytest.mark.parametrize("flags", [ZEN2_EPYC, SKYLAKE_SP], ids=["avx2-epyc", "avx512-no-vnni"])
@@ -45,7 +49,17 @@ def test_portable_and_float_models_are_fine_everywhere(scheme):
 
 def test_unknown_cpu_or_other_architecture_claims_nothing():
     assert int8_problem(VNNI_ONLY, set(), "x86_64") is None  # flags unreadable
-    assert int8_problem(VNNI_ONLY, {"asimd", "fp"}, "aarch64") is None
+    assert int8_problem(VNNI_ONLY, set(), "aarch64") is None
+    assert int8_problem(VNNI_ONLY, {"zba", "zbb"}, "riscv64") is None
+
+
+def test_every_scheme_is_fine_on_arm64():
+    """With or without the dot product: the NEON kernel's int16 pair sums wrap only on a -128
+    weight, which symmetric quantisation never makes (measured under qemu: tests/test_int8_arm64.py)."""
+    for flags in (CORTEX_A72, NEOVERSE_N1, NEOVERSE_V1):
+        for scheme in (PORTABLE, "u8u8", VNNI_ONLY):
+            assert int8_problem(scheme, flags, "aarch64") is None
+    check_int8_model("dino_int8", "int8", VNNI_ONLY, flags=CORTEX_A72, machine="aarch64")
 
 
 def test_old_int8_cards_count_as_full_range():
@@ -79,6 +93,21 @@ def test_cpu_features_reads_proc_cpuinfo_format(tmp_path):
     assert {"avx2", "avx512_vnni"} <= flags
     assert cpu_features(flags) == ["avx2", "fma", "avx512f", "avx512_vnni"]
     assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert cpu_name(info) == "Test CPU"
+
+
+def test_arm64_cpuinfo_gives_features_and_a_core_name(tmp_path):
+    """Linux on ARM64 lists "Features" instead of "flags", and names no model: the core comes
+    from "CPU part"."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes asimddp ssbs\n"
+                    "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\n"
+                    "CPU revision\t: 1\n\nprocessor\t: 1\nFeatures\t: fp asimd evtstrm aes asimddp ssbs\n")
+    assert "asimddp" in cpu_flags(info)
+    assert cpu_features(cpu_flags(info)) == ["asimd", "asimddp"]
+    assert cpu_name(info) == "Neoverse N1"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x61\nCPU part\t: 0x022\n")
+    assert cpu_name(info) == "ARM64 implementer 0x61 part 0x22"  # Apple's, not in the table
 
 
 def test_flags_from_the_environment_decide_for_another_cpu(monkeypatch):
