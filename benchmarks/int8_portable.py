@@ -97,7 +97,8 @@ def _session(path: Path, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, reference: str | None) -> None:
+def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, reference: str | None,
+            openvino: bool = True) -> None:
     """``reference``: take the fp32 embeddings of that earlier run's tag (fp32 kernels do not
     saturate, and an emulated run saves a quarter of its time)."""
     # under benchmarks.isa_mask, cpu_features() are the profile's (it sets DINOSERVE_CPU_FLAGS)
@@ -118,7 +119,8 @@ def measure(work: Path, tag: str, speed: bool, rounds: int, batch: int, referenc
             print(f"{tag} {key} {g}: embedded {len(calib)} in {time.perf_counter() - t:.0f} s", flush=True)
         row = {"images": int(len(calib)), "weights": (d / "weights.txt").read_text(),
                "calibration": (d / "source.txt").read_text(), "schemes": _gate_figures(emb)}
-        row["openvino_schemes"] = _openvino_figures(graphs, calib)
+        if openvino:
+            row["openvino_schemes"] = _openvino_figures(graphs, calib)
         if speed:
             row["speed"] = _speed(graphs, calib, rounds, batch)
         out["models"][key] = row
@@ -261,11 +263,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reference", default=None, help="tag of an earlier run whose fp32 embeddings to compare with")
+    ap.add_argument("--no-openvino", action="store_true",
+                    help="onnxruntime only (OpenVINO under qemu-aarch64 takes ~10 minutes a model)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.work)
     elif args.step == "measure":
-        measure(args.work, args.tag, args.speed, args.rounds, args.batch, args.reference)
+        measure(args.work, args.tag, args.speed, args.rounds, args.batch, args.reference, not args.no_openvino)
     else:
         report(args.work)
 

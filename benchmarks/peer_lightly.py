@@ -520,12 +520,14 @@ def previous_results(args: argparse.Namespace) -> dict[str, Any]:
     if theirs != (args.epochs, args.limit_images):
         raise SystemExit(f"--append: {path} holds --epochs {theirs[0]} --limit-images {theirs[1]}, this run "
                          f"--epochs {args.epochs} --limit-images {args.limit_images}; use the same or drop --append")
-    seen = {(t, r["seed"]) for t, runs in results["runs"].items() for r in runs}
-    again = sorted(f"{t} seed {s}" for t in args.trainers for s in range(args.first_seed, args.first_seed + args.seeds)
-                   if (t, s) in seen)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    finished = {(t, r["seed"]) for t, runs in results["runs"].items() for r in runs if r.get("complete")}
+    again = sorted(f"{t} seed {s}" for t in args.trainers for s in seeds if (t, s) in finished)
     if again:
         raise SystemExit(f"--append: {path} already has {', '.join(again)}; pick another --first-seed")
-    results["seeds"] = results.get("seeds", 0) + args.seeds
+    # a run of these seeds that stopped part-way comes back whole from its run folder or package
+    results["runs"] = {t: [r for r in runs if r["seed"] not in seeds] for t, runs in results["runs"].items()}
+    results["seeds"] = len({r["seed"] for runs in results["runs"].values() for r in runs} | set(seeds))
     return results
 
 

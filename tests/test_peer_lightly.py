@@ -42,6 +42,27 @@ def test_each_epoch_count_keeps_its_own_results_file():
     assert "peer_lightly_999e.json does not exist" in done.stderr
 
 
+def test_append_goes_on_with_a_seed_that_stopped_part_way_and_refuses_a_finished_one(tmp_path, monkeypatch):
+    """A second seed spans sessions: --append --resume keeps the finished seed's runs and
+    drops the stopped seed's partial ones (the resumed run brings its rows back)."""
+    import argparse
+
+    import pytest
+
+    from benchmarks import peer_lightly
+
+    run = lambda seed, complete: {"seed": seed, "complete": complete, "epochs": [{"epoch": 1}]}  # noqa: E731
+    (tmp_path / "peer_lightly_50e.json").write_text(json.dumps({
+        "epochs": 50, "limit_images": None, "seeds": 2,
+        "runs": {"lightly": [run(0, True), run(1, False)], "dinoserve": [run(0, True)]}}))
+    monkeypatch.setattr(peer_lightly, "RESULTS", tmp_path)
+    args = argparse.Namespace(epochs=50, limit_images=None, seeds=1, first_seed=1, trainers=["lightly", "dinoserve"])
+    results = peer_lightly.previous_results(args)
+    assert results["runs"] == {"lightly": [run(0, True)], "dinoserve": [run(0, True)]} and results["seeds"] == 2
+    with pytest.raises(SystemExit, match="already has dinoserve seed 0, lightly seed 0"):
+        peer_lightly.previous_results(argparse.Namespace(**{**vars(args), "first_seed": 0}))
+
+
 def _epoch(split_hits: str, loo_hits: str, with_hits: bool) -> dict:
     row = {"epoch": 1}
     for p, h in (("split", split_hits), ("loo", loo_hits)):
