@@ -4,7 +4,7 @@ onnxruntime (MLAS) picks its ARM64 int8 kernels from the CPU's features (HWCAP) 
 plain NEON, the dot-product instructions (``asimddp``: ``sdot``/``udot``) or the int8 matrix
 multiply (``i8mm``). qemu-user runs aarch64 programs here and gives each ``-cpu`` model its
 own HWCAP, so the very wheels an ARM server installs run the kernels of that CPU, exactly
-(emulated: ~50x slower than native, so accuracy only, never speed)::
+(emulated: tens of times slower than native, so accuracy only, never speed)::
 
     bash benchmarks/arm64_qemu.sh        # once: aarch64 Python + wheels (~360 MB, ~1 min)
     .venv/bin/python -m benchmarks.arm64_qemu cortex-a72 -- -c "import onnxruntime"

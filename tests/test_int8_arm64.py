@@ -33,7 +33,7 @@ def run_as(cpu: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def few_graphs(int8_graphs: Path, tmp_path_factory) -> Path:
-    """The shipped resnet18's graphs with 16 of the calibration pictures (emulation is ~50x slower)."""
+    """The shipped resnet18's graphs with 16 of the calibration pictures (emulation is tens of times slower)."""
     import numpy as np
 
     work = tmp_path_factory.mktemp("arm64")
