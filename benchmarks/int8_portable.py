@@ -143,7 +143,7 @@ def _openvino_figures(graphs: dict[str, Path], calib: np.ndarray) -> dict:
             failed[g] = {"error": str(e).strip().splitlines()[-1]}
     if "fp32" in failed:
         return {s: failed["fp32"] for s in INT8_SCHEMES}
-    return {**_gate_figures(emb, [s for s in INT8_SCHEMES if s in emb]), **failed}
+    return {**_gate_figures(emb), **failed}
 
 
 def _embed(session, calib: np.ndarray) -> np.ndarray:
@@ -152,12 +152,12 @@ def _embed(session, calib: np.ndarray) -> np.ndarray:
                            for i in range(0, len(calib), 16)]).astype(np.float64)
 
 
-def _gate_figures(emb: dict[str, np.ndarray], schemes: list[str] | None = None) -> dict:
-    """Each int8 scheme's gate figures against the fp32 embeddings, both in ``emb``."""
+def _gate_figures(emb: dict[str, np.ndarray]) -> dict:
+    """The gate figures of each int8 scheme in ``emb`` against its fp32 embeddings."""
     from dinoserve.quantize import neighbour_agreement, row_cosines
 
     out = {}
-    for scheme in schemes or INT8_SCHEMES:
+    for scheme in (s for s in INT8_SCHEMES if s in emb):
         cos = row_cosines(emb["fp32"], emb[scheme])
         out[scheme] = {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5),
                        "top10_agreement": round(neighbour_agreement(emb["fp32"], emb[scheme]), 4)}
