@@ -114,7 +114,7 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
         whose = f"{parent}'s " if parent else ""
         return cmd + ["--pretrained", str(source), "--start-epoch", str(at)], {
             "how": f"continued from {whose}packaged weights at epoch {at}",
-            "pretrained": _shown(source), "first_epoch": at}
+            "pretrained": repo_relative(source), "first_epoch": at}
     if init:
         return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
     return cmd, {"how": "started from scratch"}
@@ -210,7 +210,7 @@ def package(name: str) -> Path | None:
         # or fine-tune a long run's teacher as it is
         "arch": facts["meta"]["arch"], "image_size": facts["meta"]["image_size"], "train_args": facts["args"],
         "knn_top1": knn[-1]["top1"] if knn else None,
-        "name": name, "file": _shown(target), "file_sha256": file_sha256(target),
+        "name": name, "file": repo_relative(target), "file_sha256": file_sha256(target),
         "recipe": RECIPES[name], "first_epoch": _origin(segments).get("first_epoch", 0),
         "epochs_this_segment": facts["epoch"] - _origin(segments).get("first_epoch", 0),
         "steps_this_segment": facts["step"],
@@ -229,7 +229,7 @@ def package(name: str) -> Path | None:
     return target
 
 
-def _shown(path: Path) -> str:
+def repo_relative(path: Path) -> str:
     """``path`` relative to the repository when it is inside it (records travel with the repository)."""
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
@@ -239,7 +239,8 @@ def _last_epoch(record: dict) -> int:
     return record.get("first_epoch", 0) + record["epochs_this_segment"]
 
 
-def _read_record(name: str) -> dict | None:
+def read_long_run_record(name: str) -> dict | None:
+    """The long run ``name``'s packaged record in ``weights/progress``, or None when there is none."""
     f = PROGRESS / f"{name}.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
@@ -310,7 +311,7 @@ def curve_points(record: dict) -> tuple[list[dict], int, float]:
 
 def curve(name: str) -> None:
     """k-NN against epochs and CPU hours, every segment of the run, as JSON and PNG."""
-    record = _read_record(name)
+    record = read_long_run_record(name)
     if record is None:
         raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `package` first")
     points, epoch0, hours0 = curve_points(record)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import machine
-from benchmarks.long_run import PROGRESS, _shown
+from benchmarks.long_run import PROGRESS, repo_relative
 
 LIGHTLY_FORMAT = "peer-lightly-teacher-1"
 #: lightly's teacher modules (keys of run_lightly's ``stateful``) and their prefixes in the file
@@ -46,7 +46,7 @@ def segment(how: str, first_epoch: int) -> dict[str, Any]:
 def _write_record(target: Path, record: dict[str, Any]) -> None:
     from dinoserve.atomic import atomic_write_text
 
-    record = {**record, "file": _shown(target), "machine": machine()}
+    record = {**record, "file": repo_relative(target), "machine": machine()}
     atomic_write_text(target.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
 
 
@@ -57,9 +57,9 @@ def package_lightly(saved: dict[str, Any], target: Path) -> dict[str, Any]:
     from safetensors.torch import save
 
     from dinoserve.atomic import atomic_write
+    from training.checkpoint import packed_fp16
 
-    tensors = {prefix + k: (v.half() if v.is_floating_point() else v).contiguous()
-               for part, prefix in LIGHTLY_PARTS.items() for k, v in saved[part].items()}
+    tensors = {prefix + k: packed_fp16(v) for part, prefix in LIGHTLY_PARTS.items() for k, v in saved[part].items()}
     data = save(tensors, metadata={"format": LIGHTLY_FORMAT})
     atomic_write(target, lambda f: f.write(data))
     record = {"trainer": "lightly", "epochs_done": len(saved["rows"]), "epochs_planned": saved["epochs_planned"],

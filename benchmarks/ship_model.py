@@ -127,14 +127,14 @@ def wins(new: dict, old: dict) -> list[str]:
 
 def long_run_lineage(name: str) -> dict:
     """What a long run's packaged record says about how its teacher was made."""
-    from benchmarks.long_run import PROGRESS, _read_record, _shown, curve_points
+    from benchmarks.long_run import PROGRESS, read_long_run_record, repo_relative, curve_points
 
-    record = _read_record(name)
+    record = read_long_run_record(name)
     if record is None:
         raise SystemExit(f"{name}: no packaged record in {PROGRESS}; run `python -m benchmarks.long_run package {name}`")
     segments = [*record["earlier_segments"], record]
     _, _, hours = curve_points(record)
-    return {"long_run": name, "record": _shown(PROGRESS / f"{name}.json"), "recipe": record["recipe"],
+    return {"long_run": name, "record": repo_relative(PROGRESS / f"{name}.json"), "recipe": record["recipe"],
             "started_from": segments[0].get("segment_started_from"),
             "segments": [{k: seg.get(k) for k in ("segment", "first_epoch", "epochs_this_segment",
                                                   "cpu_hours_this_segment")} for seg in segments],

@@ -89,12 +89,16 @@ def load_for_resume(out_dir: str | os.PathLike) -> dict[str, Any]:
 PACKAGED_FORMAT = "dinoserve-shipped-1"
 
 
+def packed_fp16(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as packaged: fp16 when floating point (half the size, and features equal to
+    about 1e-3), integers (BatchNorm's step count) as they are; contiguous for safetensors."""
+    return (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
+
+
 def teacher_in_fp16(ckpt: dict[str, Any], parts: tuple[str, ...] = ("backbone.",)) -> dict[str, torch.Tensor]:
     """The teacher tensors of a training checkpoint whose names start with one of ``parts``,
-    floating point ones in fp16 (what is packaged: half the size, and features equal to
-    about 1e-3), contiguous for safetensors."""
-    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["teacher"].items()
-            if k.startswith(parts)}
+    packed by :func:`packed_fp16`."""
+    return {k: packed_fp16(v) for k, v in ckpt["teacher"].items() if k.startswith(parts)}
 
 
 def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike,
