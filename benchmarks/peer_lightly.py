@@ -101,6 +101,10 @@ NOTES = [
     "of that epoch (the last one), else the two errors in quadrature (se_kind says which); a gap counts "
     "only beyond 2 se. Neither error covers seed-to-seed spread (random inits alone span 35-44 % at epoch "
     "0): compare seeds, not one run",
+    "gaps_over_seeds: the gap averaged over the seeds that have both trainers at that epoch; its se is paired "
+    "(each query's hit difference averaged over the seeds, then std / sqrt(queries)) where every seed kept its hits, "
+    "else sqrt(sum of the seeds' se^2) / seeds (se_kind 'combined'); per_seed lists the seeds' own gaps, whose "
+    "spread neither error covers",
     "hits: per query, in protocol order, 1 if its top-1 class was right: the last epoch's, for the paired error",
     "segments: where a run began, was resumed exactly, or was continued on another machine from its packaged fp16 "
     "teacher (optimizer momentum and loss center rebuilt), with the epochs each covered and its CPU",
@@ -457,6 +461,40 @@ def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
     return out
 
 
+def gaps_over_seeds(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """dinoserve minus lightly averaged over the seeds, at each epoch and protocol where two
+    or more seeds have both trainers. Where every seed kept its per-query hits the error is
+    paired over seeds too: each query's hit difference is averaged over the seeds first, so
+    a query that one seed gains and another loses adds no doubt. Elsewhere it is the per-seed
+    errors combined, ``sqrt(sum se^2) / n``. Neither covers the spread between seeds
+    (``per_seed`` lists each seed's gap, for that)."""
+    import numpy as np
+
+    def hit_difference(e: dict, peer: dict, p: str) -> np.ndarray:
+        ours, theirs = (_as_result(x["hits"][p], p).hits for x in (e, peer))
+        return ours.astype(np.float64) - theirs.astype(np.float64)
+
+    per_seed: dict[tuple[int, str], list[dict]] = {}
+    for g in gaps(runs):
+        per_seed.setdefault((g["epoch"], g["protocol"]), []).append(g)
+    epochs = {(r["seed"], t, e["epoch"]): e for t, rs in runs.items() for r in rs for e in r["epochs"]}
+    out = []
+    for (epoch, p), rows in per_seed.items():
+        if len(rows) < 2:
+            continue
+        pairs = [(epochs[(g["seed"], "dinoserve", epoch)], epochs[(g["seed"], "lightly", epoch)]) for g in rows]
+        if all(g["se_kind"] == "paired" for g in rows):
+            d = np.mean([hit_difference(e, peer, p) for e, peer in pairs], axis=0)
+            gap, se, kind = 100.0 * float(d.mean()), 100.0 * float(d.std(ddof=1) / np.sqrt(len(d))), "paired"
+        else:
+            gap = float(np.mean([e[f"{p}_top1"] - peer[f"{p}_top1"] for e, peer in pairs]))
+            se, kind = math.sqrt(sum(g["se"] ** 2 for g in rows)) / len(rows), "combined"
+        out.append({"epoch": epoch, "protocol": p, "seeds": sorted(g["seed"] for g in rows),
+                    "dinoserve_minus_lightly": round(gap, 2), "se": round(se, 2), "se_kind": kind,
+                    "beyond_2se": abs(gap) > 2 * se, "per_seed": [g["dinoserve_minus_lightly"] for g in rows]})
+    return out
+
+
 def plot(results: dict[str, Any]) -> Path:
     """k-NN against epochs, one panel per protocol, bars of 2 standard errors."""
     import matplotlib
@@ -503,6 +541,7 @@ def save(results: dict[str, Any], measured: bool = True) -> None:
     """Gaps, notes, JSON and picture; ``measured=False`` (a redraw) keeps the machine
     facts of the run that measured the numbers."""
     results["gaps"] = gaps(results["runs"])
+    results["gaps_over_seeds"] = gaps_over_seeds(results["runs"])
     results["notes"] = NOTES
     if measured:
         results["machine"] = machine()
@@ -617,8 +656,9 @@ def main() -> None:
                 log.info("--minutes %s reached: %s seed %d stopped after epoch %d of %d; --resume continues it",
                          args.minutes, trainer, seed, len(run["epochs"]), args.epochs)
                 return
-    for g in results["gaps"]:
-        log.info("seed %d epoch %d %s: dinoserve - lightly = %+.2f (SE %.2f)%s", g["seed"], g["epoch"], g["protocol"],
+    for g in results["gaps"] + results["gaps_over_seeds"]:
+        who = f"seed {g['seed']}" if "seed" in g else f"seeds {g['seeds']}"
+        log.info("%s epoch %d %s: dinoserve - lightly = %+.2f (SE %.2f)%s", who, g["epoch"], g["protocol"],
                  g["dinoserve_minus_lightly"], g["se"], "  > 2 SE" if g["beyond_2se"] else "")
 
 

@@ -101,6 +101,41 @@ def test_gaps_are_paired_when_both_runs_kept_their_hits_else_in_quadrature():
             assert rows[0]["se"] > 2 * paired  # quadrature ignores that both scored the same queries
 
 
+def test_gaps_over_seeds_average_each_query_over_the_seeds_before_its_error():
+    """Two seeds whose gaps point opposite ways on different queries average to their mean
+    gap; the paired error comes from each query's difference averaged over the seeds (a
+    brute-force reference here), an epoch only one seed reached is left out, and runs without
+    hits fall back to the seeds' errors combined."""
+    import numpy as np
+
+    from benchmarks.peer_lightly import gaps_over_seeds
+
+    rng = np.random.default_rng(1)
+    peer = [rng.random(300) < 0.5 for _ in range(2)]
+    ours = [p.copy() for p in peer]
+    ours[0][:40] = True   # seed 0 gains on the first 40 queries
+    ours[1][20:50] = False  # seed 1 loses on 30, half of them where seed 0 gained
+    as_text = lambda h: "".join("1" if x else "0" for x in h)  # noqa: E731
+    for with_hits, kind in ((True, "paired"), (False, "combined")):
+        runs = {t: [{"seed": s, "epochs": [_epoch(as_text(h[s]), as_text(h[s]), with_hits)]} for s in (0, 1)]
+                for t, h in (("lightly", peer), ("dinoserve", ours))}
+        runs["dinoserve"][0]["epochs"].append({**runs["dinoserve"][0]["epochs"][0], "epoch": 2})  # seed 0 only
+        runs["lightly"][0]["epochs"].append({**runs["lightly"][0]["epochs"][0], "epoch": 2})
+        rows = gaps_over_seeds(runs)
+        assert [(r["epoch"], r["protocol"], r["seeds"], r["se_kind"]) for r in rows] == [
+            (1, "split", [0, 1], kind), (1, "loo", [0, 1], kind)]
+        per_seed = [100.0 * (o.mean() - p.mean()) for o, p in zip(ours, peer)]
+        assert rows[0]["per_seed"] == [round(g, 2) for g in per_seed]
+        assert rows[0]["dinoserve_minus_lightly"] == round(float(np.mean(per_seed)), 2)
+        if with_hits:
+            d = [np.mean([float(ours[s][q]) - float(peer[s][q]) for s in (0, 1)]) for q in range(300)]
+            assert rows[0]["se"] == round(100.0 * float(np.std(d, ddof=1) / np.sqrt(300)), 2)
+        else:
+            se = [np.hypot(runs["dinoserve"][s]["epochs"][0]["split_se"], runs["lightly"][s]["epochs"][0]["split_se"])
+                  for s in (0, 1)]
+            assert abs(rows[0]["se"] - float(np.hypot(*se)) / 2) < 0.011  # the seeds' errors are rounded first
+
+
 def test_a_resumed_trainer_log_counts_training_time_not_the_pause():
     """Our trainer's log after a stop and a --resume holds two starts; the epoch that
     straddles them counts only from the restart, and no epoch is lost or doubled."""
