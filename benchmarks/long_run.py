@@ -114,7 +114,8 @@ def train_command(name: str, init: str | None) -> tuple[list[str], dict]:
         whose = f"{parent}'s " if parent else ""
         return cmd + ["--pretrained", str(source), "--start-epoch", str(at)], {
             "how": f"continued from {whose}packaged weights at epoch {at}",
-            "pretrained": repo_relative(source), "first_epoch": at}
+            "pretrained": repo_relative(source), "first_epoch": at,
+            "teacher_had_steps_of_first_epoch": record.get("teacher_steps_into_next_epoch", 0)}
     if init:
         return cmd + ["--pretrained", init], {"how": "started from given weights (new head)", "pretrained": init}
     return cmd, {"how": "started from scratch"}
@@ -214,6 +215,9 @@ def package(name: str) -> Path | None:
         "recipe": RECIPES[name], "first_epoch": _origin(segments).get("first_epoch", 0),
         "epochs_this_segment": facts["epoch"] - _origin(segments).get("first_epoch", 0),
         "steps_this_segment": facts["step"],
+        # a stop at the time limit falls mid-epoch: the packaged teacher has trained these
+        # steps of the next epoch, which a continuation from it runs again whole
+        "teacher_steps_into_next_epoch": facts["epoch_step"],
         "planned_epochs": int(facts["args"]["epochs"]), "segment": _origin(segments)["how"],
         "segment_started_from": _origin(segments).get("pretrained"),
         "segment_started_utc": _origin(segments)["started_utc"],

@@ -107,7 +107,9 @@ NOTES = [
     "spread neither error covers",
     "hits: per query, in protocol order, 1 if its top-1 class was right: the last epoch's, for the paired error",
     "segments: where a run began, was resumed exactly, or was continued on another machine from its packaged fp16 "
-    "teacher (optimizer momentum and loss center rebuilt), with the epochs each covered and its CPU",
+    "teacher (optimizer momentum and loss center rebuilt), with the epochs each covered and its CPU; our trainer "
+    "stops mid-epoch at its time limit, so a continued segment's teacher_had_steps_of_first_epoch says how many "
+    "steps of the epoch it redoes whole that teacher had already trained (lightly's loop stops at an epoch's end)",
 ]
 
 if TYPE_CHECKING:
@@ -407,6 +409,8 @@ def _dinoserve_run(seed: int, rows: list[dict], planned: int, earlier: dict) -> 
     here = {"how": "continued from the packaged teacher" if earlier else "started",
             "first_epoch": earlier.get("epochs_done", 0),
             "last_epoch": len(epochs), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start["time"]))}
+    if earlier.get("teacher_steps_into_next_epoch"):  # the package's teacher had begun the epoch redone here
+        here["teacher_had_steps_of_first_epoch"] = earlier["teacher_steps_into_next_epoch"]
     return {"seed": seed, "precision": precision, "images": start["images"], "steps_per_epoch": start["steps_per_epoch"],
             "epochs": epochs, "complete": len(epochs) == planned,
             "segments": [*earlier.get("segments", []), here]}

@@ -94,7 +94,10 @@ def package_dinoserve(out: Path, target: Path, run: dict[str, Any], planned: int
     from dinoserve.training.checkpoint import package_teacher
 
     facts = package_teacher(out / "checkpoint.pth", target, with_head=True)
+    # our trainer stops mid-epoch at its time limit (lightly's loop at an epoch's end): the
+    # teacher has trained these steps of the next epoch, which a continuation runs again whole
     record = {"trainer": "dinoserve", "epochs_done": facts["epoch"], "epochs_planned": planned,
+              "teacher_steps_into_next_epoch": facts["epoch_step"],
               **{k: run[k] for k in ("precision", "images", "steps_per_epoch") if k in run},
               "segments": run["segments"], "rows": run["epochs"]}
     _write_record(target, record)

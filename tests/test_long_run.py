@@ -28,11 +28,12 @@ def progress(tmp_path, monkeypatch):
 
 def test_a_lost_checkpoint_continues_at_the_records_epoch(progress):
     record = _record(58, 4, [59, 61], 0.2)  # a segment that began at 58 and got to 62
+    record["teacher_steps_into_next_epoch"] = 17  # stopped 17 steps into epoch 63
     (progress / "r18_sgd_64.json").write_text(json.dumps(record))
     cmd, how = long_run.train_command("r18_sgd_64", None)
     assert cmd[cmd.index("--pretrained") + 1] == str(progress / "r18_sgd_64.safetensors")
     assert cmd[cmd.index("--start-epoch") + 1] == "62" and "--resume" not in cmd
-    assert how["first_epoch"] == 62
+    assert how["first_epoch"] == 62 and how["teacher_had_steps_of_first_epoch"] == 17
     assert json.loads((long_run.run_dir("r18_sgd_64") / "continued_from.json").read_text()) == record
 
 

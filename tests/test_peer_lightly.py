@@ -243,6 +243,7 @@ def test_lightly_recipe_continues_on_a_new_machine_from_its_packaged_teacher(tmp
     first = torch.load(tmp_path / "lost.pth", weights_only=True)
     (tmp_path / "lost.pth").unlink()
     assert read_record(packaged)["epochs_done"] == 1
+    assert read_record(packaged)["teacher_steps_into_next_epoch"] == 0  # max_steps stopped it at an epoch's end
 
     nets = dict(zip(("student", "head", "teacher", "teacher_head"), lightly_models(seed=5)))
     load_lightly(packaged, nets)
@@ -274,6 +275,7 @@ def test_our_trainer_continues_on_a_new_machine_from_its_packaged_teacher(tmp_pa
     stopped = run_dinoserve(dataclasses.replace(cfg, max_steps=1), 0, knn_set, packaged=packaged)
     assert not stopped["complete"] and [e["epoch"] for e in stopped["epochs"]] == [1]
     assert read_record(packaged)["epochs_done"] == 1
+    assert read_record(packaged)["teacher_steps_into_next_epoch"] == 0  # max_steps stopped it at an epoch's end
     shutil.rmtree(cfg.out)
 
     run = run_dinoserve(cfg, 0, knn_set, packaged=packaged)

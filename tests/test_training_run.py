@@ -340,7 +340,7 @@ def test_packaged_teacher_of_an_interrupted_run_loads_and_continues(twelve, tmp_
     train(make_config(**TINY, data=str(twelve), out=str(out), max_steps=2))  # stopped mid-run
     target = tmp_path / "progress" / "teacher.safetensors"
     facts = package_teacher(out / "checkpoint.pth", target, with_head=True)
-    assert (facts["epoch"], facts["step"]) == (0, 2)
+    assert (facts["epoch"], facts["step"], facts["epoch_step"]) == (0, 2, 2)  # 2 of epoch 1's 3 steps
     saved = read_checkpoint(out / "checkpoint.pth")["teacher"]
     teacher = {k[len("backbone."):]: v for k, v in saved.items() if k.startswith("backbone.")}
     head = {k: v for k, v in saved.items() if k.startswith("head.")}

@@ -107,7 +107,8 @@ def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike,
     its model card in the metadata (what ``weights/`` ships and ``--pretrained`` reads),
     atomically: an interrupted write leaves the previous file. ``with_head`` keeps the DINO
     head too, so that ``--pretrained`` continues training with it. Returns the checkpoint's
-    ``args``, ``meta``, ``epoch`` and ``step``."""
+    ``args``, ``meta``, ``epoch`` (epochs finished), ``step`` and ``epoch_step`` (steps
+    into the next epoch when it stopped mid-epoch, at ``--time-limit``)."""
     from safetensors.torch import save
 
     ckpt = read_checkpoint(checkpoint)
@@ -116,4 +117,4 @@ def package_teacher(checkpoint: str | os.PathLike, target: str | os.PathLike,
     data = save(tensors, metadata={"format": PACKAGED_FORMAT, "card": json.dumps(ckpt["meta"])})
     atomic_write(target, lambda f: f.write(data))
     return {"args": ckpt["args"], "meta": ckpt["meta"], "epoch": int(ckpt["epoch"]),
-            "step": int(ckpt["progress"]["step"])}
+            "step": int(ckpt["progress"]["step"]), "epoch_step": int(ckpt["progress"].get("epoch_step", 0))}
