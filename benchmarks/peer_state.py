@@ -57,7 +57,7 @@ def package_lightly(saved: dict[str, Any], target: Path) -> dict[str, Any]:
     from safetensors.torch import save
 
     from dinoserve.atomic import atomic_write
-    from training.checkpoint import packed_fp16
+    from dinoserve.training.checkpoint import packed_fp16
 
     tensors = {prefix + k: packed_fp16(v) for part, prefix in LIGHTLY_PARTS.items() for k, v in saved[part].items()}
     data = save(tensors, metadata={"format": LIGHTLY_FORMAT})
