@@ -566,10 +566,13 @@ def previous_results(args: argparse.Namespace) -> dict[str, Any]:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     finished = {(t, r["seed"]) for t, runs in results["runs"].items() for r in runs if r.get("complete")}
     again = sorted(f"{t} seed {s}" for t in args.trainers for s in seeds if (t, s) in finished)
-    if again:
-        raise SystemExit(f"--append: {path} already has {', '.join(again)}; pick another --first-seed")
-    # a run of these seeds that stopped part-way comes back whole from its run folder or package
-    results["runs"] = {t: [r for r in runs if r["seed"] not in seeds] for t, runs in results["runs"].items()}
+    if again and not args.resume:
+        raise SystemExit(f"--append: {path} already has {', '.join(again)}; --resume keeps them and goes on with "
+                         f"the rest of these seeds, or pick another --first-seed")
+    # finished runs stay as they are (main skips them); a run of these seeds that stopped
+    # part-way comes back whole from its run folder or package
+    results["runs"] = {t: [r for r in runs if r["seed"] not in seeds or (t, r["seed"]) in finished]
+                       for t, runs in results["runs"].items()}
     results["seeds"] = len({r["seed"] for runs in results["runs"].values() for r in runs} | set(seeds))
     return results
 
@@ -646,6 +649,8 @@ def main() -> None:
             cfg = dinoserve_config(data, out / f"dinoserve_seed{seed}", args.epochs, seed)
             results["dinoserve_config"] = cfg.to_dict()
             done = results["runs"].setdefault(trainer, [])
+            if any(r["seed"] == seed and r.get("complete") for r in done):
+                continue  # kept from the JSON by --append --resume: one trainer of a seed can finish first
             if trainer == "lightly":
                 # the JSON after every epoch: a run of many epochs shows its curve while it runs
                 run = run_lightly(cfg, seed, knn_set, out / f"lightly_seed{seed}.pth", deadline,

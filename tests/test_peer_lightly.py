@@ -43,8 +43,9 @@ def test_each_epoch_count_keeps_its_own_results_file():
 
 
 def test_append_goes_on_with_a_seed_that_stopped_part_way_and_refuses_a_finished_one(tmp_path, monkeypatch):
-    """A second seed spans sessions: --append --resume keeps the finished seed's runs and
-    drops the stopped seed's partial ones (the resumed run brings its rows back)."""
+    """A second seed spans sessions: --append --resume keeps the finished runs (of other
+    seeds, and of a trainer that finished this seed first) and drops the stopped runs'
+    partial rows (the resumed run brings them back); without --resume a finished one is refused."""
     import argparse
 
     import pytest
@@ -56,11 +57,21 @@ def test_append_goes_on_with_a_seed_that_stopped_part_way_and_refuses_a_finished
         "epochs": 50, "limit_images": None, "seeds": 2,
         "runs": {"lightly": [run(0, True), run(1, False)], "dinoserve": [run(0, True)]}}))
     monkeypatch.setattr(peer_lightly, "RESULTS", tmp_path)
-    args = argparse.Namespace(epochs=50, limit_images=None, seeds=1, first_seed=1, trainers=["lightly", "dinoserve"])
+    args = argparse.Namespace(epochs=50, limit_images=None, seeds=1, first_seed=1, trainers=["lightly", "dinoserve"],
+                              resume=True)
     results = peer_lightly.previous_results(args)
     assert results["runs"] == {"lightly": [run(0, True)], "dinoserve": [run(0, True)]} and results["seeds"] == 2
     with pytest.raises(SystemExit, match="already has dinoserve seed 0, lightly seed 0"):
-        peer_lightly.previous_results(argparse.Namespace(**{**vars(args), "first_seed": 0}))
+        peer_lightly.previous_results(argparse.Namespace(**{**vars(args), "first_seed": 0, "resume": False}))
+
+    # lightly finished seed 1, ours stopped part-way: the same command goes on with ours only
+    (tmp_path / "peer_lightly_50e.json").write_text(json.dumps({
+        "epochs": 50, "limit_images": None, "seeds": 2,
+        "runs": {"lightly": [run(0, True), run(1, True)], "dinoserve": [run(0, True), run(1, False)]}}))
+    results = peer_lightly.previous_results(args)
+    assert results["runs"] == {"lightly": [run(0, True), run(1, True)], "dinoserve": [run(0, True)]}
+    with pytest.raises(SystemExit, match="already has lightly seed 1; --resume keeps them"):
+        peer_lightly.previous_results(argparse.Namespace(**{**vars(args), "resume": False}))
 
 
 def _epoch(split_hits: str, loo_hits: str, with_hits: bool) -> dict:
