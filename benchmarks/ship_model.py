@@ -127,7 +127,7 @@ def wins(new: dict, old: dict) -> list[str]:
 
 def long_run_lineage(name: str) -> dict:
     """What a long run's packaged record says about how its teacher was made."""
-    from benchmarks.long_run import PROGRESS, read_long_run_record, repo_relative, curve_points
+    from benchmarks.long_run import PROGRESS, curve_points, read_long_run_record, repo_relative
 
     record = read_long_run_record(name)
     if record is None:
