@@ -439,16 +439,19 @@ def epochs_from_log(rows: list[dict]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
-def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """dinoserve minus lightly per seed, epoch and protocol, with the standard error of the
-    gap and whether the gap exceeds twice it. The error is paired where both epochs kept
-    their per-query hits, else the two errors in quadrature (larger: it ignores that both
-    are scored on the same queries)."""
+def gaps(runs: dict[str, list[dict]], ours: str = "dinoserve", peer: str = "lightly",
+         key: str | None = None) -> list[dict[str, Any]]:
+    """``ours`` minus ``peer`` (two keys of ``runs``) per seed, epoch and protocol, under
+    ``key`` (default ``<ours>_minus_<peer>``), with the standard error of the gap and whether
+    the gap exceeds twice it. The error is paired where both epochs kept their per-query
+    hits, else the two errors in quadrature (larger: it ignores that both are scored on the
+    same queries)."""
     from dinoserve.training.knn import paired_gap
 
+    key = key or f"{ours}_minus_{peer}"
     out = []
-    pairs = {(r["seed"], e["epoch"]): e for r in runs.get("lightly", []) for e in r["epochs"]}
-    for r in runs.get("dinoserve", []):
+    pairs = {(r["seed"], e["epoch"]): e for r in runs.get(peer, []) for e in r["epochs"]}
+    for r in runs.get(ours, []):
         for e in r["epochs"]:
             peer = pairs.get((r["seed"], e["epoch"]))
             if peer is None:
@@ -460,12 +463,12 @@ def gaps(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
                 else:
                     gap, se = e[f"{p}_top1"] - peer[f"{p}_top1"], math.hypot(e[f"{p}_se"], peer[f"{p}_se"])
                     kind = "quadrature"
-                out.append({"seed": r["seed"], "epoch": e["epoch"], "protocol": p, "dinoserve_minus_lightly": round(gap, 2),
+                out.append({"seed": r["seed"], "epoch": e["epoch"], "protocol": p, key: round(gap, 2),
                             "se": round(se, 2), "se_kind": kind, "beyond_2se": abs(gap) > 2 * se})
     return out
 
 
-def gaps_over_seeds(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+def gaps_over_seeds(runs: dict[str, list[dict]], ours: str = "dinoserve", peer: str = "lightly") -> list[dict[str, Any]]:
     """dinoserve minus lightly averaged over the seeds, at each epoch and protocol where two
     or more seeds have both trainers. Where every seed kept its per-query hits the error is
     paired over seeds too: each query's hit difference is averaged over the seeds first, so
@@ -478,15 +481,16 @@ def gaps_over_seeds(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
         ours, theirs = (_as_result(x["hits"][p], p).hits for x in (e, peer))
         return ours.astype(np.float64) - theirs.astype(np.float64)
 
+    key = f"{ours}_minus_{peer}"
     per_seed: dict[tuple[int, str], list[dict]] = {}
-    for g in gaps(runs):
+    for g in gaps(runs, ours, peer):
         per_seed.setdefault((g["epoch"], g["protocol"]), []).append(g)
     epochs = {(r["seed"], t, e["epoch"]): e for t, rs in runs.items() for r in rs for e in r["epochs"]}
     out = []
     for (epoch, p), rows in per_seed.items():
         if len(rows) < 2:
             continue
-        pairs = [(epochs[(g["seed"], "dinoserve", epoch)], epochs[(g["seed"], "lightly", epoch)]) for g in rows]
+        pairs = [(epochs[(g["seed"], ours, epoch)], epochs[(g["seed"], peer, epoch)]) for g in rows]
         if all(g["se_kind"] == "paired" for g in rows):
             d = np.mean([hit_difference(e, peer, p) for e, peer in pairs], axis=0)
             gap, se, kind = 100.0 * float(d.mean()), 100.0 * float(d.std(ddof=1) / np.sqrt(len(d))), "paired"
@@ -494,13 +498,14 @@ def gaps_over_seeds(runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
             gap = float(np.mean([e[f"{p}_top1"] - peer[f"{p}_top1"] for e, peer in pairs]))
             se, kind = math.sqrt(sum(g["se"] ** 2 for g in rows)) / len(rows), "combined"
         out.append({"epoch": epoch, "protocol": p, "seeds": sorted(g["seed"] for g in rows),
-                    "dinoserve_minus_lightly": round(gap, 2), "se": round(se, 2), "se_kind": kind,
-                    "beyond_2se": abs(gap) > 2 * se, "per_seed": [g["dinoserve_minus_lightly"] for g in rows]})
+                    key: round(gap, 2), "se": round(se, 2), "se_kind": kind,
+                    "beyond_2se": abs(gap) > 2 * se, "per_seed": [g[key] for g in rows]})
     return out
 
 
-def plot(results: dict[str, Any]) -> Path:
-    """k-NN against epochs, one panel per protocol, bars of 2 standard errors."""
+def plot(results: dict[str, Any], name: str | None = None, title: str | None = None) -> Path:
+    """k-NN against epochs, one panel per protocol, bars of 2 standard errors, one line per
+    run of ``results["runs"]``, into ``results/<name>.png`` (default: this comparison's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,7 +513,7 @@ def plot(results: dict[str, Any]) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
-    for ax, (p, title) in zip(axes, (("split", "fixed split (knn_train -> knn_val)"), ("loo", "leave-one-out"))):
+    for ax, (p, panel) in zip(axes, (("split", "fixed split (knn_train -> knn_val)"), ("loo", "leave-one-out"))):
         for i, (trainer, runs) in enumerate(results["runs"].items()):
             for j, run in enumerate(runs):
                 # nudged per trainer and seed so the bars don't overlap; seeds differ by line style
@@ -522,7 +527,7 @@ def plot(results: dict[str, Any]) -> Path:
         raw = results.get("raw_pixels", {}).get(f"{p}_top1")
         if raw is not None:
             ax.axhline(raw, color="gray", ls="--", label=f"raw pixels ({raw:.1f} %)")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
         ax.set_xlim(0.5, results["epochs"] + 0.5)
@@ -533,9 +538,10 @@ def plot(results: dict[str, Any]) -> Path:
     continued = any(seg["how"].startswith("continued") for runs in results["runs"].values() for r in runs
                     for seg in r.get("segments", []))
     note = "\ndotted lines: continued on another machine from the packaged teacher" if continued else ""
-    fig.suptitle(f"DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch{smoke}{note}")
+    title = title or "DINO on openclipart: lightly's recipe vs dinoserve train, same store, crops and batch"
+    fig.suptitle(f"{title}{smoke}{note}")
     fig.tight_layout()
-    path = plot_path(result_name(results["epochs"], results["limit_images"]))
+    path = plot_path(name or result_name(results["epochs"], results["limit_images"]))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -315,3 +315,49 @@ def test_a_damaged_packaged_teacher_is_refused_in_one_line_naming_it(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_lightly(cfg, 0, knn_set, tmp_path / "new.pth", packaged=packaged)
     assert str(packaged) in str(e.value) and "remove it" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_search_trains_each_arm_with_its_options_and_pairs_it_with_the_baseline(tmp_path):
+    """Two arms of the search over one tiny plan: each checkpoint holds its arm's K, both keep
+    their last epoch's hits, and the arm's gap to the baseline there is paired and is the
+    difference of the two top-1s."""
+    import pytest
+    import torch
+
+    from benchmarks import recipe_search
+
+    knn_set, base = _tiny(tmp_path)
+    root = tmp_path / "search"
+    runs = {arm: [recipe_search.run_arm(base, arm, knn_set, root)] for arm in ("cpu_small", "k256")}
+    for arm, k in (("cpu_small", 1024), ("k256", 256)):
+        ckpt = torch.load(root / f"{arm}_seed0" / "checkpoint.pth", map_location="cpu", weights_only=True)
+        assert ckpt["args"]["out_dim"] == k
+    results = {"runs": runs}
+    recipe_search.compare(results)
+    last = [g for g in results["gaps"] if g["epoch"] == 2]
+    assert [(g["arm"], g["protocol"], g["se_kind"]) for g in last] == [("k256", "split", "paired"),
+                                                                       ("k256", "loo", "paired")]
+    for g in last:
+        ours, theirs = (runs[a][0]["epochs"][-1][f"{g['protocol']}_top1"] for a in ("k256", "cpu_small"))
+        assert g["gap"] == pytest.approx(ours - theirs, abs=0.02)
+    final = {r["arm"]: r for r in results["final"]}
+    assert final["k256"]["loo_gap"]["se_kind"] == "paired" and "loo_gap" not in final["cpu_small"]
+
+
+def test_every_search_arm_is_a_valid_config_and_a_changed_arm_is_refused(tmp_path, monkeypatch):
+    """Each arm's options pass the trainer's checks on top of the base; a results file that
+    measured an arm with other options than ARMS now gives is refused, naming the arm."""
+    import pytest
+
+    from benchmarks import recipe_search
+
+    _, base = _tiny(tmp_path)
+    for arm, options in recipe_search.ARMS.items():
+        cfg = recipe_search.arm_config(base, arm, tmp_path / arm)
+        assert all(getattr(cfg, k) == v for k, v in options.items()) and cfg.seed == base.seed
+    path = tmp_path / "recipe_search_20e.json"
+    path.write_text(json.dumps({"arms": {"k256": {"out_dim": 256}}, "runs": {}}))
+    assert recipe_search.previous_results(path)["arms"] == {"k256": {"out_dim": 256}}
+    path.write_text(json.dumps({"arms": {"k256": {"out_dim": 128}}, "runs": {}}))
+    with pytest.raises(SystemExit, match="arm 'k256' was measured with"):
+        recipe_search.previous_results(path)
